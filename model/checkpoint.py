@@ -1,0 +1,158 @@
+"""Load and save SALMONN's trainable weights in the official key layout.
+
+The official loader uses `load_state_dict(strict=False)`, which silently ignores a wrong or
+partial file. We account for every key: a required key missing, an unknown key or a shape
+mismatch is an error that names it. Files are read without running pickled code
+(`torch.load(weights_only=True)` or safetensors).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+# (ours, official) prefix pairs for the window Q-Former; checked in order.
+_QFORMER_RULES = [
+    (re.compile(r"^window_qformer\.qformer\.layernorm\."), "speech_Qformer.bert.embeddings.LayerNorm."),
+    (re.compile(r"^window_qformer\.qformer\.encoder\.layer\.(\d+)\.attention\.attention\."),
+     r"speech_Qformer.bert.encoder.layer.\1.attention.self."),
+    (re.compile(r"^window_qformer\.qformer\.encoder\.layer\.(\d+)\.crossattention\.attention\."),
+     r"speech_Qformer.bert.encoder.layer.\1.crossattention.self."),
+    (re.compile(r"^window_qformer\.qformer\.encoder\.layer\."), "speech_Qformer.bert.encoder.layer."),
+    (re.compile(r"^window_qformer\.query_tokens$"), "speech_query_tokens"),
+    (re.compile(r"^window_qformer\.ln_speech\."), "ln_speech."),
+    (re.compile(r"^window_qformer\.ln_audio\."), "ln_audio."),
+]
+_OFFICIAL_RULES = [
+    (re.compile(r"^speech_Qformer\.bert\.embeddings\.LayerNorm\."), "window_qformer.qformer.layernorm."),
+    (re.compile(r"^speech_Qformer\.bert\.encoder\.layer\.(\d+)\.attention\.self\."),
+     r"window_qformer.qformer.encoder.layer.\1.attention.attention."),
+    (re.compile(r"^speech_Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.self\."),
+     r"window_qformer.qformer.encoder.layer.\1.crossattention.attention."),
+    (re.compile(r"^speech_Qformer\.bert\.encoder\.layer\."), "window_qformer.qformer.encoder.layer."),
+    (re.compile(r"^speech_query_tokens$"), "window_qformer.query_tokens"),
+    (re.compile(r"^ln_speech\."), "window_qformer.ln_speech."),
+    (re.compile(r"^ln_audio\."), "window_qformer.ln_audio."),
+]
+# Buffers and aliases the official training code writes that carry nothing we need.
+_IGNORABLE = [
+    re.compile(r"\.position_ids$"),
+    re.compile(r"\.rotary_emb\.inv_freq$"),
+    re.compile(r"^beats\.encoder\.layers\.\d+\.self_attn\.relative_attention_bias\.weight$"),
+]
+
+
+def to_official(name: str) -> str:
+    for pattern, repl in _QFORMER_RULES:
+        if pattern.search(name):
+            return pattern.sub(repl, name)
+    return name
+
+
+def from_official(name: str) -> str:
+    for pattern, repl in _OFFICIAL_RULES:
+        if pattern.search(name):
+            return pattern.sub(repl, name)
+    return name
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .pth/.pt (official `{'model': ...}` or a bare state dict) or .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        raise CheckpointError(f"Checkpoint {path} is empty.")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"Checkpoint {path} is not a valid safetensors file: {err}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"Checkpoint {path} was refused: it contains Python objects that would run code when loaded "
+            f"(only tensors and plain containers are accepted). Details: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"Checkpoint {path} is damaged or not a PyTorch file: {str(err).splitlines()[0]}") from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"Checkpoint {path} does not hold a state dict of tensors (expected {{'model': {{name: tensor}}}}).")
+    return obj
+
+
+def _explain_width(model, ours: str, expected, got) -> str:
+    if "crossattention" in ours and ours.endswith(("key.weight", "value.weight")):
+        speech = model.speech_encoder.dim
+        audio = model.audio_encoder.dim if model.audio_encoder is not None else 0
+        return (f" The checkpoint's Q-Former reads {got[1]}-wide encoder frames but this model gives "
+                f"{expected[1]} (Whisper {speech} + BEATs {audio}). "
+                + ("Give the BEATs checkpoint (beats_path): this SALMONN checkpoint was trained with it."
+                   if got[1] > expected[1] else "This checkpoint was trained without BEATs; leave beats_path empty."))
+    return ""
+
+
+def load_checkpoint(model, path: str | Path) -> list[str]:
+    """Load the trainable weights into `model`; returns the names of ignored (known, unused) keys."""
+    raw = read_state_dict(path)
+    params = model.trainable_parameters()
+    ignored, unknown, mismatched, mapped = [], [], [], {}
+    for key, tensor in raw.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        if any(p.search(name) for p in _IGNORABLE):
+            ignored.append(key)
+            continue
+        ours = from_official(name)
+        if ours not in params:
+            unknown.append(key)
+            continue
+        expected = tuple(params[ours].shape)
+        if tuple(tensor.shape) != expected:
+            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {expected}."
+                              + _explain_width(model, ours, expected, tuple(tensor.shape)))
+            continue
+        mapped[ours] = tensor
+    missing = [to_official(n) for n in params if n not in mapped]
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch:\n  " + "\n  ".join(mismatched[:10]))
+    if missing:
+        problems.append(f"{len(missing)} required key(s) missing, e.g.:\n  " + "\n  ".join(missing[:10]))
+    if unknown:
+        problems.append(f"{len(unknown)} unknown key(s), e.g.:\n  " + "\n  ".join(unknown[:10]))
+    if problems:
+        raise CheckpointError(f"Checkpoint {path} does not match this model ({model.cfg.name}):\n" + "\n".join(problems))
+    with torch.no_grad():
+        for ours, tensor in mapped.items():
+            params[ours].copy_(tensor.to(params[ours].dtype))
+    return ignored
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """The trainable weights under official key names, fp32 on CPU."""
+    return {to_official(n): p.detach().float().cpu().contiguous() for n, p in model.trainable_parameters().items()}
+
+
+def save_checkpoint(model, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write the trainable weights in the official layout: `.pth` as {'model': ...}, or `.safetensors`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = trainable_state_dict(model)
+    if path.suffix == ".safetensors":
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+        save_file(state, str(path), metadata=meta)
+    else:
+        torch.save({"model": state}, path)
+    return path

@@ -1,0 +1,181 @@
+"""Plain dataclass configuration for SALMONN, and the official `decode_config.yaml` reader.
+
+Defaults are the official SALMONN v1 values (Whisper large-v2 + BEATs + Vicuna, window Q-Former
+of 2 layers / 768 hidden / 1 query per 17-frame window, LoRA r=8 alpha=32 on q/v).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class QFormerConfig:
+    hidden_size: int = 768
+    num_layers: int = 2
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    num_query_tokens: int = 1          # audio tokens per window
+    second_per_window: float = 0.333333
+    second_stride: float = 0.333333
+    dropout: float = 0.1
+
+    @property
+    def window_frames(self) -> int:
+        # The official code hard-codes 1500 encoder frames per 30 s (50 frames/s).
+        return round(1500 * self.second_per_window / 30)
+
+    @property
+    def stride_frames(self) -> int:
+        return round(1500 * self.second_stride / 30)
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = True
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @property
+    def scaling(self) -> float:
+        """The trained LoRA scaling factor alpha/rank (4.0 for the official checkpoints)."""
+        return self.alpha / self.rank
+
+
+@dataclass
+class GenerateConfig:
+    """Decoding settings; defaults follow the official decode_config.yaml."""
+    max_new_tokens: int = 200
+    num_beams: int = 4
+    do_sample: bool = False
+    min_length: int = 1
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0                     # 0 = off
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class SALMONNConfig:
+    name: str = "SALMONN"
+    whisper_path: str = ""             # local HF Whisper directory (any size)
+    beats_path: str = ""               # BEATs .pt; empty = speech encoder only
+    llama_path: str = ""               # local HF decoder-only LLM directory
+    ckpt: str = ""                     # SALMONN checkpoint (.pth or .safetensors); empty = untrained
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    prompt_template: str = "USER: {}\nASSISTANT:"
+    # Text between an answer and the next turn's template in multi-turn chat (after EOS text).
+    turn_separator: str = ""
+    chunk_seconds: float = 30.0        # Whisper's window; longer audio is encoded chunk by chunk
+    max_audio_seconds: float = 300.0   # audio beyond this is cut (and the user told)
+    min_audio_seconds: float = 0.1     # shorter audio is refused as unusable
+    # Keep only the windows that cover real audio (the official model always keeps 88 per chunk).
+    trim_to_audio: bool = False
+    device: str = "auto"               # auto = cuda if available else cpu
+    dtype: str = "auto"                # auto = float32 on CPU, float16 on GPU
+    device_map: str | None = None      # e.g. "auto" to split the LLM over several GPUs
+    load_in_8bit: bool = False
+
+    @property
+    def trained_lora_scale(self) -> float:
+        return self.lora.scaling if self.lora.enabled else 0.0
+
+    def replace(self, **changes: Any) -> "SALMONNConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Official decode_config.yaml keys (section "model") that we map; the rest are training-only
+# switches accepted without effect at inference.
+_MODEL_KEYS = {
+    "llama_path": ("llama_path",), "whisper_path": ("whisper_path",), "beats_path": ("beats_path",),
+    "ckpt": ("ckpt",), "prompt_template": ("prompt_template",),
+    "lora": ("lora", "enabled"), "lora_rank": ("lora", "rank"), "lora_alpha": ("lora", "alpha"),
+    "lora_dropout": ("lora", "dropout"),
+    "second_per_window": ("qformer", "second_per_window"), "second_stride": ("qformer", "second_stride"),
+    "num_speech_query_token": ("qformer", "num_query_tokens"),
+    "low_resource": ("load_in_8bit",),
+}
+_IGNORED_MODEL_KEYS = {
+    "freeze_whisper", "freeze_beats", "use_speech_Qformer", "freeze_speech_QFormer", "window_level_Qformer",
+    "speech_llama_proj_model", "freeze_speech_llama_proj", "multi_prompt", "prompt_path", "test_prompt_path",
+    "max_txt_len", "end_sym", "device_8bit", "token", "only_preprocessor", "arch", "model_type",
+}
+
+
+def _set(cfg: SALMONNConfig, path: tuple[str, ...], value: Any) -> None:
+    obj = cfg
+    for part in path[:-1]:
+        obj = getattr(obj, part)
+    current = getattr(obj, path[-1])
+    if isinstance(current, bool) and not isinstance(value, bool):
+        value = str(value).lower() in ("1", "true", "yes", "on")
+    elif isinstance(current, (int, float)) and not isinstance(current, bool) and value is not None:
+        value = type(current)(value)
+    setattr(obj, path[-1], value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`model.ckpt=/x.pth` -> ("model.ckpt", "/x.pth"); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"Override {text!r} must look like section.key=value (e.g. model.ckpt=/path/salmonn.pth)")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None, base: SALMONNConfig | None = None) -> SALMONNConfig:
+    """Build a config from the official YAML structure ({"model": ..., "generate": ...})."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    for item in overrides or []:
+        key, value = parse_override(item)
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"Override {item!r} needs a section: model.<key> or generate.<key>")
+        data.setdefault(section, {})[name] = value
+    cfg = dataclasses.replace(base) if base else SALMONNConfig()
+    cfg.qformer = dataclasses.replace(cfg.qformer)
+    cfg.lora = dataclasses.replace(cfg.lora)
+    cfg.generate = dataclasses.replace(cfg.generate)
+    gen_fields = {f.name for f in dataclasses.fields(GenerateConfig)}
+    top_fields = {f.name for f in dataclasses.fields(SALMONNConfig)} - {"qformer", "lora", "generate"}
+    for section, values in data.items():
+        if section == "model":
+            for key, value in (values or {}).items():
+                if key in _MODEL_KEYS:
+                    _set(cfg, _MODEL_KEYS[key], value)
+                elif key in top_fields:
+                    _set(cfg, (key,), value)
+                elif key not in _IGNORED_MODEL_KEYS:
+                    raise ConfigError(f"Unknown key model.{key} in the config; known keys: {sorted(_MODEL_KEYS) + sorted(top_fields)}")
+        elif section == "generate":
+            for key, value in (values or {}).items():
+                if key not in gen_fields:
+                    raise ConfigError(f"Unknown key generate.{key}; known keys: {sorted(gen_fields)}")
+                _set(cfg.generate, (key,), value)
+        # Other official sections (run, datasets) only matter for training; accepted silently.
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> SALMONNConfig:
+    """Read an official decode_config.yaml (safe YAML loader; no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config {path} must be a mapping with a 'model' section")
+    return config_from_dict(data, overrides)

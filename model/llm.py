@@ -1,0 +1,125 @@
+"""The language model side: a local decoder-only LLM (Vicuna/LLaMA first) with peft LoRA on q/v,
+the run-time LoRA scale, and the official prompt wrapping.
+
+LoRA computes y = W x + s * B A x. peft keeps s per layer in `layer.scaling[adapter]` and multiplies
+by it in every forward, so changing it there changes the model instantly without touching W, A or B.
+A tensor of shape [B, 1, 1] gives each batch row its own scale (one forward for a whole scale sweep).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig
+from .errors import ConfigError, PromptError
+
+PLACEHOLDER = "<SpeechHere>"
+AUDIO_PREFIX = "<Speech><SpeechHere></Speech> "
+
+
+def load_llm(path: str | Path, dtype: torch.dtype, device_map: str | None = None, load_in_8bit: bool = False):
+    """Load an HF causal LM and its tokenizer from a local directory (no hub access)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"LLM path {path} is not a Hugging Face model directory (no config.json).")
+    kwargs: dict = {"dtype": dtype}
+    if device_map:
+        kwargs["device_map"] = device_map
+    if load_in_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise ConfigError("8-bit loading needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU.") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs.setdefault("device_map", "auto")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as err:  # noqa: BLE001 - report any loader failure with its path
+        raise ConfigError(f"Could not load the LLM from {path}: {err}") from None
+    if tokenizer.pad_token is None:
+        # As the official code: a [PAD] token for batching. We do not resize the embeddings, so its
+        # id lies outside the LLM's vocabulary and can never be generated.
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    for module in llm.parameters():
+        module.requires_grad_(False)
+    return llm.eval(), tokenizer
+
+
+def add_lora(llm: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(task_type="CAUSAL_LM", r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), bias="none")
+    return get_peft_model(llm, lcfg)
+
+
+def lora_layers(llm: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in llm.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def lora_scale(llm: nn.Module, scale: float | torch.Tensor) -> Iterator[None]:
+    """Temporarily run LoRA at `scale` (a float, or a [B, 1, 1] tensor: one scale per batch row)."""
+    layers = lora_layers(llm)
+    saved = [dict(layer.scaling) for layer in layers]
+    try:
+        for layer in layers:
+            for name in layer.scaling:
+                layer.scaling[name] = scale
+        yield
+    finally:
+        for layer, old in zip(layers, saved):
+            layer.scaling.update(old)
+
+
+@dataclass
+class PromptFormat:
+    """Official prompt layout: [BOS] + tokens(before) + audio tokens + tokens(after).
+
+    The template (e.g. "USER: {}\\nASSISTANT:") is filled with "<Speech><SpeechHere></Speech> prompt";
+    the text is split at <SpeechHere> and the halves are tokenized separately without special tokens.
+    """
+    tokenizer: object
+    template: str = "USER: {}\nASSISTANT:"
+    add_bos: bool = True
+    turn_separator: str = ""
+
+    def conversation(self, questions: Sequence[str], answers: Sequence[str] = ()) -> str:
+        """Text of a chat about one audio; the audio placeholder goes into the first question."""
+        if not questions:
+            raise PromptError("The prompt is empty.")
+        text = ""
+        eos = self.tokenizer.eos_token or ""
+        joiner = "" if self.template.endswith((" ", "\n")) else " "
+        for i, question in enumerate(questions):
+            if i == 0 and PLACEHOLDER not in question:
+                question = AUDIO_PREFIX + question.strip()
+            text += self.template.format(question)
+            if i < len(answers):
+                text += joiner + answers[i].strip() + eos + self.turn_separator
+        return text
+
+    def split(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids of the text before and after the audio placeholder."""
+        count = text.count(PLACEHOLDER)
+        if count != 1:
+            raise PromptError(f"The prompt must contain the audio placeholder {PLACEHOLDER} exactly once "
+                              f"(found {count}); e.g. 'USER: <Speech><SpeechHere></Speech> Describe the audio.'")
+        before, after = text.split(PLACEHOLDER)
+        enc = self.tokenizer
+        ids_before = enc(before, add_special_tokens=False).input_ids
+        ids_after = enc(after, add_special_tokens=False).input_ids
+        if self.add_bos and enc.bos_token_id is not None:
+            ids_before = [enc.bos_token_id] + ids_before
+        return ids_before, ids_after

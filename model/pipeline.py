@@ -1,0 +1,286 @@
+"""The one API the app uses: audio + prompt + settings in; streamed text, the spectrogram features
+and the Q-Former window attention out.
+
+Audio tokens are cached per audio (content hash), so a new prompt, a new LoRA scale or a follow-up
+turn never re-runs the encoders. One model call runs at a time (a lock), because the LoRA scale is
+model state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .audio import AudioSource, PreparedAudio, prepare_audio
+from .config import GenerateConfig, SALMONNConfig
+from .errors import PromptError
+from .llm import lora_scale as use_lora_scale
+from .salmonn import SALMONN, AudioTokens
+
+_PLACEHOLDER_TEXT = re.compile(r"</?Speech(Here)?>", re.IGNORECASE)
+MAX_PROMPT_CHARS = 4000
+
+
+@dataclass
+class Encoding:
+    """One audio, prepared and encoded (cached)."""
+    audio: PreparedAudio
+    tokens: AudioTokens
+    seconds_to_encode: float
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt: str               # the full text sent to the LLM (template filled, audio placeholder inside)
+    lora_scale: float
+    num_tokens: int
+    stopped: bool = False     # cut short by the stop button
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class StreamEvent:
+    delta: str                # new text since the last event
+    text: str                 # the answer so far
+    done: bool = False
+    answer: Answer | None = None
+
+
+@dataclass
+class Score:
+    """Teacher-forced log-probabilities of a reference answer."""
+    lora_scale: float
+    tokens: list[str]
+    logprobs: list[float]
+
+    @property
+    def nll(self) -> float:
+        return float(-np.mean(self.logprobs)) if self.logprobs else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll))
+
+
+def clean_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """User text -> a safe instruction: no audio placeholder tags, no control characters, bounded length."""
+    if text is None:
+        raise PromptError("The prompt is empty: type a question or pick a task preset.")
+    text = _PLACEHOLDER_TEXT.sub(" ", str(text))
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    text = re.sub(r"[ \t]+", " ", text).strip()
+    if not text:
+        raise PromptError("The prompt is empty: type a question or pick a task preset.")
+    if len(text) > max_chars:
+        raise PromptError(f"The prompt is too long ({len(text)} characters); the limit is {max_chars}.")
+    return text
+
+
+class Pipeline:
+    def __init__(self, model: SALMONN, cache_size: int = 16):
+        self.model = model
+        self.cfg: SALMONNConfig = model.cfg
+        self._cache: OrderedDict[str, Encoding] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_config(cls, cfg: SALMONNConfig, progress=None) -> "Pipeline":
+        return cls(SALMONN.from_config(cfg, progress=progress))
+
+    # ------------------------------------------------------------------ facts for the model panel
+    @property
+    def trained_scale(self) -> float:
+        return self.cfg.trained_lora_scale
+
+    @property
+    def default_generate(self) -> GenerateConfig:
+        return dataclasses.replace(self.cfg.generate)
+
+    def info(self) -> dict:
+        m = self.model
+        params = sum(p.numel() for p in m.parameters())
+        info = {
+            "name": self.cfg.name,
+            "speech_encoder": f"Whisper encoder ({m.speech_encoder.name}, d={m.speech_encoder.dim})",
+            "audio_encoder": f"{m.audio_encoder.name} (d={m.audio_encoder.dim})" if m.audio_encoder else
+                             "none: speech encoder only",
+            "speech_only": m.speech_only,
+            "llm": f"{type(m.llama_model.get_base_model()).__name__} from {self.cfg.llama_path}",
+            "checkpoint": self.cfg.ckpt or "none (untrained connection modules)",
+            "device": str(m.llm_device),
+            "dtype": str(m.llm_dtype).replace("torch.", ""),
+            "parameters": params,
+            "trainable_parameters": sum(p.numel() for p in m.trainable_parameters().values()),
+            "lora": f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha:g}, trained scale {self.trained_scale:g}",
+            "window": f"{m.window_qformer.window_frames} frames ({m.window_qformer.window_frames / 50:.2f} s), "
+                      f"{self.cfg.qformer.num_query_tokens} token(s) per window",
+        }
+        if m.llm_device.type == "cuda":
+            info["gpu_memory_gb"] = round(torch.cuda.memory_allocated(m.llm_device) / 2**30, 2)
+        else:
+            try:
+                import resource
+                info["process_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            except ImportError:  # pragma: no cover - Windows
+                pass
+        return info
+
+    # ------------------------------------------------------------------ audio
+    def prepare(self, source: AudioSource | PreparedAudio) -> PreparedAudio:
+        if isinstance(source, PreparedAudio):
+            return source
+        return prepare_audio(source, self.cfg.max_audio_seconds, self.cfg.min_audio_seconds)
+
+    def encode(self, source: AudioSource | PreparedAudio | Encoding) -> Encoding:
+        if isinstance(source, Encoding):
+            return source
+        audio = self.prepare(source)
+        with self._lock:
+            hit = self._cache.get(audio.key)
+            if hit is not None:
+                self._cache.move_to_end(audio.key)
+                return hit
+            start = time.perf_counter()
+            tokens = self.model.encode_audio(audio.wav, output_attentions=True)
+            enc = Encoding(audio=audio, tokens=tokens, seconds_to_encode=time.perf_counter() - start)
+            self._cache[audio.key] = enc
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return enc
+
+    def is_cached(self, source: AudioSource | PreparedAudio) -> bool:
+        return self.prepare(source).key in self._cache
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_text(self, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
+        questions = [clean_prompt(q) for q, _ in history] + [clean_prompt(prompt)]
+        answers = [a or "" for _, a in history]
+        return self.model.prompt.conversation(questions, answers)
+
+    def _scale(self, scale: float | None) -> float:
+        scale = self.trained_scale if scale is None else float(scale)
+        if not np.isfinite(scale) or scale < 0:
+            raise PromptError(f"The LoRA scale must be a number >= 0 (got {scale}).")
+        return scale
+
+    # ------------------------------------------------------------------ answering
+    def stream(self, audio, prompt: str, history: Sequence[tuple[str, str]] = (), lora_scale: float | None = None,
+               generate: GenerateConfig | None = None, stop: threading.Event | None = None) -> Iterator[StreamEvent]:
+        """Answer one prompt about one audio, yielding text as it is generated."""
+        gen = generate or self.default_generate
+        scale = self._scale(lora_scale)
+        text = self.prompt_text(prompt, history)
+        with self._lock:
+            t0 = time.perf_counter()
+            prepared = self.prepare(audio) if not isinstance(audio, Encoding) else audio.audio
+            cached = prepared.key in self._cache
+            enc = self.encode(audio if isinstance(audio, Encoding) else prepared)
+            m = self.model
+            embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
+            timings = {"encode_s": round(time.perf_counter() - t0, 4), "audio_cached": cached}
+            with use_lora_scale(m.llama_model, scale), torch.no_grad():
+                if gen.num_beams > 1:
+                    ids = m.beam_search(embeds, mask, gen)[0].tolist()
+                    answer = m.decode_text(ids)
+                    timings["total_s"] = round(time.perf_counter() - t0, 4)
+                    yield StreamEvent(delta=answer, text=answer, done=True,
+                                      answer=Answer(answer, text, scale, len(ids), False, timings))
+                    return
+                ids: list[int] = []
+                shown = ""
+                t_first = None
+                for step in m.decode_steps(embeds, mask, gen, stop=stop):
+                    tok = int(step[0])
+                    if t_first is None:
+                        t_first = time.perf_counter() - t0
+                    if tok == m.tokenizer.eos_token_id:
+                        break
+                    ids.append(tok)
+                    now = m.decode_text(ids)
+                    if now.endswith("\ufffd"):      # an incomplete multi-byte character: wait for the rest
+                        continue
+                    if now != shown:
+                        delta = now[len(shown):] if now.startswith(shown) else now
+                        shown = now
+                        yield StreamEvent(delta=delta, text=shown)
+                total = time.perf_counter() - t0
+                timings.update(first_token_s=round(t_first or total, 4), total_s=round(total, 4),
+                               tokens_per_s=round(len(ids) / max(total - (t_first or 0), 1e-9), 2))
+                final = m.decode_text(ids)
+                stopped = bool(stop is not None and stop.is_set())
+                yield StreamEvent(delta=final[len(shown):] if final.startswith(shown) else "", text=final, done=True,
+                                  answer=Answer(final, text, scale, len(ids), stopped, timings))
+
+    def answer(self, audio, prompt: str, **kwargs) -> Answer:
+        event = None
+        for event in self.stream(audio, prompt, **kwargs):
+            pass
+        return event.answer
+
+    def answer_many(self, audio, prompts: str | Sequence[str], lora_scales: float | Sequence[float] | None = None,
+                    history: Sequence[tuple[str, str]] = (), generate: GenerateConfig | None = None) -> list[Answer]:
+        """Several prompts and/or LoRA scales over one audio. Greedy/sampled decoding runs all rows in one
+        batch (each row with its own LoRA scale); beam search runs row by row."""
+        gen = generate or self.default_generate
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        scales = [lora_scales] if lora_scales is None or isinstance(lora_scales, (int, float)) else list(lora_scales)
+        rows = max(len(prompts), len(scales))
+        if len(prompts) == 1:
+            prompts = prompts * rows
+        if len(scales) == 1:
+            scales = scales * rows
+        if len(prompts) != len(scales):
+            raise PromptError(f"{len(prompts)} prompts and {len(scales)} LoRA scales: give one of each per row, or one of either.")
+        scales = [self._scale(s) for s in scales]
+        texts = [self.prompt_text(p, history) for p in prompts]
+        with self._lock:
+            t0 = time.perf_counter()
+            enc = self.encode(audio)
+            m = self.model
+            if gen.num_beams > 1:
+                out = []
+                for text, scale in zip(texts, scales):
+                    embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
+                    with use_lora_scale(m.llama_model, scale), torch.no_grad():
+                        ids = m.beam_search(embeds, mask, gen)[0].tolist()
+                    out.append(Answer(m.decode_text(ids), text, scale, len(ids)))
+                return out
+            embeds, mask, _ = m.assemble([enc.tokens.embeds] * rows, texts)
+            per_row = [[] for _ in range(rows)]
+            done = [False] * rows
+            with use_lora_scale(m.llama_model, m._scale_tensor(scales, rows)), torch.no_grad():
+                for step in m.decode_steps(embeds, mask, gen):
+                    for i, tok in enumerate(step.tolist()):
+                        if not done[i]:
+                            if tok == m.tokenizer.eos_token_id:
+                                done[i] = True
+                            else:
+                                per_row[i].append(tok)
+            total = round(time.perf_counter() - t0, 4)
+            return [Answer(m.decode_text(ids), text, scale, len(ids), timings={"total_s": total})
+                    for ids, text, scale in zip(per_row, texts, scales)]
+
+    def score(self, audio, prompt: str, reference: str, lora_scales: float | Sequence[float] | None = None) -> list[Score]:
+        """Teacher-forced log-probability of `reference` (+ EOS) at each LoRA scale, in one batch."""
+        scales = [self._scale(None if lora_scales is None else lora_scales)] if not isinstance(lora_scales, (list, tuple)) \
+            else [self._scale(s) for s in lora_scales]
+        text = self.prompt_text(prompt)
+        tok = self.model.tokenizer
+        target = tok(reference.strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
+        with self._lock:
+            enc = self.encode(audio)
+            with torch.no_grad():
+                logps = self.model.target_logprobs([enc.tokens.embeds] * len(scales), [text] * len(scales),
+                                                   [target] * len(scales), scales)
+        pieces = [tok.decode([t]) for t in target]
+        return [Score(s, pieces, lp.tolist()) for s, lp in zip(scales, logps)]

@@ -1,0 +1,374 @@
+"""SALMONN assembled: encoders -> window Q-Former -> projection -> LLM with LoRA.
+
+Module names follow the official checkpoint where they can (speech_llama_proj, llama_model), so
+the loader's key map (checkpoint.py) stays short.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .audio import SAMPLE_RATE, log_mel
+from .config import GenerateConfig, SALMONNConfig
+from .encoders import AudioEncoder, BEATsEncoder, SpeechEncoder
+from .errors import ConfigError
+from .llm import PromptFormat, add_lora, load_llm, lora_scale
+from .qformer import WindowQFormer
+
+FRAME_RATE = 50.0   # encoder frames per second (Whisper 1500 / 30 s)
+
+
+@dataclass
+class AudioTokens:
+    """The audio as the LLM sees it, plus what the app visualises."""
+    embeds: torch.Tensor                    # [T, H_llm] on the LLM's input device
+    cross_attentions: torch.Tensor | None   # [W, layers, heads, N, window_frames] (CPU float32)
+    window_starts: np.ndarray               # [W] seconds
+    window_seconds: float
+    mel: np.ndarray                         # [n_mels, frames at 100 Hz] covering the audio
+    chunk_starts: np.ndarray                # [C] seconds
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA was requested but no GPU is available; use --device cpu.")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ConfigError(f"Unknown dtype {name!r}; use one of {sorted(table)}.")
+    return table[name]
+
+
+class SALMONN(nn.Module):
+    def __init__(self, cfg: SALMONNConfig, speech_encoder: SpeechEncoder, audio_encoder: AudioEncoder | None,
+                 llm: nn.Module, tokenizer, add_bos: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.speech_encoder = speech_encoder
+        self.audio_encoder = audio_encoder
+        self.window_qformer = WindowQFormer(cfg.qformer, speech_encoder.dim, audio_encoder.dim if audio_encoder else 0)
+        self.speech_llama_proj = nn.Linear(cfg.qformer.hidden_size, llm.config.hidden_size)
+        self.llama_model = add_lora(llm, cfg.lora) if cfg.lora.enabled else llm
+        self.tokenizer = tokenizer
+        self.prompt = PromptFormat(tokenizer, cfg.prompt_template, add_bos=add_bos, turn_separator=cfg.turn_separator)
+        for p in list(self.speech_encoder.parameters()) + (list(audio_encoder.parameters()) if audio_encoder else []):
+            p.requires_grad_(False)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg: SALMONNConfig, progress: Callable[[str], None] | None = None,
+                    llm_loader: Callable | None = None) -> "SALMONN":
+        say = progress or (lambda msg: None)
+        for key in ("whisper_path", "llama_path"):
+            value = getattr(cfg, key)
+            if not value:
+                raise ConfigError(f"model.{key} is empty: give a local Hugging Face model directory.")
+            if not Path(value).exists():
+                raise ConfigError(f"model.{key} does not exist: {value}")
+        if cfg.beats_path and not Path(cfg.beats_path).is_file():
+            raise ConfigError(f"model.beats_path does not exist: {cfg.beats_path}")
+        if cfg.ckpt and not Path(cfg.ckpt).is_file():
+            raise ConfigError(f"model.ckpt does not exist: {cfg.ckpt}")
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        say(f"Loading Whisper encoder from {cfg.whisper_path}")
+        speech = SpeechEncoder.from_pretrained(cfg.whisper_path, dtype=dtype)
+        audio = None
+        if cfg.beats_path:
+            say(f"Loading BEATs from {cfg.beats_path}")
+            audio = BEATsEncoder.from_checkpoint(cfg.beats_path, dtype=dtype)
+        say(f"Loading LLM from {cfg.llama_path}")
+        llm, tokenizer = (llm_loader or load_llm)(cfg.llama_path, dtype, cfg.device_map, cfg.load_in_8bit)
+        add_bos = getattr(llm.generation_config, "bos_token_id", None) is not None or cfg.name == "SALMONN"
+        model = cls(cfg, speech, audio, llm, tokenizer, add_bos=add_bos)
+        if cfg.ckpt:
+            from .checkpoint import load_checkpoint
+
+            say(f"Loading SALMONN checkpoint {cfg.ckpt}")
+            load_checkpoint(model, cfg.ckpt)
+        model.place(device, dtype)
+        return model.eval()
+
+    def place(self, device: torch.device, dtype: torch.dtype) -> "SALMONN":
+        """Encoders in `dtype`, Q-Former and projection in fp32 (as the official autocast setup),
+        the LLM in `dtype` unless accelerate/bitsandbytes already placed it."""
+        self.speech_encoder.to(device=device, dtype=dtype)
+        if self.audio_encoder is not None:
+            self.audio_encoder.to(device=device, dtype=dtype)
+        self.window_qformer.to(device=device, dtype=torch.float32)
+        self.speech_llama_proj.to(device=device, dtype=torch.float32)
+        if not (self.cfg.device_map or self.cfg.load_in_8bit):
+            self.llama_model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.speech_llama_proj.weight.device
+
+    @property
+    def llm_device(self) -> torch.device:
+        return self.llama_model.get_input_embeddings().weight.device
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llama_model.get_input_embeddings().weight.dtype
+
+    @property
+    def speech_only(self) -> bool:
+        return self.audio_encoder is None
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Q-Former (+ LayerNorms, queries), projection and LoRA: what a SALMONN checkpoint holds."""
+        names = {}
+        for name, p in self.named_parameters():
+            if name.startswith(("window_qformer.", "speech_llama_proj.")) or "lora_" in name:
+                names[name] = p
+        return names
+
+    # ----------------------------------------------------------------- audio -> tokens
+    def chunk_windows(self, samples: int) -> int:
+        """Windows kept for a chunk of `samples` (all 88 unless trim_to_audio)."""
+        full = self.window_qformer.num_windows(1500)
+        if not self.cfg.trim_to_audio:
+            return full
+        frames = math.ceil(samples / SAMPLE_RATE * FRAME_RATE)
+        return max(1, min(full, math.ceil(frames / self.window_qformer.stride_frames)))
+
+    def encode_features(self, chunks: Sequence[np.ndarray], output_attentions: bool = False):
+        """Run the frozen encoders and the Q-Former on a batch of <= 30 s chunks.
+
+        Returns (tokens [C, L, H_llm] in fp32 before trimming, cross-attentions or None, mel [C, n_mels, 3000]).
+        """
+        mel = log_mel(list(chunks), self.speech_encoder.feature_extractor)
+        mel_t = torch.from_numpy(mel).to(self.device)
+        speech = self.speech_encoder(mel_t)
+        audio, lengths = None, None
+        if self.audio_encoder is not None:
+            lens = [len(c) for c in chunks]
+            wav = torch.zeros(len(chunks), max(lens), device=self.device)
+            pad = torch.ones(len(chunks), max(lens), dtype=torch.bool, device=self.device)
+            for i, c in enumerate(chunks):
+                wav[i, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.float32))
+                pad[i, : len(c)] = False
+            audio = self.audio_encoder(wav, padding_mask=pad)
+            # Valid BEATs tokens per chunk: 8 * floor(T_f / 16), T_f Kaldi frames (25 ms / 10 ms).
+            lengths = [8 * ((1 + (n - 400) // 160) // 16) if n >= 400 else 0 for n in lens]
+        return self.qformer_tokens(speech, audio, lengths, output_attentions) + (mel,)
+
+    def qformer_tokens(self, speech: torch.Tensor, audio: torch.Tensor | None, audio_lengths=None,
+                       output_attentions: bool = False):
+        """Encoder frames -> projected audio tokens [C, L*N, H_llm] (fp32) and attentions."""
+        lengths = None if audio_lengths is None else torch.as_tensor(audio_lengths)
+        out = self.window_qformer(speech, audio, lengths, output_attentions=output_attentions)
+        return self.speech_llama_proj(out.tokens), out.cross_attentions
+
+    @torch.no_grad()
+    def encode_audio(self, wav: np.ndarray, output_attentions: bool = True) -> AudioTokens:
+        """16 kHz mono audio (already cut to the maximum) -> audio tokens for the LLM.
+
+        Audio longer than one chunk is encoded chunk by chunk; the chunks' tokens are concatenated."""
+        size = int(self.cfg.chunk_seconds * SAMPLE_RATE)
+        chunks = [wav[i:i + size] for i in range(0, len(wav), size)] or [wav]
+        tokens, attn, mel = self.encode_features(chunks, output_attentions=output_attentions)
+        n_query = self.cfg.qformer.num_query_tokens
+        stride_s = self.window_qformer.stride_frames / FRAME_RATE
+        kept_tokens, kept_attn, starts = [], [], []
+        for i, chunk in enumerate(chunks):
+            n_win = self.chunk_windows(len(chunk))
+            kept_tokens.append(tokens[i, : n_win * n_query])
+            if attn is not None:
+                kept_attn.append(attn[i, :n_win])
+            starts.append(i * self.cfg.chunk_seconds + np.arange(n_win) * stride_s)
+        mel_frames = [mel[i][:, : math.ceil(len(c) / 160)] for i, c in enumerate(chunks)]
+        embeds = torch.cat(kept_tokens).to(device=self.llm_device, dtype=self.llm_dtype)
+        return AudioTokens(
+            embeds=embeds,
+            cross_attentions=torch.cat(kept_attn).float().cpu() if kept_attn else None,
+            window_starts=np.concatenate(starts),
+            window_seconds=self.window_qformer.window_frames / FRAME_RATE,
+            mel=np.concatenate(mel_frames, axis=1),
+            chunk_starts=np.arange(len(chunks)) * self.cfg.chunk_seconds,
+            seconds=len(wav) / SAMPLE_RATE,
+        )
+
+    # ----------------------------------------------------------------- splicing
+    def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        table = self.llama_model.get_input_embeddings()
+        return table(torch.tensor(list(ids), dtype=torch.long, device=table.weight.device))
+
+    def assemble(self, audio: Sequence[torch.Tensor], texts: Sequence[str],
+                 targets: Sequence[Sequence[int]] | None = None):
+        """Per row: [BOS] + before + audio + after (+ target), left-padded to one length.
+
+        Returns (embeds [B, S, H], mask [B, S], target_start [B]); with left padding every row ends at
+        S-1, which makes batched decoding straightforward. Pad positions are zero vectors, masked out.
+        """
+        rows, starts = [], []
+        for i, (aud, text) in enumerate(zip(audio, texts)):
+            before, after = self.prompt.split(text)
+            parts = [self.embed_ids(before), aud.to(self.llm_dtype), self.embed_ids(after)]
+            if targets is not None:
+                parts.append(self.embed_ids(targets[i]))
+            row = torch.cat(parts)
+            rows.append(row)
+            starts.append(row.shape[0] - (len(targets[i]) if targets is not None else 0))
+        length = max(r.shape[0] for r in rows)
+        hidden = rows[0].shape[1]
+        embeds = rows[0].new_zeros(len(rows), length, hidden)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+        for i, row in enumerate(rows):
+            embeds[i, length - row.shape[0]:] = row
+            mask[i, length - row.shape[0]:] = 1
+        target_start = torch.tensor([length - r.shape[0] + s for r, s in zip(rows, starts)])
+        return embeds, mask, target_start
+
+    @staticmethod
+    def positions(mask: torch.Tensor) -> torch.Tensor:
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _scale_tensor(self, scales: float | Sequence[float] | None, rows: int):
+        if scales is None:
+            scales = self.cfg.trained_lora_scale
+        if isinstance(scales, (int, float)):
+            return float(scales)
+        if len(scales) != rows:
+            raise ValueError(f"{len(scales)} LoRA scales for {rows} rows")
+        if len(set(scales)) == 1:
+            return float(scales[0])
+        return torch.tensor(scales, dtype=self.llm_dtype, device=self.llm_device).view(-1, 1, 1)
+
+    # ----------------------------------------------------------------- teacher forcing
+    def target_logprobs(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
+                        scales: float | Sequence[float] | None = None) -> list[torch.Tensor]:
+        """Log-probability of each target token given audio + prompt (teacher forcing), per row."""
+        embeds, mask, start = self.assemble(audio, texts, targets)
+        scale = self._scale_tensor(scales, len(texts))
+        base = self.llama_model.get_base_model() if hasattr(self.llama_model, "get_base_model") else self.llama_model
+        with lora_scale(self.llama_model, scale):
+            hidden = base.model(inputs_embeds=embeds, attention_mask=mask,
+                                position_ids=self.positions(mask), use_cache=False).last_hidden_state
+        head = base.get_output_embeddings()
+        out = []
+        for i, tgt in enumerate(targets):
+            s = int(start[i])
+            # the token at position p is predicted by the hidden state at p-1
+            h = hidden[i, s - 1: s - 1 + len(tgt)]
+            logp = torch.log_softmax(head(h).float(), dim=-1)
+            ids = torch.tensor(list(tgt), device=logp.device)
+            out.append(logp.gather(1, ids[:, None]).squeeze(1))
+        return out
+
+    def loss(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Mean cross-entropy over all target tokens of the batch (the official training loss)."""
+        logps = self.target_logprobs(audio, texts, targets)
+        return -torch.cat(logps).mean()
+
+    # ----------------------------------------------------------------- decoding
+    def _processors(self, gen: GenerateConfig):
+        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                  TopKLogitsWarper, TopPLogitsWarper)
+
+        procs = LogitsProcessorList()
+        if gen.repetition_penalty and gen.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
+        if gen.do_sample:
+            if gen.temperature and gen.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(gen.temperature))
+            if gen.top_k and gen.top_k > 0:
+                procs.append(TopKLogitsWarper(gen.top_k))
+            if gen.top_p is not None and gen.top_p < 1.0:
+                procs.append(TopPLogitsWarper(gen.top_p))
+        return procs
+
+    def _banned_ids(self, vocab: int) -> list[int]:
+        """Token ids never to emit: the added [PAD] (when it is inside the vocabulary and not EOS)."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        return [pad] if pad is not None and pad != eos and pad < vocab else []
+
+    @torch.no_grad()
+    def decode_steps(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateConfig,
+                     stop: threading.Event | None = None) -> Iterator[torch.Tensor]:
+        """Greedy or sampled decoding with a KV cache; yields the next token of every row each step.
+
+        Rows that finished keep yielding EOS. The caller sets the LoRA scale."""
+        from transformers import DynamicCache
+
+        eos = self.tokenizer.eos_token_id
+        procs = self._processors(gen)
+        rng = None
+        if gen.do_sample and gen.seed is not None:
+            rng = torch.Generator(device=self.llm_device).manual_seed(gen.seed)
+        cache = DynamicCache()
+        pos = self.positions(mask)
+        out = self.llama_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                               past_key_values=cache, use_cache=True, logits_to_keep=1)
+        rows = embeds.shape[0]
+        generated = torch.zeros(rows, 0, dtype=torch.long, device=self.llm_device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=self.llm_device)
+        banned = None
+        for step in range(gen.max_new_tokens):
+            logits = out.logits[:, -1, :].float()
+            if banned is None:
+                banned = self._banned_ids(logits.shape[-1])
+            if banned:
+                logits[:, banned] = -math.inf
+            if step < gen.min_length and eos is not None:
+                logits[:, eos] = -math.inf
+            scores = procs(generated, logits)
+            if gen.do_sample:
+                nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=rng).squeeze(1)
+            else:
+                nxt = scores.argmax(dim=-1)
+            if eos is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
+                finished = finished | (nxt == eos)
+            generated = torch.cat([generated, nxt[:, None]], dim=1)
+            yield nxt
+            if bool(finished.all()) or (stop is not None and stop.is_set()):
+                return
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.llama_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                                   past_key_values=cache, use_cache=True)
+
+    @torch.no_grad()
+    def beam_search(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateConfig) -> torch.Tensor:
+        """Beam search (optionally beam-sample) through transformers' generate; returns new tokens [B, T]."""
+        vocab = self.llama_model.get_output_embeddings().weight.shape[0]
+        kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=gen.max_new_tokens,
+                      num_beams=gen.num_beams, do_sample=gen.do_sample, min_new_tokens=gen.min_length,
+                      repetition_penalty=gen.repetition_penalty, length_penalty=gen.length_penalty,
+                      eos_token_id=self.tokenizer.eos_token_id,
+                      pad_token_id=self.tokenizer.eos_token_id, early_stopping=True)
+        if gen.do_sample:
+            kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or None)
+            if gen.seed is not None:
+                torch.manual_seed(gen.seed)
+        banned = self._banned_ids(vocab)
+        if banned:
+            kwargs["suppress_tokens"] = banned
+        return self.llama_model.generate(**kwargs)
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        ids = [int(t) for t in ids]
+        eos = self.tokenizer.eos_token_id
+        if eos in ids:
+            ids = ids[: ids.index(eos)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
