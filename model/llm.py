@@ -69,8 +69,13 @@ def lora_layers(llm: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def lora_scale(llm: nn.Module, scale: float | torch.Tensor) -> Iterator[None]:
-    """Temporarily run LoRA at `scale` (a float, or a [B, 1, 1] tensor: one scale per batch row)."""
+def lora_scale(llm: nn.Module, scale: float | torch.Tensor | None) -> Iterator[None]:
+    """Temporarily run LoRA at `scale` (a float, or a [B, 1, 1] tensor: one scale per batch row).
+
+    None leaves the current scale (alpha/rank unless changed) as it is."""
+    if scale is None:
+        yield
+        return
     layers = lora_layers(llm)
     saved = [dict(layer.scaling) for layer in layers]
     try:

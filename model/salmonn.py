@@ -244,8 +244,9 @@ class SALMONN(nn.Module):
         return (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _scale_tensor(self, scales: float | Sequence[float] | None, rows: int):
+        """None (keep the current scale), one float, or a [B, 1, 1] tensor of per-row scales."""
         if scales is None:
-            scales = self.cfg.trained_lora_scale
+            return None
         if isinstance(scales, (int, float)):
             return float(scales)
         if len(scales) != rows:

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random SALMONN (real loading code, tiny random weights) built once."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_root):
+    from tests.tiny import tiny_config
+
+    return tiny_config(tiny_root)
+
+
+def randomize_lora(model, seed: int = 0) -> None:
+    """peft starts LoRA B at zero (LoRA off); give it weights so the scale matters in tests."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg):
+    from model.salmonn import SALMONN
+
+    model = SALMONN.from_config(tiny_cfg)
+    randomize_lora(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model):
+    from model.pipeline import Pipeline
+
+    return Pipeline(tiny_model)
