@@ -1,0 +1,261 @@
+"""Labels must match the audio; make_data must be valid and deterministic."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from scipy.signal import stft
+
+from train import make_data, synth, tasks
+
+SR = synth.SR
+
+
+# --------------------------------------------------------------------------- independent measurements
+
+def frame_rms(x, hop=0.01, win=0.02):
+    h, w = int(hop * SR), int(win * SR)
+    n = max(1, 1 + (len(x) - w) // h)
+    return np.array([np.sqrt(np.mean(x[i * h: i * h + w] ** 2)) for i in range(n)])
+
+
+def count_bursts(x):
+    """Count separate bursts of energy: rise above 30% of max, re-arm below 8%."""
+    env = frame_rms(x)
+    hi, lo = 0.3 * env.max(), 0.08 * env.max()
+    count, armed = 0, True
+    for e in env:
+        if armed and e > hi:
+            count, armed = count + 1, False
+        elif e < lo:
+            armed = True
+    return count
+
+
+def onset_times(x):
+    """Note onsets from spectral flux (new energy in any frequency bin), peaks >= 0.15 s apart."""
+    _, _, z = stft(x, SR, nperseg=512, noverlap=512 - 160)  # 10 ms hop
+    logmag = np.log1p(100 * np.abs(z))
+    flux = np.maximum(np.diff(logmag, axis=1), 0).sum(0)
+    thresh = 0.25 * flux.max()
+    onsets, last = [], -1.0
+    for i, r in enumerate(flux):
+        t = i * 0.01
+        if r > thresh and r >= flux[max(0, i - 5): i + 6].max() and t - last > 0.15:
+            onsets.append(t)
+            last = t
+    return np.array(onsets)
+
+
+def centroid_slope(x):
+    """Slope (Hz/s) of the spectral centroid over the loud frames."""
+    f, t, z = stft(x, SR, nperseg=512)
+    mag = np.abs(z)
+    energy = mag.sum(0)
+    keep = energy > 0.2 * energy.max()
+    cent = (f[:, None] * mag).sum(0) / (energy + 1e-12)
+    return np.polyfit(t[keep], cent[keep], 1)[0]
+
+
+def f0_median(x):
+    """Median pitch (Hz) of voiced 40 ms frames by autocorrelation, 60-400 Hz."""
+    w = int(0.04 * SR)
+    out = []
+    for i in range(0, len(x) - w, w):
+        fr = x[i: i + w] - x[i: i + w].mean()
+        if np.sqrt(np.mean(fr ** 2)) < 0.05:
+            continue
+        ac = np.correlate(fr, fr, "full")[w - 1:]
+        lo, hi = SR // 400, SR // 60
+        lag = lo + int(np.argmax(ac[lo:hi]))
+        if ac[lag] > 0.4 * ac[0]:
+            out.append(SR / lag)
+    return float(np.median(out))
+
+
+# --------------------------------------------------------------------------- sounds
+
+@pytest.mark.parametrize("seed", range(8))
+def test_beep_count_matches_label(seed):
+    rng = np.random.default_rng(seed)
+    x, lab = synth.beeps(rng, count=int(rng.integers(1, 7)))
+    assert x.dtype == np.float32
+    assert count_bursts(x) == lab["count"]
+    lo, hi = synth.BEEP_PITCH_HZ[lab["pitch"]]
+    spec = np.abs(np.fft.rfft(x))
+    assert lo <= np.argmax(spec) * SR / len(x) <= hi  # the loudest frequency is in the labelled pitch class
+
+
+@pytest.mark.parametrize("kind", ["knock", "clap", "dog_bark"])
+def test_counted_events_match_label(kind):
+    for seed in range(3):
+        x, lab = synth.counted_events(np.random.default_rng(seed), kind)
+        assert count_bursts(x) == lab["count"], (kind, seed)
+
+
+@pytest.mark.parametrize("direction", ["rising", "falling"])
+def test_sweep_direction_from_spectral_centroid(direction):
+    for seed in range(4):
+        x, lab = synth.sweep(np.random.default_rng(seed), direction=direction, repeats=1)
+        assert lab["direction"] == direction
+        slope = centroid_slope(x)
+        assert (slope > 100) if direction == "rising" else (slope < -100), (seed, slope)
+
+
+def test_count_detector_can_fail():
+    x, lab = synth.beeps(np.random.default_rng(0), count=4)
+    assert count_bursts(x[: len(x) // 2]) != lab["count"]
+
+
+# --------------------------------------------------------------------------- music
+
+@pytest.mark.parametrize("timbre", list(synth.TIMBRES))
+def test_music_tempo_matches_onset_spacing(timbre):
+    rng = np.random.default_rng(list(synth.TIMBRES).index(timbre))
+    x, lab = synth.music(rng, timbre=timbre, drums=False, texture_="melody and chords", duration=6.0)
+    beat = 60.0 / lab["bpm"]
+    onsets = onset_times(x)
+    assert len(onsets) >= 4
+    measured = np.median(np.diff(onsets))
+    assert abs(measured - beat) / beat < 0.06, (lab, measured)
+    assert synth.tempo_label(60.0 / measured) == lab["tempo"]
+    # every onset sits on the beat grid
+    phase = (onsets - onsets[0]) / beat
+    assert np.all(np.abs(phase - np.round(phase)) < 0.12), phase
+
+
+def test_melody_is_in_its_key():
+    """The strongest pitch classes of a melody+chords clip belong to the labelled scale."""
+    x, lab = synth.music(np.random.default_rng(3), timbre="sine", drums=False, texture_="melody and chords")
+    spec = np.abs(np.fft.rfft(x)) ** 2
+    freqs = np.fft.rfftfreq(len(x), 1 / SR)
+    ok = (freqs > 80) & (freqs < 2000)
+    pcs = np.round(12 * np.log2(freqs[ok] / 440.0) + 69).astype(int) % 12
+    chroma = np.bincount(pcs, weights=spec[ok], minlength=12)
+    tonic = synth.NOTE_NAMES.index(lab["key"])
+    scale = {(tonic + s) % 12 for s in synth.SCALES[lab["mode"]]}
+    assert set(np.argsort(chroma)[-3:]) <= scale
+    assert np.argmax(chroma) in {tonic, (tonic + 7) % 12, (tonic + (4 if lab["mode"] == "major" else 3)) % 12}
+
+
+# --------------------------------------------------------------------------- speech and mixing
+
+def test_speech_is_16k_nonsilent_with_plausible_duration():
+    text = "Please turn off the lights in the kitchen before you leave."
+    x, lab = synth.speech(text, np.random.default_rng(0), voice="en-us+m1", rate=160, pitch=50)
+    assert x.dtype == np.float32 and x.ndim == 1
+    assert np.sqrt(np.mean(x ** 2)) > 0.02
+    expected = len(text.split()) / 160 * 60  # words / (words per minute)
+    assert 0.6 * expected < lab["duration"] < 2.0 * expected
+    assert abs(lab["duration"] - len(x) / SR) < 1e-3
+    # 22.05 kHz espeak output resampled: no energy can be left above the 8 kHz Nyquist of 16 kHz
+    assert lab["gender"] == "male" and lab["voice"] == "en-us+m1"
+
+
+def test_female_voice_is_higher_than_male():
+    text = "The meeting starts at half past nine."
+    male, _ = synth.speech(text, np.random.default_rng(0), voice="en+m2", rate=150, pitch=50)
+    female, lab = synth.speech(text, np.random.default_rng(0), voice="en+f2", rate=150, pitch=50)
+    assert lab["gender"] == "female"
+    assert f0_median(female) > 1.3 * f0_median(male)
+
+
+def test_every_accent_honours_the_speaker_variant():
+    """espeak-ng silently drops '+variant' for some voice names; then labels would lie."""
+    for accent in synth.ACCENTS:
+        a = synth.espeak("Good morning.", f"{accent}+m1", 160, 50)
+        b = synth.espeak("Good morning.", f"{accent}+f1", 160, 50)
+        assert len(a) != len(b) or not np.array_equal(a, b), accent
+
+
+@pytest.mark.parametrize("snr", [5.0, 10.0, 15.0])
+def test_mix_snr_close_to_request(snr):
+    rng = np.random.default_rng(int(snr))
+    sp, _ = synth.speech("Where is the nearest bus stop?", rng, split="train")
+    bg, _ = synth.texture(rng, "rain", duration=len(sp) / SR + 1.0)
+    mix, info = synth.mix_at_snr(sp, bg, snr, rng)
+    # Project the mix on the (placed) clean speech; what is left is the background.
+    s = np.zeros(len(mix))
+    s[info["speech_start"]: info["speech_start"] + len(sp)] = sp
+    gain = np.dot(mix, s) / np.dot(s, s)
+    resid = mix - gain * s
+    measured = 10 * np.log10(np.sum((gain * s) ** 2) / np.sum(resid ** 2))
+    assert abs(measured - snr) < 0.5
+
+
+# --------------------------------------------------------------------------- sentences, questions, tasks
+
+def test_sentences_are_diverse_and_split_by_content():
+    rng = np.random.default_rng(0)
+    many = [synth.sentence(rng) for _ in range(2000)]
+    assert len(set(many)) > 1500
+    held = [synth.sentence_for("eval", rng) for _ in range(50)]
+    assert all(synth.sentence_split(s) == "eval" for s in held)
+    assert not set(synth.voices("train")) & set(synth.voices("eval"))
+
+
+def test_every_prompt_has_one_speech_placeholder_and_official_wording():
+    for task, options in tasks.PROMPTS.items():
+        for p in options:
+            assert tasks.full_prompt(p).count("<SpeechHere>") == 1
+    assert tasks.PROMPTS["asr"][0] == "Recognize the speech and give me the transcription."
+    assert tasks.PROMPTS["audiocaption"][0] == "Please describe the audio."
+    assert tasks.PROMPTS["music_description"][0] == "Listen to this music clip and describe the music."
+    assert tasks.PROMPTS["co_reasoning"][0] == "Please answer the speaker's question in detail based on the background sound."
+
+
+def test_coreasoning_count_answer_uses_label():
+    bg = {"kind": "beeps", "count": 4, "pitch": "high", "freq_hz": 2500.0}
+    q = {"category": "count", "target": "beeps", "text": "How many beeps did you hear?"}
+    assert "four beeps" in tasks.coreason_answer(q, bg)
+    assert "four" not in tasks.coreason_answer(q, {**bg, "count": 2})
+
+
+# --------------------------------------------------------------------------- make_data
+
+def _files(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_make_data_tiny_is_valid_and_deterministic(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    make_data.main(["--out", str(a), "--seed", "0", "--scale", "0.01", "--workers", "2"])
+    make_data.generate(b, seed=0, scale=0.01, workers=1)
+    make_data.generate(c, seed=1, scale=0.01, workers=1)
+    fa, fb, fc = _files(a), _files(b), _files(c)
+    assert fa == fb  # same seed -> identical bytes, whatever the worker count
+    assert fa["stage2_instruct.json"] != fc["stage2_instruct.json"]
+
+    seen_tasks, split_texts, split_voices = set(), {"train": set(), "eval": set()}, {"train": set(), "eval": set()}
+    for name in ("stage1_pretrain.json", "stage2_instruct.json", "eval.json"):
+        rows = json.loads((a / name).read_text())["annotation"]
+        assert rows
+        for r in rows:
+            assert {"path", "text", "task", "Q", "prompt", "labels", "id"} <= r.keys()
+            assert (a / r["path"]).is_file()
+            assert r["prompt"].startswith(tasks.SPEECH_TAG) and r["prompt"].count("<SpeechHere>") == 1
+            assert r["task"] in tasks.TASKS and r["text"].strip()
+            if r["task"] == "QA":
+                assert r["Q"] and r["prompt"] == tasks.SPEECH_TAG + r["Q"]
+            if name == "stage1_pretrain.json":
+                assert r["task"] in tasks.STAGE1_TASKS
+            seen_tasks.add(r["task"])
+            if "speech" in r["labels"]:
+                split = "eval" if name == "eval.json" else "train"
+                split_texts[split].add(r["labels"]["speech"]["text"])
+                split_voices[split].add(r["labels"]["speech"]["voice"])
+    assert seen_tasks == set(tasks.TASKS)
+    assert not split_voices["train"] & split_voices["eval"]
+    assert not (split_texts["train"] & split_texts["eval"]) - {t for qs in synth.QUESTIONS.values() for t in qs}
+
+    clips = [json.loads(line) for line in (a / "clips.jsonl").read_text().splitlines()]
+    assert {c["split"] for c in clips} == {"train", "eval"}
+    for clip in clips:
+        info = sf.info(str(a / clip["path"]))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert 0.5 < info.duration <= 30.0 and abs(info.duration - clip["duration"]) < 0.01
+        assert clip["description"].endswith((".", "?", '"'))
+    rows = make_data.load_annotation(a / "eval.json")
+    assert all(Path(r["path"]).is_absolute() and Path(r["path"]).is_file() for r in rows)

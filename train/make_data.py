@@ -1,0 +1,175 @@
+"""Generate the synthetic SALMONN training / evaluation set in one command.
+
+    python -m train.make_data --out data --seed 0 [--scale 1.0] [--workers 2]
+
+Writes (paths inside the JSON files are relative to the --out folder; use
+``load_annotation`` to get absolute ones):
+
+    <out>/audio/{train,eval}/<id>.wav   16 kHz mono PCM16
+    <out>/stage1_pretrain.json          asr + audiocaption + music_description (train clips)
+    <out>/stage2_instruct.json          all tasks (train clips)
+    <out>/eval.json                     all tasks (held-out clips: unseen voices and sentences)
+    <out>/clips.jsonl                   one line per clip: labels + one-sentence description
+    <out>/meta.json                     seed, scale and counts
+
+Each clip has its own random generator seeded from (seed, split, index), so the
+output is identical for a given seed whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from train import synth, tasks
+
+TRAIN_CLIPS, EVAL_CLIPS = 3000, 300
+CLIP_TYPES = {"speech": 0.30, "sound": 0.22, "music": 0.18, "speech_audio": 0.15, "co_reasoning": 0.15}
+SPLIT_CODE = {"train": 0, "eval": 1}
+MAX_SECONDS = 30.0
+
+
+def plan(split: str, n: int, seed: int) -> list[dict]:
+    """Clip specs for a split: exact type proportions, shuffled deterministically."""
+    counts = {t: int(round(share * n)) for t, share in CLIP_TYPES.items()}
+    counts["speech"] += n - sum(counts.values())  # rounding leftovers
+    types = [t for t, c in counts.items() for _ in range(c)]
+    np.random.default_rng([seed, SPLIT_CODE[split], 99]).shuffle(types)
+    return [{"split": split, "index": i, "type": t, "id": f"{split}_{i:05d}_{t}", "seed": seed}
+            for i, t in enumerate(types)]
+
+
+def synth_clip(spec: dict) -> tuple[np.ndarray, dict]:
+    """Audio and labels for one clip spec (pure function of the spec)."""
+    split, t = spec["split"], spec["type"]
+    rng = np.random.default_rng([spec["seed"], SPLIT_CODE[split], spec["index"]])
+    labels: dict = {"type": t}
+    if t == "speech":
+        x, labels["speech"] = synth.speech(synth.sentence_for(split, rng), rng, split=split)
+        x = synth.pad(x, rng, 0.1, 0.6)
+    elif t == "sound":
+        x, labels["sound"] = synth.sound(rng)
+        x = synth.pad(x, rng, 0.1, 0.5)
+    elif t == "music":
+        x, labels["sound"] = synth.music(rng)
+        x = synth.pad(x, rng, 0.0, 0.3)
+    else:
+        source = "music" if rng.random() < 0.3 else "sound"
+        if t == "co_reasoning":
+            bg, labels["sound"] = synth.background_for(rng, source, 3.0)
+            labels["question"] = synth.spoken_question(labels["sound"], split, rng)
+            text = labels["question"]["text"]
+        else:
+            text = synth.sentence_for(split, rng)
+        sp, labels["speech"] = synth.speech(text, rng, split=split)
+        if t != "co_reasoning":
+            bg, labels["sound"] = synth.background_for(rng, source, len(sp) / synth.SR)
+        sp = synth.pad(sp, rng, 0.2, 0.6)  # background is audible before/after the speech
+        x, info = synth.mix_at_snr(sp, bg, rng.uniform(5, 15), rng)
+        labels["snr_db"] = info["snr_db"]
+        x = synth.pad(x, rng, 0.0, 0.2)
+    x = synth.normalize(x, rng.uniform(0.3, 0.95))  # loudness variety
+    if len(x) > MAX_SECONDS * synth.SR:
+        raise RuntimeError(f"clip {spec['id']} is {len(x) / synth.SR:.1f} s, over the {MAX_SECONDS} s limit")
+    labels["duration"] = synth.seconds(x)
+    return x, labels
+
+
+def render(job: tuple[dict, str]) -> dict:
+    """Worker: synthesize, write the WAV, build the examples. Returns the clip record."""
+    spec, out = job
+    x, labels = synth_clip(spec)
+    rel = f"audio/{spec['split']}/{spec['id']}.wav"
+    sf.write(Path(out) / rel, x, synth.SR, subtype="PCM_16")
+    ex_rng = np.random.default_rng([spec["seed"], SPLIT_CODE[spec["split"]], spec["index"], 1])
+    return {"id": spec["id"], "split": spec["split"], "path": rel, "type": spec["type"],
+            "duration": labels["duration"], "labels": labels, "description": tasks.describe(labels),
+            "examples": tasks.examples_for(labels, ex_rng, spec["split"])}
+
+
+def annotation(records: list[dict], keep=lambda task: True) -> dict:
+    """Official SALMONN layout {"annotation": [{path, text, task, Q}]} plus prompt, labels, id."""
+    rows = [{"path": r["path"], "text": e["text"], "task": e["task"], "Q": e["Q"], "prompt": e["prompt"],
+             "labels": r["labels"], "id": r["id"]}
+            for r in records for e in r["examples"] if keep(e["task"])]
+    return {"annotation": rows}
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def load_annotation(json_path: str | Path) -> list[dict]:
+    """Read an annotation file and make each entry's ``path`` absolute."""
+    json_path = Path(json_path)
+    rows = json.loads(json_path.read_text())["annotation"]
+    for r in rows:
+        r["path"] = str((json_path.parent / r["path"]).resolve())
+    return rows
+
+
+def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2) -> dict:
+    """Generate everything under ``out``; returns the counts written to meta.json."""
+    n_train = max(len(CLIP_TYPES), round(TRAIN_CLIPS * scale))
+    n_eval = max(len(CLIP_TYPES), round(EVAL_CLIPS * scale))
+    specs = plan("train", n_train, seed) + plan("eval", n_eval, seed)
+    for split in SPLIT_CODE:
+        folder = out / "audio" / split
+        shutil.rmtree(folder, ignore_errors=True)  # no stale clips from an earlier, larger run
+        folder.mkdir(parents=True)
+    jobs = [(s, str(out)) for s in specs]
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            records = pool.map(render, jobs, chunksize=8)  # map keeps input order
+    else:
+        records = [render(j) for j in jobs]
+
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    write_json(out / "stage1_pretrain.json", annotation(train, lambda task: task in tasks.STAGE1_TASKS))
+    write_json(out / "stage2_instruct.json", annotation(train))
+    write_json(out / "eval.json", annotation(evals))
+    with open(out / "clips.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "examples"}, ensure_ascii=False) + "\n")
+
+    def task_counts(rs, keep=lambda task: True):
+        return dict(sorted(Counter(e["task"] for r in rs for e in r["examples"] if keep(e["task"])).items()))
+
+    meta = {"seed": seed, "scale": scale, "clips": {"train": len(train), "eval": len(evals)},
+            "clip_types": {s: dict(sorted(Counter(r["type"] for r in rs).items())) for s, rs in
+                           (("train", train), ("eval", evals))},
+            "hours": {s: round(sum(r["duration"] for r in rs) / 3600, 3) for s, rs in (("train", train), ("eval", evals))},
+            "examples": {"stage1_pretrain": task_counts(train, lambda task: task in tasks.STAGE1_TASKS),
+                         "stage2_instruct": task_counts(train), "eval": task_counts(evals)}}
+    write_json(out / "meta.json", meta)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="data", help="output folder (default: data)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=1.0, help="1.0 = 3000 train + 300 eval clips")
+    ap.add_argument("--workers", type=int, default=2, help="parallel processes (output does not depend on it)")
+    args = ap.parse_args(argv)
+    if args.scale <= 0:
+        ap.error("--scale must be > 0")
+    start = time.time()
+    meta = generate(Path(args.out), args.seed, args.scale, max(1, args.workers))
+    print(json.dumps(meta, indent=1))
+    print(f"generated in {time.time() - start:.1f} s with {args.workers} worker(s) -> {args.out}", file=sys.stderr)
+    return meta
+
+
+if __name__ == "__main__":
+    main()
