@@ -76,8 +76,11 @@ class SALMONNConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     prompt_template: str = "USER: {}\nASSISTANT:"
-    # Text between an answer and the next turn's template in multi-turn chat (after EOS text).
+    # Multi-turn chat: template of later turns (empty = prompt_template) and the text between an
+    # answer's EOS and the next turn.
+    followup_template: str = ""
     turn_separator: str = ""
+    add_bos: bool = True               # official: the BOS embedding starts the sequence
     chunk_seconds: float = 30.0        # Whisper's window; longer audio is encoded chunk by chunk
     max_audio_seconds: float = 300.0   # audio beyond this is cut (and the user told)
     min_audio_seconds: float = 0.1     # shorter audio is refused as unusable

