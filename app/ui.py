@@ -1,0 +1,539 @@
+"""The Gradio app: Chat (audio in, streamed answers, what the model sees), Scale lab, Model.
+
+`build_app(pipeline, extra_pipelines)` builds the Blocks from ready Pipelines (the launcher loads
+them; tests pass the tiny random model). `launch(demo, ...)` applies the safe serving defaults.
+Every model call goes through `model.pipeline.Pipeline`; user audio only ever lives in Gradio's
+upload cache and in per-session state.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import gradio as gr
+import numpy as np
+
+from model.errors import SalmonnError
+from model.pipeline import Encoding, Pipeline
+
+from . import lab, plots, presets
+from .runner import StopRegistry, generate_config, stream_in_thread
+
+log = logging.getLogger("salmonn.app")
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+MODEL_LOCK_ID = "model"        # every event that runs the model shares one queue slot
+VIEW_LOCK_ID = "view"          # plot re-renders (CPU only) get their own
+
+INTRO = """\
+# SALMONN Studio
+Ask SALMONN about any sound: speech, sound scenes, music, or speech over background noise.
+Upload a file or record with your microphone, pick a task preset or type your own question.
+Below the chat you can see exactly what the model hears: the log-mel spectrogram and how each
+Q-Former window (one audio token per ~0.33 s) spreads its attention over the encoder frames.
+"""
+
+LAB_TEXT = """\
+### Why a LoRA scale slider?
+SALMONN's connection to the language model is a LoRA adapter: the LLM's weights become
+`W + s·BA`, where `s` (the *scale*) is fixed during training (alpha/rank = 4.0 for SALMONN).
+Instruction tuning on a handful of tasks (speech recognition, captioning, ...) teaches the adapter
+those tasks *too* well: asked to tell a story or answer a spoken question, the model just
+transcribes or gives a short caption. The paper calls this **task over-fitting**.
+
+Turning the scale down at test time weakens that bias: around half the trained value the model
+starts following new instructions again, but it gets worse at the trained tasks. Scale 0 switches
+LoRA off completely (the plain LLM plus the audio tokens). **Activation tuning** fixes the problem
+properly: a few training steps on long, diverse answers (stories the model wrote itself at a
+reduced scale) restore instruction following at the full scale without hurting recognition.
+
+Try it below: the same audio and question answered at several scales side by side, and how likely
+the model finds reference answers (perplexity; lower is better) as the scale changes. With both an
+instruction-tuned and an activation-tuned checkpoint loaded you can compare the two directly.
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+class _EncodingCache:
+    """(model, audio path) -> Encoding, so view redraws never wait for the pipeline lock."""
+
+    def __init__(self, size: int = 8):
+        self._items: OrderedDict = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, name: str, pipe: Pipeline, path: str) -> Encoding:
+        key = (name, str(path))
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        enc = pipe.encode(str(path))
+        with self._lock:
+            self._items[key] = enc
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return enc
+
+
+def _warn(err: Exception) -> str:
+    """Show an error to the user as a toast; return the text for inline display."""
+    if isinstance(err, SalmonnError):
+        text = str(err)
+    else:   # a bug, not a user mistake: keep the traceback in the server log only
+        log.exception("unexpected error")
+        text = f"Internal error ({type(err).__name__}): {err}"
+    gr.Warning(text)
+    return text
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "default"
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.2f} s"
+
+
+def _answer_footer(answer, gen) -> str:
+    mode = f"beam search ({gen.num_beams})" if gen.num_beams > 1 else ("sampling" if gen.do_sample else "greedy")
+    bits = [f"LoRA scale {answer.lora_scale:g}", mode, f"{answer.num_tokens} tokens"]
+    if "total_s" in answer.timings:
+        bits.append(_fmt_seconds(answer.timings["total_s"]))
+    if answer.stopped:
+        bits.append("stopped")
+    return "*(" + " · ".join(bits) + ")*"
+
+
+def _messages(history: list[dict]) -> list[dict]:
+    out = []
+    for turn in history:
+        out.append({"role": "user", "content": turn["q"]})
+        out.append({"role": "assistant", "content": turn["shown"]})
+    return out
+
+
+def _loudest_window(enc: Encoding) -> int:
+    """A sensible first window to show: the one over the loudest part of the audio."""
+    tokens = enc.tokens
+    energy = np.asarray(tokens.mel).mean(axis=0)
+    t = float(np.argmax(energy)) / 100.0 if energy.size else 0.0
+    return plots.window_at(tokens, t) or 0
+
+
+def _layer_choices(pipe: Pipeline) -> tuple[list[str], list[str]]:
+    q = pipe.cfg.qformer
+    layers = ["all", "average"] + [str(i) for i in range(1, q.num_layers + 1)]
+    heads = ["average", "all"] + [str(i) for i in range(1, q.num_heads + 1)]
+    return layers, heads
+
+
+def _info_markdown(name: str, pipe: Pipeline) -> str:
+    info = pipe.info()
+    rows = [("Model", info.get("name")), ("Speech encoder", info.get("speech_encoder")),
+            ("Audio encoder", info.get("audio_encoder")), ("LLM", info.get("llm")),
+            ("Checkpoint", info.get("checkpoint")), ("LoRA", info.get("lora")),
+            ("Q-Former window", info.get("window")), ("Device", info.get("device")), ("dtype", info.get("dtype")),
+            ("Parameters", f"{info.get('parameters', 0):,} ({info.get('trainable_parameters', 0):,} trained by SALMONN)")]
+    if "gpu_memory_gb" in info:
+        rows.append(("GPU memory in use", f"{info['gpu_memory_gb']} GB"))
+    if "process_memory_gb" in info:
+        rows.append(("Process memory (peak)", f"{info['process_memory_gb']} GB"))
+    table = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)
+    extra = "\n\n**Speech encoder only**: no BEATs audio encoder is loaded, so non-speech sounds are heard " \
+            "through Whisper alone." if info.get("speech_only") else ""
+    return f"### {name}\n| | |\n|---|---|\n{table}{extra}"
+
+
+def _summary_line(name: str, pipe: Pipeline) -> str:
+    info = pipe.info()
+    enc = "speech encoder only" if info.get("speech_only") else "Whisper + BEATs"
+    return (f"**Model:** {name} · {enc} · {info.get('device')} · {info.get('dtype')} · "
+            f"trained LoRA scale {pipe.trained_scale:g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None = None, *,
+              primary_name: str | None = None, queue_size: int = 16) -> gr.Blocks:
+    """Build the UI around ready pipelines. `extra_pipelines` (e.g. {"instruction-tuned": pipe})
+    are offered as alternatives in the chat and compared side by side in the scale lab."""
+    name0 = primary_name or pipeline.cfg.name or "model"
+    pipes: dict[str, Pipeline] = {name0: pipeline}
+    for name, pipe in (extra_pipelines or {}).items():
+        pipes[name if name not in pipes else f"{name} (2)"] = pipe
+    names = list(pipes)
+    trained = pipeline.trained_scale
+    gen0 = pipeline.default_generate
+    layer_choices, head_choices = _layer_choices(pipeline)
+    encodings = _EncodingCache()
+    stops = StopRegistry()
+
+    def pipe_of(name) -> Pipeline:
+        return pipes.get(name) or pipeline
+
+    # -------------------------------------------------------------- view (spectrogram + attention)
+    def render_view(enc: Encoding, layer, head, window):
+        tokens = enc.tokens
+        window = int(min(max(int(window or 0), 0), len(tokens.window_starts) - 1))
+        spec_fig, axis = plots.spectrogram_figure(tokens, selected=window)
+        attn_fig, _ = plots.attention_figure(tokens, layer or "all", head or "average", selected=window)
+        bar = plots.window_bar_figure(tokens, window, layer or "all", head or "average")
+        view = {"axis": axis.to_dict(), "windows": len(tokens.window_starts)}
+        return plots.render(spec_fig), plots.render(attn_fig), bar, view, window
+
+    def audio_summary(enc: Encoding) -> str:
+        tokens = enc.tokens
+        pad = plots.padding_windows(tokens)
+        text = f"**Heard:** {enc.audio.describe()}. **Audio tokens:** {len(tokens.window_starts)}"
+        if pad:
+            text += f" ({pad} of them cover Whisper's silent padding up to the end of the 30 s chunk)"
+        if len(tokens.chunk_starts) > 1:
+            text += f"; encoded as {len(tokens.chunk_starts)} chunks of 30 s"
+        return text + "."
+
+    def load_audio(path, model_name, layer, head):
+        """New audio: encode it, show what the model hears, start a fresh conversation."""
+        fresh = ([], [], "", None)   # chatbot, history, prompt sent, details
+        if not path:
+            return (None, "", None, None, gr.Slider(value=0, maximum=87), None, {}) + fresh
+        try:
+            enc = encodings.get(model_name, pipe_of(model_name), path)
+            window = _loudest_window(enc)
+            spec, attn, bar, view, window = render_view(enc, layer, head, window)
+        except Exception as err:  # noqa: BLE001 - shown to the user
+            text = _warn(err)
+            return (None, f"⚠️ {text}", None, None, gr.skip(), None, {}) + fresh
+        heard = (16000, (np.clip(enc.audio.wav, -1, 1) * 32767).astype(np.int16))
+        slider = gr.Slider(value=window, maximum=max(view["windows"] - 1, 1))
+        return (heard, audio_summary(enc), spec, attn, slider, bar, view) + fresh
+
+    def redraw(path, model_name, layer, head, window):
+        if not path:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        try:
+            enc = encodings.get(model_name, pipe_of(model_name), path)
+            spec, attn, bar, view, window = render_view(enc, layer, head, window)
+        except Exception as err:  # noqa: BLE001
+            _warn(err)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return spec, attn, bar, view, gr.Slider(value=window, maximum=max(view["windows"] - 1, 1))
+
+    def pick_window(path, model_name, layer, head, view, evt: gr.SelectData):
+        """A click on the spectrogram or attention image selects the window under it."""
+        if not path or not view or not isinstance(evt.index, (list, tuple)):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        axis = plots.TimeAxis(**view["axis"])
+        t = axis.time_at(float(evt.index[0]))
+        enc = encodings.get(model_name, pipe_of(model_name), path)
+        window = plots.window_at(enc.tokens, t)
+        if window is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return redraw(path, model_name, layer, head, window)
+
+    # -------------------------------------------------------------- chat
+    def gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed):
+        return generate_config(gen0, num_beams=beams, do_sample=sample, temperature=temperature, top_p=top_p,
+                               top_k=top_k, repetition_penalty=rep, max_new_tokens=max_new, seed=seed)
+
+    def respond(question, history, path, model_name, scale, beams, sample, temperature, top_p, top_k, rep,
+                max_new, seed, request: gr.Request):
+        """Stream one answer. Yields (chatbot, history, prompt box, prompt sent, details)."""
+        history = list(history or [])
+        question = (question or "").strip()
+        if not path:
+            gr.Warning("Upload or record some audio first (or click one of the examples).")
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        if not question:
+            gr.Warning("Type a question or pick a task preset first.")
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        pipe = pipe_of(model_name)
+        try:
+            gen = gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed)
+            past = [(t["q"], t["a"]) for t in history]
+            sent = pipe.prompt_text(question, past)
+        except Exception as err:  # noqa: BLE001
+            text = _warn(err)
+            yield _messages(history) + [{"role": "user", "content": question},
+                                        {"role": "assistant", "content": f"⚠️ {text}"}], history, gr.skip(), \
+                gr.skip(), gr.skip()
+            return
+        waiting = "…" if gen.num_beams == 1 else "… (beam search: the answer appears when it is complete)"
+        shown = _messages(history) + [{"role": "user", "content": question}, {"role": "assistant", "content": waiting}]
+        yield shown, history, "", sent, gr.skip()
+        session = _session(request)
+        stop = stops.start(session)
+        answer, text = None, ""
+        try:
+            enc = encodings.get(model_name, pipe, path)
+            for ev in stream_in_thread(pipe, enc, question, history=past, lora_scale=scale, generate=gen, stop=stop):
+                text = ev.text
+                if ev.done:
+                    answer = ev.answer
+                    break
+                shown[-1] = {"role": "assistant", "content": text + " ▌"}
+                yield shown, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        except Exception as err:  # noqa: BLE001
+            msg = _warn(err)
+            shown[-1] = {"role": "assistant", "content": (text + "\n\n" if text else "") + f"⚠️ {msg}"}
+            yield shown, history, gr.skip(), gr.skip(), gr.skip()
+            return
+        finally:
+            stops.finish(session, stop)
+        if answer is None:   # stopped before the worker delivered its final answer
+            footer = f"*(LoRA scale {float(scale):g} · stopped)*"
+            details = {"lora_scale": float(scale), "stopped": True, "prompt": sent}
+            final_text = text
+        else:
+            footer = _answer_footer(answer, gen)
+            details = {"lora_scale": answer.lora_scale, "num_tokens": answer.num_tokens, "stopped": answer.stopped,
+                       "timings": answer.timings, "generate": gen.__dict__}
+            final_text = answer.text
+            sent = answer.prompt
+        body = final_text if final_text else "*(empty answer)*"
+        history.append({"q": question, "a": final_text, "shown": f"{body}\n\n{footer}",
+                        "scale": details["lora_scale"]})
+        yield _messages(history), history, gr.skip(), sent, details
+
+    def regenerate(history, path, model_name, *rest, request: gr.Request):
+        history = list(history or [])
+        if not history:
+            gr.Warning("Nothing to regenerate yet: ask a question first.")
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        last = history.pop()
+        yield from respond(last["q"], history, path, model_name, *rest, request=request)
+
+    def stop_answer(request: gr.Request):
+        stops.stop(_session(request))
+
+    def clear_chat():
+        return [], [], "", None
+
+    # -------------------------------------------------------------- presets
+    def apply_preset(label):
+        preset = presets.PRESETS_BY_LABEL.get(label)
+        if preset is None:
+            return gr.skip(), ""
+        return preset.prompt, preset.note
+
+    def suggested_scale(label):
+        preset = presets.PRESETS_BY_LABEL.get(label)
+        factor = preset.scale_factor if preset else 1.0
+        return round(trained * factor, 1)
+
+    # -------------------------------------------------------------- scale lab
+    def run_lab(path, prompt, scales_text, beams, sample, temperature, top_p, top_k, rep, max_new, seed):
+        if not path:
+            gr.Warning("Upload or record some audio on the Chat tab first (or click an example there).")
+            return gr.skip(), gr.skip()
+        try:
+            scales = lab.parse_scales(scales_text, 2 * trained)
+            gen = gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed)
+            results = lab.compare_scales(pipes, str(path), prompt, scales, generate=gen)
+        except Exception as err:  # noqa: BLE001
+            text = _warn(err)
+            return f"<p>⚠️ {text}</p>", None
+        return (lab.answers_html(results, {n: p.trained_scale for n, p in pipes.items()}),
+                lab.answers_json(results))
+
+    def run_sweep(items, scales_text):
+        try:
+            scales = lab.parse_scales(scales_text, 2 * trained)
+            curves, table = lab.perplexity_sweep(pipes, items, scales)
+        except Exception as err:  # noqa: BLE001
+            _warn(err)
+            return gr.skip(), gr.skip()
+        return plots.perplexity_figure(curves, trained), table
+
+    def lab_preset(label):
+        preset = presets.PRESETS_BY_LABEL.get(label)
+        return preset.prompt if preset else gr.skip()
+
+    # -------------------------------------------------------------- layout
+    with gr.Blocks(title="SALMONN Studio") as demo:
+        gr.Markdown(INTRO)
+        gr.Markdown(_summary_line(name0, pipeline)
+                    + (f" · also loaded: {', '.join(names[1:])}" if len(names) > 1 else ""))
+        history = gr.State([])
+        view_state = gr.State({})
+
+        with gr.Tab("Chat", id="chat"):
+            with gr.Row():
+                with gr.Column(scale=2, min_width=320):
+                    audio_in = gr.Audio(sources=["upload", "microphone"], type="filepath",
+                                        label="Audio: upload a file or record", elem_id="audio-in")
+                    heard = gr.Audio(label="What the model hears (16 kHz mono, the part used)", type="numpy",
+                                     interactive=False, elem_id="heard")
+                    audio_info = gr.Markdown(elem_id="audio-info")
+                    model_pick = gr.Radio(names, value=name0, label="Model", visible=len(names) > 1)
+                    preset_dd = gr.Dropdown([p.label for p in presets.PRESETS], value=None, label="Task preset",
+                                            info="Fills the question; L1 = trained tasks, L2/L3 = emergent abilities",
+                                            elem_id="preset")
+                    preset_note = gr.Markdown(elem_id="preset-note")
+                    scale = gr.Slider(0, round(2 * trained, 1), value=trained, step=0.1, label="LoRA scale",
+                                      info=f"trained scale = {trained:g}; 0 = LoRA off. Applied instantly, no reload.",
+                                      elem_id="lora-scale")
+                    scale_hint = gr.Button("Use the preset's suggested scale", size="sm")
+                    with gr.Accordion("Decoding", open=False):
+                        beams = gr.Slider(1, 10, value=1, step=1, label="Beams",
+                                          info=f"1 streams the answer; >1 = beam search (official default "
+                                               f"{gen0.num_beams}), shown when complete")
+                        sample = gr.Checkbox(value=gen0.do_sample, label="Sampling (off = greedy / beam)")
+                        temperature = gr.Slider(0.1, 2.0, value=gen0.temperature, step=0.05, label="Temperature",
+                                                info="used when sampling")
+                        top_p = gr.Slider(0.05, 1.0, value=gen0.top_p, step=0.05, label="Top-p",
+                                          info="used when sampling")
+                        top_k = gr.Slider(0, 200, value=gen0.top_k, step=1, label="Top-k (0 = off)",
+                                          info="used when sampling")
+                        rep = gr.Slider(1.0, 2.0, value=max(1.0, gen0.repetition_penalty), step=0.05,
+                                        label="Repetition penalty")
+                        max_new = gr.Slider(1, 1024, value=gen0.max_new_tokens, step=1, label="Max new tokens")
+                        seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)",
+                                         info="makes sampling repeatable")
+                with gr.Column(scale=3, min_width=400):
+                    chatbot = gr.Chatbot(label="SALMONN", height=460, buttons=["copy"], elem_id="chatbot",
+                                         placeholder="Pick an example or upload audio, then ask a question.")
+                    question = gr.Textbox(label="Your question", placeholder="Ask about the audio…", lines=2,
+                                          elem_id="question")
+                    with gr.Row():
+                        send = gr.Button("Send", variant="primary", elem_id="send")
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                        regen = gr.Button("Regenerate", elem_id="regenerate")
+                        clear = gr.Button("Clear chat", elem_id="clear")
+                    with gr.Accordion("Prompt sent & timings", open=False):
+                        prompt_sent = gr.Textbox(label="Exact text sent to the LLM (the audio tokens replace "
+                                                       "<SpeechHere>)", interactive=False, lines=4,
+                                                 elem_id="prompt-sent")
+                        details = gr.JSON(label="Last answer: LoRA scale, tokens, timings, decoding")
+            gr.Examples(
+                examples=[[str(presets.EXAMPLES_DIR / p.example), p.label] for p in presets.PRESETS
+                          if (presets.EXAMPLES_DIR / p.example).is_file()],
+                inputs=[audio_in, preset_dd], label="Examples (bundled clips, one per task)", examples_per_page=16)
+
+            with gr.Accordion("What the model sees", open=True):
+                gr.Markdown("Click the spectrogram or the attention map to pick a window. Each Q-Former window "
+                            "(thin lines) becomes one audio token for the LLM.")
+                spec_img = gr.Image(label="Log-mel spectrogram (model input)", type="numpy", format="png",
+                                    interactive=False, elem_id="spectrogram", buttons=["download", "fullscreen"])
+                attn_img = gr.Image(label="Q-Former window attention", type="numpy", format="png",
+                                    interactive=False, elem_id="attention", buttons=["download", "fullscreen"])
+                with gr.Row():
+                    layer = gr.Dropdown(layer_choices, value="all", label="Q-Former layer", scale=1)
+                    head = gr.Dropdown(head_choices, value="average", label="Attention head", scale=1)
+                    window = gr.Slider(0, 87, value=0, step=1, label="Window", scale=2, elem_id="window")
+                bar = gr.Plot(label="Selected window: attention over its frames", elem_id="window-bar")
+
+        with gr.Tab("Scale lab", id="lab"):
+            gr.Markdown(LAB_TEXT)
+            with gr.Row():
+                lab_preset_dd = gr.Dropdown([p.label for p in presets.PRESETS], label="Task preset",
+                                            value=presets.PRESETS_BY_KEY["story"].label, scale=1)
+                lab_prompt = gr.Textbox(label="Question (uses the audio from the Chat tab)",
+                                        value=presets.PRESETS_BY_KEY["story"].prompt, lines=2, scale=3,
+                                        elem_id="lab-prompt")
+            with gr.Row():
+                lab_scales = gr.Textbox(label="LoRA scales (comma list)", value=presets.default_scales(trained),
+                                        elem_id="lab-scales", scale=3)
+                lab_run = gr.Button("Answer at every scale", variant="primary", elem_id="lab-run", scale=1)
+            lab_html = gr.HTML(elem_id="lab-answers")
+            with gr.Accordion("Raw results", open=False):
+                lab_json = gr.JSON()
+            gr.Markdown("### Perplexity of reference answers versus LoRA scale\nFor each bundled clip and task we "
+                        "wrote a reference answer; the model scores it token by token (teacher forcing) at each "
+                        "scale, all scales in one batch.")
+            with gr.Row():
+                ppl_items = gr.CheckboxGroup([i.label for i in presets.LAB_ITEMS], value=presets.DEFAULT_LAB_ITEMS,
+                                             label="Clips and tasks", scale=3)
+                with gr.Column(scale=1):
+                    ppl_scales = gr.Textbox(label="LoRA scales", value=presets.sweep_scales(trained))
+                    ppl_run = gr.Button("Measure perplexity", elem_id="ppl-run")
+            ppl_plot = gr.Plot(label="Perplexity vs LoRA scale", elem_id="ppl-plot")
+            ppl_table = gr.Dataframe(headers=["model", "clip · task", "LoRA scale", "perplexity", "NLL"],
+                                     label="Values", interactive=False)
+
+        with gr.Tab("Model", id="model"):
+            info_md = [gr.Markdown(_info_markdown(n, p)) for n, p in pipes.items()]
+            refresh = gr.Button("Refresh (memory use changes as you go)", size="sm")
+
+        # ---------------------------------------------------------- wiring
+        dec = [beams, sample, temperature, top_p, top_k, rep, max_new, seed]
+        view_out = [spec_img, attn_img, bar, view_state, window]
+        audio_in.change(load_audio, [audio_in, model_pick, layer, head],
+                        [heard, audio_info, spec_img, attn_img, window, bar, view_state,
+                         chatbot, history, prompt_sent, details],
+                        api_name="load_audio", concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+        model_pick.change(redraw, [audio_in, model_pick, layer, head, window], view_out,
+                          api_visibility="private", concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+        for ctl in (layer, head):
+            ctl.change(redraw, [audio_in, model_pick, layer, head, window], view_out, api_visibility="private",
+                       concurrency_id=VIEW_LOCK_ID, concurrency_limit=2, trigger_mode="always_last")
+        window.release(redraw, [audio_in, model_pick, layer, head, window], view_out, api_name="view",
+                       concurrency_id=VIEW_LOCK_ID, concurrency_limit=2, trigger_mode="always_last")
+        for img in (spec_img, attn_img):
+            img.select(pick_window, [audio_in, model_pick, layer, head, view_state], view_out,
+                       api_visibility="private", concurrency_id=VIEW_LOCK_ID, concurrency_limit=2,
+                       trigger_mode="always_last")
+
+        preset_dd.change(apply_preset, preset_dd, [question, preset_note], api_name="preset", queue=False)
+        scale_hint.click(suggested_scale, preset_dd, scale, api_visibility="private", queue=False)
+
+        chat_in = [question, history, audio_in, model_pick, scale] + dec
+        chat_out = [chatbot, history, question, prompt_sent, details]
+        send.click(respond, chat_in, chat_out, api_name="ask", concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+        question.submit(respond, chat_in, chat_out, api_visibility="private", concurrency_id=MODEL_LOCK_ID,
+                        concurrency_limit=1)
+        regen.click(regenerate, [history, audio_in, model_pick, scale] + dec, chat_out, api_name="regenerate",
+                    concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+        # Stop must not wait in the model queue behind the answer it stops.
+        stop_btn.click(stop_answer, None, None, api_name="stop", concurrency_limit=None)
+        clear.click(clear_chat, None, [chatbot, history, prompt_sent, details], api_name="clear", queue=False)
+
+        lab_preset_dd.change(lab_preset, lab_preset_dd, lab_prompt, api_visibility="private", queue=False)
+        lab_run.click(run_lab, [audio_in, lab_prompt, lab_scales] + dec, [lab_html, lab_json], api_name="scale_lab",
+                      concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+        ppl_run.click(run_sweep, [ppl_items, ppl_scales], [ppl_plot, ppl_table], api_name="perplexity",
+                      concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+        refresh.click(lambda: [_info_markdown(n, p) for n, p in pipes.items()], None, info_md,
+                      api_visibility="private", queue=False)
+
+    demo.queue(default_concurrency_limit=1, max_size=queue_size)
+    return demo
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------------------------
+
+def launch_kwargs(host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+                  auth: tuple[str, str] | None = None, max_file_size: str = "50mb") -> dict:
+    """Safe launch() settings: local bind, size cap, only our own assets served, no share link
+    unless asked for."""
+    return dict(
+        server_name=host, server_port=port, share=share, auth=auth,
+        max_file_size=max_file_size,
+        allowed_paths=[str(ASSETS_DIR / "examples")],
+        show_error=False,           # errors reach users as warnings we word ourselves
+        footer_links=["api", "gradio"],
+    )
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """demo.launch with `launch_kwargs` defaults; extra keywords pass through (e.g. prevent_thread_lock)."""
+    passthrough = {k: kwargs.pop(k) for k in list(kwargs) if k not in launch_kwargs.__code__.co_varnames}
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    return demo.launch(**launch_kwargs(**kwargs), **passthrough)
+
+
+__all__ = ["build_app", "launch", "launch_kwargs"]
