@@ -277,8 +277,6 @@ _CT2_ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "silu", 3: "gelu"}
 WHISPER_EN_SPECIAL_TOKENS = {
     "eos": ("<|endoftext|>", 50256),
     "sot": ("<|startoftranscript|>", 50257),
-    "translate": ("<|translate|>", 50357),
-    "transcribe": ("<|transcribe|>", 50358),
     "prev_sot": ("<|startofprev|>", 50360),
     "no_timestamps": ("<|notimestamps|>", 50362),
 }
@@ -456,7 +454,12 @@ def ct2_whisper_to_hf(variables: dict[str, np.ndarray], ct2_config: dict | None 
 
 
 def whisper_generation_config(config, ct2_config: dict | None = None, special_ids: dict[str, int] | None = None):
-    """Generation settings so that ``generate`` transcribes (no timestamps by default)."""
+    """Generation settings so that ``generate`` transcribes an English-only Whisper.
+
+    Taken from the package files: special-token ids (tokenizer.json), suppress / begin-suppress
+    lists and alignment heads (CTranslate2 config.json). Standard OpenAI values: the
+    English-only rule (vocab < 51865) and max_initial_timestamp_index = 50 (1 s).
+    """
     from transformers import GenerationConfig
 
     ct2_config = ct2_config or {}
@@ -470,17 +473,17 @@ def whisper_generation_config(config, ct2_config: dict | None = None, special_id
         suppress_tokens=list(config.suppress_tokens or []),
         begin_suppress_tokens=list(config.begin_suppress_tokens or []),
     )
+    if config.vocab_size >= 51865:  # OpenAI's rule for multilingual vocabularies
+        raise CheckpointError("Only English-only Whisper models are supported (this one is multilingual).")
     # Whisper-specific fields read by WhisperGenerationMixin. English-only models get no
     # lang_to_id/task_to_id, so generate() never tries language detection.
-    generation.is_multilingual = config.vocab_size >= 51865  # OpenAI's rule
+    generation.is_multilingual = False
     generation.no_timestamps_token_id = special["no_timestamps"]
     generation.prev_sot_token_id = special["prev_sot"]
     generation.return_timestamps = False
     generation.max_initial_timestamp_index = 50  # OpenAI's default: first timestamp <= 1 s
     if ct2_config.get("alignment_heads"):
         generation.alignment_heads = [list(pair) for pair in ct2_config["alignment_heads"]]
-    if generation.is_multilingual:
-        generation.task_to_id = {"translate": special["translate"], "transcribe": special["transcribe"]}
     return generation
 
 
