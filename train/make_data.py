@@ -36,6 +36,9 @@ TRAIN_CLIPS, EVAL_CLIPS = 3000, 300
 CLIP_TYPES = {"speech": 0.30, "sound": 0.22, "music": 0.18, "speech_audio": 0.15, "co_reasoning": 0.15}
 SPLIT_CODE = {"train": 0, "eval": 1}
 MAX_SECONDS = 30.0
+# Co-reasoning backgrounds favour sounds with countable / directional answers (the harder questions).
+_W = np.array([2.0 if k in synth.COUNTABLE or k == "sweep" else 1.0 for k in synth.SOUND_KINDS])
+COREASON_KIND_P = _W / _W.sum()
 
 
 def plan(split: str, n: int, seed: int) -> list[dict]:
@@ -65,7 +68,8 @@ def synth_clip(spec: dict) -> tuple[np.ndarray, dict]:
     else:
         source = "music" if rng.random() < 0.3 else "sound"
         if t == "co_reasoning":
-            bg, labels["sound"] = synth.background_for(rng, source, 3.0)
+            kind = str(rng.choice(synth.SOUND_KINDS, p=COREASON_KIND_P)) if source == "sound" else None
+            bg, labels["sound"] = synth.background_for(rng, source, 3.0, kind)
             labels["question"] = synth.spoken_question(labels["sound"], split, rng)
             text = labels["question"]["text"]
         else:

@@ -222,7 +222,7 @@ def sweep(rng: np.random.Generator, direction: str | None = None, repeats: int |
     phase = 2 * np.pi * np.cumsum(freq) / SR
     one = (np.sin(phase) + 0.3 * np.sin(2 * phase)) * ramp_env(n, 0.02, 0.05)
     gap = np.zeros(_n(rng.uniform(0.1, 0.3)))
-    x = np.concatenate([np.concatenate([one, gap]) for _ in range(repeats)])[: -len(gap) or None]
+    x = np.concatenate([one] + [np.concatenate([gap, one]) for _ in range(repeats - 1)])
     return x.astype(np.float32), _round({"kind": "sweep", "direction": direction, "repeats": repeats,
                                          "f_start_hz": f0, "f_end_hz": f1})
 
@@ -608,52 +608,52 @@ TEMPLATES = [
     "{name} is going to {place} on {day}.",
     "The {event} starts at {time}.",
     "I bought {num} {food} at the market.",
-    "My {relative} lives in {city}.",
+    "My {relative} has lived in {city} for {small} years.",
     "The {color} {vehicle} is parked outside the {building}.",
     "We will arrive in {city} at {time}.",
     "{name} said the {object} was too {adjective}.",
     "There are {num} {animal} in {place}.",
-    "It is {weather} today in {city}.",
-    "The train to {city} leaves from platform {small}.",
+    "It was {weather} in {city} on {day} {part}.",
+    "The train to {city} leaves from platform {small} at {time}.",
     "{name} and {name2} played {sport} after school.",
-    "I left my {object} in the {room}.",
+    "{name} left the {color} {object} in the {room} on {day}.",
     "The {object} costs {num} dollars.",
-    "Our flight was delayed by {num} minutes.",
-    "She has been learning {language} for {small} years.",
-    "He usually drinks {drink} in the {part}.",
+    "Our flight to {city} was delayed by {num} minutes.",
+    "{name} has been learning {language} for {small} years.",
+    "{name} usually drinks {drink} on {day} {part}s.",
     "{name} was born on the {ordinal} of {month}.",
     "The {building} on Main Street closes at {time}.",
-    "Yesterday it was {weather} in {city}, so we stayed home.",
+    "Yesterday it was {weather} in {city}, so {name} stayed home.",
     "{name} finished the {task} on {day} {part}.",
     "My {relative} bought a {color} {vehicle} last {month}.",
-    "We need {small} more chairs for the {event}.",
+    "We need {small} more chairs for the {event} on {day}.",
     # questions
-    "Where is the nearest {building}?",
-    "What time does the {event} start?",
-    "How many {food} do we need for {day}?",
-    "Have you seen my {object}?",
+    "Where is the nearest {building} in {city}?",
+    "What time does {name}'s {event} start on {day}?",
+    "How many {food} do we need for the {event} on {day}?",
+    "Have you seen my {color} {object} anywhere, {name}?",
     "Is it going to be {weather} in {city} tomorrow?",
-    "Did {name} finish the {task} yet?",
-    "Why is {place} closed on {day}?",
-    "Which {vehicle} goes to {place}?",
-    "Would you like some {drink}?",
+    "Did {name} finish the {task} for {name2} yet?",
+    "Why is {place} in {city} closed on {day}?",
+    "Which {vehicle} goes from {place} to {city}?",
+    "{name}, would you like some {drink} this {part}?",
     "Can {name} meet me at {place} at {time}?",
     "How long does it take to drive from {city} to {city2}?",
     "When is your {relative} coming back from {city}?",
-    "Who left the {object} on the {furniture}?",
+    "Who left the {color} {object} on the {furniture}?",
     "Do you know where {name} put the {object}?",
     # commands
-    "Please turn off the {appliance} in the {room}.",
-    "Set an alarm for {time}.",
-    "Call {name} and tell them I will be late.",
-    "Put the {object} on the {furniture}.",
-    "Remind me to buy {food} on {day}.",
-    "Play some {genre} music in the {room}.",
+    "Please turn off the {appliance} in the {room} at {time}.",
+    "Set an alarm for {time} on {day}.",
+    "Call {name} and tell them I will be {small} minutes late.",
+    "Put the {object} on the {furniture} in the {room}.",
+    "Remind me to buy {food} and {drink} on {day} at {time}.",
+    "Play some {genre} music in the {room} until {time}.",
     "Send a message to {name} saying I am at {place}.",
     "Add {num} {food} to the shopping list.",
     "Book a table for {small} at {time} on {day}.",
     "Take the {ordinal} street on the left after {place}.",
-    "Turn on the {appliance} and close the door.",
+    "{name}, turn on the {appliance} and close the {room} door.",
     "Meet me at {place} at {time}.",
 ]
 
@@ -762,17 +762,17 @@ def question_categories(bg: dict) -> list[tuple[str, str | None]]:
     kind = bg["kind"]
     if kind == "music":
         return [("identify", None)] + [(c, "music") for c in ("mood", "instrument", "tempo", "drums", "dance")]
-    cats = [("identify", None), ("identify", None), ("animals", None), ("alarm", None), ("yes_no", None)]
+    cats = [("identify", None), ("animals", None), ("alarm", None), ("yes_no", None)]
     if kind in ("dog_bark", "bird"):
         cats.append(("animals", None))
     if kind == "alarm":
         cats.append(("alarm", None))
     if kind in COUNTABLE:
-        cats += [("count", kind)] * 2
+        cats += [("count", kind)] * 3
     if kind == "beeps":
-        cats.append(("pitch", "beeps"))
+        cats += [("pitch", "beeps")] * 2
     if kind == "sweep":
-        cats += [("direction", "sweep")] * 2
+        cats += [("direction", "sweep")] * 3
     if kind in TEXTURES:
         cats += [("location", None), ("yes_no", None)]
     return cats

@@ -69,6 +69,8 @@ INSTRUMENT_PHRASE = {"sine": "a sine wave synthesizer", "square": "a square wave
                      "pluck": "plucked strings", "organ": "an organ", "bell": "bells"}
 INSTRUMENT_SHORT = {"sine": "Sine wave synthesizer.", "square": "Square wave synthesizer.",
                     "pluck": "Plucked strings.", "organ": "Organ.", "bell": "Bells."}
+ALARM_CLAUSE = {"two-tone": "an alarm sounds with two alternating tones", "pulsing": "an alarm beeps in rapid pulses",
+                "continuous": "a continuous alarm buzzer sounds"}
 ALARM_PHRASE = {"two-tone": "an alarm with two alternating tones", "pulsing": "an alarm beeping in rapid pulses",
                 "continuous": "a continuous alarm buzzer"}
 
@@ -82,7 +84,7 @@ def sound_clause(s: dict) -> str:
         verb = "rises" if s["direction"] == "rising" else "falls"
         return f"a siren-like tone {verb} in pitch" + ("" if s["repeats"] == 1 else f" {times(s['repeats'])}")
     if kind == "alarm":
-        return ALARM_PHRASE[s["pattern"]] + " sounds"
+        return ALARM_CLAUSE[s["pattern"]]
     if kind == "music":
         return music_phrase(s) + " plays"
     return {
@@ -126,7 +128,8 @@ def sound_phrase(s: dict) -> str:
 def music_phrase(m: dict) -> str:
     """'a fast tune in G minor played on an organ with drums'."""
     drums = " with drums" if m["has_drums"] else ""
-    return f"a {m['tempo']} tune in {m['key']} {m['mode']} played on {INSTRUMENT_PHRASE[m['timbre']]}{drums}"
+    tempo = "medium-tempo" if m["tempo"] == "medium" else m["tempo"]
+    return f"a {tempo} tune in {m['key']} {m['mode']} played on {INSTRUMENT_PHRASE[m['timbre']]}{drums}"
 
 
 def caption(s: dict) -> str:
