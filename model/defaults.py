@@ -17,14 +17,17 @@ CHECKPOINTS = {
 }
 
 
-def chat_templates(tokenizer) -> tuple[str, str]:
+def chat_templates(tokenizer, system: str | None = None) -> tuple[str, str]:
     """(first-turn template, follow-up template) from the tokenizer's own chat template.
 
-    The follow-up template is what a second user turn adds after the first answer's EOS."""
+    The follow-up template is what a second user turn adds after the first answer's EOS. Without a
+    `system` line the first turn is the template's bare user turn: SmolLM2's default system prompt
+    would add ~20 tokens to every training step and answer on 2 CPU cores."""
     mark = "\u0000MARK\u0000"
+    head = [{"role": "system", "content": system}] if system else []
 
     def render(messages):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(head + messages, add_generation_prompt=True, tokenize=False)
 
     def as_template(text: str) -> str:
         return text.replace("{", "{{").replace("}", "}}").replace(mark, "{}")
@@ -35,6 +38,8 @@ def chat_templates(tokenizer) -> tuple[str, str]:
                   {"role": "user", "content": mark}])
     head = prefix + "B" + (tokenizer.eos_token or "")
     followup = two[len(head):] if two.startswith(head) else first
+    if not system and followup != first:
+        first = followup.lstrip()
     return as_template(first), as_template(followup)
 
 
