@@ -218,9 +218,7 @@ def attention_figure(tokens, layer: str | int = "all", head: str | int = "averag
 def _cmap_with_gaps(name: str):
     from matplotlib import colormaps
 
-    cmap = colormaps[name].copy()
-    cmap.set_bad("#d9d9d9")        # frames no window covers
-    return cmap
+    return colormaps[name].with_extremes(bad="#d9d9d9")     # grey: frames no window covers
 
 
 def window_bar_figure(tokens, window: int, layer: str | int = "all", head: str | int = "average") -> Figure:

@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Start SALMONN Studio.
+
+    python launch_app.py                         # the embedded default model (GPU if present, else CPU)
+    python launch_app.py --config decode_config.yaml --options model.ckpt=/w/salmonn_v1.pth
+    python launch_app.py --llama-path /w/vicuna-13b --whisper-path /w/whisper-large-v2 \\
+        --beats-path /w/BEATs.pt --ckpt /w/salmonn_v1.pth --dtype float16 --8bit
+
+Serves on http://127.0.0.1:7860 by default (this machine only). A bad path or checkpoint stops with
+a message naming it and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="SALMONN Studio: a local web demo for the SALMONN audio-language model.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    m = p.add_argument_group("model")
+    m.add_argument("--config", help="official SALMONN decode_config.yaml (paths, LoRA, generation settings)")
+    m.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. model.ckpt=/w/salmonn.pth generate.num_beams=1")
+    m.add_argument("--llama-path", help="local Hugging Face LLM directory (Vicuna/LLaMA)")
+    m.add_argument("--whisper-path", help="local Hugging Face Whisper directory")
+    m.add_argument("--beats-path", help="BEATs checkpoint (.pt); leave out for a speech-encoder-only model")
+    m.add_argument("--ckpt", help="SALMONN checkpoint (.pth or .safetensors)")
+    m.add_argument("--compare-ckpt", metavar="PATH",
+                   help="a second SALMONN checkpoint (e.g. instruction-tuned) to compare in the scale lab")
+    m.add_argument("--compare-name", default="instruction-tuned", help="label for --compare-ckpt")
+    m.add_argument("--no-compare", action="store_true",
+                   help="default model only: do not also load the instruction-tuned variant")
+    m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    m.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="weights dtype")
+    m.add_argument("--8bit", dest="eight_bit", action="store_true", help="load the LLM in 8-bit (bitsandbytes, GPU)")
+    m.add_argument("--tiny-test-model", metavar="DIR", help=argparse.SUPPRESS)   # tests: random tiny model
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to your network)")
+    s.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    s.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    s.add_argument("--auth", metavar="USER:PASS", help="require this login (recommended with --share)")
+    s.add_argument("--max-file-size", default="50mb", help="upload size limit (default 50mb)")
+    s.add_argument("--queue-size", type=int, default=16, help="waiting requests beyond which new ones are refused")
+    s.add_argument("--desktop", action="store_true",
+                   help="open in a native window (pywebview) if installed, else in the browser")
+    return p.parse_args(argv)
+
+
+class Progress:
+    """Loading progress with elapsed time, to stderr."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def build_configs(args) -> list[tuple[str, object]]:
+    """(label, SALMONNConfig) for the main model and, when available, a comparison model."""
+    from model.config import load_config
+
+    configs: list[tuple[str, object]] = []
+    if args.tiny_test_model:
+        from tests.tiny import tiny_config
+
+        configs.append(("tiny-test", tiny_config(Path(args.tiny_test_model))))
+    elif args.config:
+        cfg = load_config(args.config, args.options)
+        configs.append((cfg.name, cfg))
+    elif args.llama_path or args.whisper_path:
+        from model.config import SALMONNConfig
+
+        configs.append(("SALMONN", SALMONNConfig()))
+    else:
+        try:
+            from model.defaults import default_config
+        except ImportError as err:
+            from model.errors import ConfigError
+
+            raise ConfigError(f"The embedded default model is not available ({err}). Start with --config "
+                              "decode_config.yaml or with --llama-path/--whisper-path/--ckpt.") from None
+        configs.append(("activation-tuned", default_config("activation")))
+        if not args.no_compare:
+            try:
+                configs.append(("instruction-tuned", default_config("instruction")))
+            except Exception as err:  # noqa: BLE001 - the comparison model is optional
+                print(f"note: instruction-tuned variant not loaded ({err})", file=sys.stderr)
+    if args.options and not args.config:
+        from model.config import config_from_dict
+
+        configs = [(n, config_from_dict({}, args.options, base=c)) for n, c in configs]
+    label, cfg = configs[0]
+    changes = {k: v for k, v in dict(llama_path=args.llama_path, whisper_path=args.whisper_path,
+                                       beats_path=args.beats_path, ckpt=args.ckpt, device=args.device,
+                                       dtype=args.dtype).items() if v is not None}
+    if args.eight_bit:
+        changes["load_in_8bit"] = True
+    # Device/dtype/8-bit apply to every model; paths only to the main one.
+    shared = {k: v for k, v in changes.items() if k in ("device", "dtype", "load_in_8bit")}
+    configs = [(label, cfg.replace(**changes))] + [(n, c.replace(**shared)) for n, c in configs[1:]]
+    if args.compare_ckpt:
+        configs = configs[:1] + [(args.compare_name, configs[0][1].replace(ckpt=args.compare_ckpt))]
+    return configs
+
+
+def parse_auth(text: str | None):
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        from model.errors import ConfigError
+
+        raise ConfigError("--auth must look like user:password")
+    return user, password
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    say = Progress()
+    from model.errors import SalmonnError
+
+    try:
+        auth = parse_auth(args.auth)
+        configs = build_configs(args)
+        say("importing the model code")
+        from model.pipeline import Pipeline
+
+        pipes = []
+        for label, cfg in configs:
+            say(f"loading {label}")
+            pipes.append((label, Pipeline.from_config(cfg, progress=say)))
+    except SalmonnError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    for label, pipe in pipes:
+        info = pipe.info()
+        say(f"ready: {label} on {info['device']} ({info['dtype']}), "
+            f"{'speech encoder only' if info['speech_only'] else 'Whisper + BEATs'}")
+
+    say("building the interface")
+    from app.ui import build_app, launch
+
+    demo = build_app(pipes[0][1], dict(pipes[1:]), primary_name=pipes[0][0], queue_size=args.queue_size)
+    if args.share:
+        print("WARNING: --share puts this demo on a public gradio.live address for 72 hours. Anyone with the link "
+              "can use your machine's model" + ("" if auth else " (no --auth given: no login required!)") + ".",
+              file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"WARNING: binding {args.host} makes the demo reachable from other machines. Browsers only allow the "
+              "microphone on https or localhost.", file=sys.stderr)
+    desktop = args.desktop and _has_webview()
+    _, url, share_url = launch(demo, host=args.host, port=args.port, share=args.share, auth=auth,
+                               max_file_size=args.max_file_size, prevent_thread_lock=True,
+                               inbrowser=args.desktop and not desktop)
+    say(f"serving on {url}" + (f" and {share_url}" if share_url else ""))
+    try:
+        if desktop:
+            import webview
+
+            webview.create_window("SALMONN Studio", url, width=1400, height=950)
+            webview.start()          # returns when the window is closed
+        else:
+            demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+    return 0
+
+
+def _has_webview() -> bool:
+    try:
+        import webview  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means no native window
+        print("note: pywebview is not installed; opening the browser instead (pip install pywebview).",
+              file=sys.stderr)
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
