@@ -269,7 +269,9 @@ class BEATs(nn.Module):
 
         token_mask = None
         if frames is not None:
-            # A token is valid only if its whole 16-frame time patch lies inside the audio.
+            # A token is valid only if its whole 16-frame time patch lies inside the audio. (The
+            # official code instead splits the sample mask evenly over frames, then over tokens,
+            # which ignores the time-major token order; it agrees when nothing is padded.)
             valid_tokens = (frames // p) * (BEATS_NUM_MEL_BINS // p)
             if bool((valid_tokens == 0).any()):
                 raise AudioError(f"an element of the batch is too short for BEATs (under {p} fbank frames)")
