@@ -50,10 +50,22 @@ class SpeechEncoder(nn.Module):
         del whisper.decoder  # the decoder is never used; free its memory
         return cls(encoder.eval(), extractor, name=path.name)
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel [B, n_mels, 3000] -> frames [B, 1500, d]."""
-        mel = mel.to(self.encoder.conv1.weight.dtype)
-        return self.encoder(input_features=mel).last_hidden_state
+    def forward(self, mel: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        """mel [B, n_mels, 3000] -> frames [B, 1500, d].
+
+        With `frames` < 1500 only the first 2*frames mel frames are encoded (positions 0..frames-1):
+        the cost falls with the audio's length instead of always paying for 30 s. The official model
+        always encodes the padded 30 s; SALMONN-tiny (trim_to_audio) is trained on the shorter form."""
+        enc = self.encoder
+        mel = mel.to(enc.conv1.weight.dtype)
+        if frames is None:
+            return enc(input_features=mel).last_hidden_state
+        x = nn.functional.gelu(enc.conv1(mel[..., : 2 * frames]))
+        x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        for layer in enc.layers:
+            x = layer(x, None)
+        return enc.layer_norm(x)
 
 
 class AudioEncoder(nn.Module):
@@ -82,6 +94,6 @@ class BEATsEncoder(AudioEncoder):
         return cls(load_beats(path, dtype=dtype), name=Path(path).name)
 
     def forward(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        dtype = next(self.beats.parameters()).dtype
-        feats, _ = self.beats.extract_features(wav.to(dtype), padding_mask=padding_mask)
+        # The waveform stays float32 (the fbank needs the precision); BEATs casts its features itself.
+        feats, _ = self.beats.extract_features(wav.float(), padding_mask=padding_mask)
         return feats

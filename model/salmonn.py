@@ -151,16 +151,31 @@ class SALMONN(nn.Module):
         frames = math.ceil(samples / SAMPLE_RATE * FRAME_RATE)
         return max(1, min(full, math.ceil(frames / self.window_qformer.stride_frames)))
 
-    def encode_features(self, chunks: Sequence[np.ndarray], output_attentions: bool = False):
-        """Run the frozen encoders and the Q-Former on a batch of <= 30 s chunks.
+    def encoder_frames(self, samples: int) -> int:
+        """Whisper frames to compute for a chunk: all 1500, or (trim_to_audio) only the kept windows'."""
+        if not self.cfg.trim_to_audio:
+            return 1500
+        qf = self.window_qformer
+        return min(1500, (self.chunk_windows(samples) - 1) * qf.stride_frames + qf.window_frames)
 
-        Returns (tokens [C, L, H_llm] in fp32 before trimming, cross-attentions or None, mel [C, n_mels, 3000]).
-        """
+    def run_encoders(self, chunks: Sequence[np.ndarray]):
+        """The frozen encoders on a batch of <= 30 s chunks.
+
+        Returns (speech [C, T, d_w], audio [C, T_b, d_b] or None, valid BEATs lengths or None, mel [C, n_mels, 3000])."""
         mel = log_mel(list(chunks), self.speech_encoder.feature_extractor)
         mel_t = torch.from_numpy(mel).to(self.device)
-        speech = self.speech_encoder(mel_t)
+        frames = [self.encoder_frames(len(c)) for c in chunks]
+        if all(f == 1500 for f in frames):
+            speech = self.speech_encoder(mel_t)
+        else:
+            # each chunk at its own length, so its features never depend on the rest of the batch
+            parts = [self.speech_encoder(mel_t[i:i + 1], frames=f)[0] for i, f in enumerate(frames)]
+            speech = nn.utils.rnn.pad_sequence(parts, batch_first=True)
         audio, lengths = None, None
         if self.audio_encoder is not None:
+            # As the official front end: audio shorter than 1 s is zero-padded to 1 s for BEATs
+            # (which needs at least one 16-frame patch).
+            chunks = [np.pad(c, (0, max(0, SAMPLE_RATE - len(c)))) for c in chunks]
             lens = [len(c) for c in chunks]
             wav = torch.zeros(len(chunks), max(lens), device=self.device)
             pad = torch.ones(len(chunks), max(lens), dtype=torch.bool, device=self.device)
@@ -169,7 +184,14 @@ class SALMONN(nn.Module):
                 pad[i, : len(c)] = False
             audio = self.audio_encoder(wav, padding_mask=pad)
             # Valid BEATs tokens per chunk: 8 * floor(T_f / 16), T_f Kaldi frames (25 ms / 10 ms).
-            lengths = [8 * ((1 + (n - 400) // 160) // 16) if n >= 400 else 0 for n in lens]
+            lengths = [8 * ((1 + (n - 400) // 160) // 16) for n in lens]
+        return speech, audio, lengths, mel
+
+    def encode_features(self, chunks: Sequence[np.ndarray], output_attentions: bool = False):
+        """Encoders + Q-Former on a batch of <= 30 s chunks.
+
+        Returns (tokens [C, L, H_llm] in fp32 before trimming, cross-attentions or None, mel [C, n_mels, 3000])."""
+        speech, audio, lengths, mel = self.run_encoders(chunks)
         return self.qformer_tokens(speech, audio, lengths, output_attentions) + (mel,)
 
     def qformer_tokens(self, speech: torch.Tensor, audio: torch.Tensor | None, audio_lengths=None,

@@ -242,6 +242,12 @@ def test_long_audio_is_chunked_and_cut(tiny_model):
 
 def test_trim_to_audio_keeps_only_windows_with_sound(tiny_cfg):
     model = SALMONN.from_config(tiny_cfg.replace(trim_to_audio=True))
+    enc = model.speech_encoder
+    mel = torch.randn(1, 80, 3000)
+    with torch.no_grad():   # the length-limited encoder path is the stock encoder at full length
+        torch.testing.assert_close(enc(mel, frames=1500), enc(mel))
+        assert enc(mel, frames=51).shape == (1, 51, enc.dim)
+    assert model.encoder_frames(3 * 16000) == 9 * 17
     assert model.encode_audio(tone(3.0)).embeds.shape[0] == math.ceil(3.0 * 50 / 17)
     assert model.encode_audio(tone(31.0)).embeds.shape[0] == 88 + math.ceil(50 / 17)
 

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from model.audio import SAMPLE_RATE, prepare_audio
+from model.audio import prepare_audio
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.llm import AUDIO_PREFIX, PLACEHOLDER
 from model.qformer import cut_windows
@@ -101,25 +101,10 @@ def encode_clips(model: SALMONN, paths: list[str], cache_file: Path | None = Non
     for i in range(0, len(todo), batch_size):
         batch = todo[i:i + batch_size]
         wavs = [prepare_audio(p, max_seconds=model.cfg.chunk_seconds).wav for p in batch]
-        from model.audio import log_mel
-
-        mel = torch.from_numpy(log_mel(wavs, model.speech_encoder.feature_extractor)).to(model.device)
-        speech = model.speech_encoder(mel)
-        audio = None
-        if model.audio_encoder is not None:
-            lens = [len(w) for w in wavs]
-            wav_t = torch.zeros(len(wavs), max(lens), device=model.device)
-            pad = torch.ones_like(wav_t, dtype=torch.bool)
-            for j, w in enumerate(wavs):
-                wav_t[j, : len(w)] = torch.from_numpy(w)
-                pad[j, : len(w)] = False
-            audio = model.audio_encoder(wav_t, padding_mask=pad)
+        speech, audio, lengths, _ = model.run_encoders(wavs)
         for j, (path, wav) in enumerate(zip(batch, wavs)):
             frames = (model.chunk_windows(len(wav)) - 1) * stride + kernel
-            a = None
-            if audio is not None:
-                n_beats = 8 * ((1 + (len(wav) - 400) // 160) // 16) if len(wav) >= 400 else 0
-                a = audio[j, : min(n_beats, frames)].half().cpu()
+            a = None if audio is None else audio[j, : min(lengths[j], frames)].half().cpu()
             store[path] = (speech[j, :frames].half().cpu(), a)
         if (i // batch_size) % 20 == 0:
             log(f"  encoded {min(i + batch_size, len(todo))}/{len(todo)} clips ({time.perf_counter() - start:.0f} s)")
