@@ -151,12 +151,14 @@ def main(argv=None) -> int:
     say("building the interface")
     from app.ui import build_app, launch
 
-    demo = build_app(pipes[0][1], dict(pipes[1:]), primary_name=pipes[0][0], queue_size=args.queue_size)
+    local_only = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
+    demo = build_app(pipes[0][1], dict(pipes[1:]), primary_name=pipes[0][0], queue_size=args.queue_size,
+                     desktop_mic=None if local_only else False)
     if args.share:
         print("WARNING: --share puts this demo on a public gradio.live address for 72 hours. Anyone with the link "
               "can use your machine's model" + ("" if auth else " (no --auth given: no login required!)") + ".",
               file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in ("127.0.0.1", "localhost", "::1"):   # (the desktop microphone panel is off then)
         print(f"WARNING: binding {args.host} makes the demo reachable from other machines. Browsers only allow the "
               "microphone on https or localhost.", file=sys.stderr)
     desktop = args.desktop and _has_webview()

@@ -56,7 +56,7 @@ def answers_html(results: Mapping[str, Sequence[Answer]], trained: Mapping[str, 
                 f'padding:8px;margin:4px;">'
                 f'<div style="font-weight:600">scale {a.lora_scale:g} <span style="font-weight:400;'
                 f'opacity:.7">· {badge}</span></div>'
-                f'<div style="white-space:pre-wrap;margin-top:6px" class="lab-answer">{text}</div>'
+                f'<div style="white-space:pre-wrap;overflow-wrap:anywhere;margin-top:6px" class="lab-answer">{text}</div>'
                 f'<div style="opacity:.6;font-size:.85em;margin-top:6px">{a.num_tokens} tokens</div></div>')
         title = f'<div style="font-weight:600;margin:8px 4px 0">{html.escape(name)}</div>' if len(results) > 1 else ""
         rows.append(f'{title}<div style="display:flex;flex-wrap:wrap">{"".join(cards)}</div>')

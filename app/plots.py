@@ -110,8 +110,8 @@ def attention_rows(cross_attentions, layer: str | int = "all", head: str | int =
     for lg in l_groups:
         for hg in h_groups:
             rows.append(attn[:, lg][:, :, hg].mean(axis=(1, 2)))
-            l_name = "avg layers" if avg_l else f"layer {lg[0] + 1}"
-            h_name = "avg heads" if avg_h else f"head {hg[0] + 1}"
+            l_name = "L avg" if avg_l else f"L{lg[0] + 1}"
+            h_name = "H avg" if avg_h else f"H{hg[0] + 1}"
             labels.append(f"{l_name} · {h_name}")
     return np.stack(rows), labels
 
@@ -238,11 +238,12 @@ def window_bar_figure(tokens, window: int, layer: str | int = "all", head: str |
             ax.plot(times, rows[r, window], color="#888888", linewidth=0.7, alpha=0.6)
     ax.axhline(1.0 / n_frames, color="#e4572e", linestyle=":", linewidth=1, label="uniform (1/%d)" % n_frames)
     ax.set_xlim(start, start + tokens.window_seconds)
+    ax.set_ylim(0, max(float(rows[:, window].max()), 1.0 / n_frames) * 1.4)   # headroom for the legend
     ax.set_xlabel("time (s)")
     ax.set_ylabel("attention")
     where = " (Whisper padding)" if start >= tokens.seconds else ""
     ax.set_title(f"Window {window}: {start:.2f}-{start + tokens.window_seconds:.2f} s{where}", fontsize=9, loc="left")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper right", ncols=2, frameon=False)
     return fig
 
 
@@ -250,7 +251,7 @@ def perplexity_figure(curves: dict[str, dict[str, list[tuple[float, float]]]], t
     """Perplexity of reference answers versus LoRA scale: one colour per task, one line style per
     model (solid for the first, dashed for the second, ...)."""
     fig = Figure(figsize=(FIG_WIDTH * 0.8, 4.2), dpi=DPI)
-    ax = fig.add_axes((0.09, 0.13, 0.6, 0.78))
+    ax = fig.add_axes((0.11, 0.13, 0.58, 0.78))
     styles = ["-", "--", ":", "-."]
     colors = {}
     palette = ["#3b75af", "#e4572e", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#555555"]

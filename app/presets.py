@@ -98,6 +98,7 @@ class Example:
     file: str
     family: str
     description: str
+    preset: str                  # the task shown with it in the Examples table
     transcript: str = ""
 
     @property
@@ -107,17 +108,17 @@ class Example:
 
 # Texts must match app/make_examples.py SPEECH.
 EXAMPLES: list[Example] = [
-    Example("speech.wav", "speech", "one English sentence (synthetic voice)",
+    Example("speech.wav", "speech", "one English sentence (synthetic voice)", "asr",
             "The quick brown fox jumps over the lazy dog near the river bank."),
-    Example("question.wav", "speech", "a spoken question", "What is the tallest mountain in the world?"),
-    Example("request.wav", "speech", "a spoken request to an assistant",
+    Example("question.wav", "speech", "a spoken question", "sqqa", "What is the tallest mountain in the world?"),
+    Example("request.wav", "speech", "a spoken request to an assistant", "slots",
             "Please set an alarm for seven thirty tomorrow morning."),
-    Example("two_speakers.wav", "speech", "two different speakers, one after the other",
+    Example("two_speakers.wav", "speech", "two different speakers, one after the other", "speaker",
             "I will meet you at the station at noon. The weather has been lovely all week."),
-    Example("overlap.wav", "speech", "the same two speakers talking over each other"),
-    Example("rain_beeps.wav", "sound", "rain with a device beeping now and then"),
-    Example("melody.wav", "music", "a slow synthesized melody with a bass line"),
-    Example("speech_rain.wav", "speech + sound", "a spoken question over rain",
+    Example("overlap.wav", "speech", "the same two speakers talking over each other", "overlap"),
+    Example("rain_beeps.wav", "sound", "rain with a device beeping now and then", "aac"),
+    Example("melody.wav", "music", "a slow synthesized melody with a bass line", "music"),
+    Example("speech_rain.wav", "speech + sound", "a spoken question over rain", "sac",
             "Should I take an umbrella when I go outside?"),
 ]
 EXAMPLES_BY_FILE = {e.file: e for e in EXAMPLES}

@@ -164,9 +164,12 @@ def _summary_line(name: str, pipe: Pipeline) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None = None, *,
-              primary_name: str | None = None, queue_size: int = 16) -> gr.Blocks:
+              primary_name: str | None = None, queue_size: int = 16,
+              desktop_mic: bool | None = None) -> gr.Blocks:
     """Build the UI around ready pipelines. `extra_pipelines` (e.g. {"instruction-tuned": pipe})
-    are offered as alternatives in the chat and compared side by side in the scale lab."""
+    are offered as alternatives in the chat and compared side by side in the scale lab.
+    `desktop_mic`: add the local-microphone panel (None = when sounddevice finds an input device;
+    pass False whenever people other than the host can reach the app)."""
     name0 = primary_name or pipeline.cfg.name or "model"
     pipes: dict[str, Pipeline] = {name0: pipeline}
     for name, pipe in (extra_pipelines or {}).items():
@@ -177,6 +180,8 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
     layer_choices, head_choices = _layer_choices(pipeline)
     encodings = _EncodingCache()
     stops = StopRegistry()
+    from .mic_panel import build_mic_panel, input_devices
+    mic_devices = input_devices() if desktop_mic is not False else []
 
     def pipe_of(name) -> Pipeline:
         return pipes.get(name) or pipeline
@@ -306,14 +311,17 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                         "scale": details["lora_scale"]})
         yield _messages(history), history, gr.skip(), sent, details
 
-    def regenerate(history, path, model_name, *rest, request: gr.Request):
+    def regenerate(history, path, model_name, scale, beams, sample, temperature, top_p, top_k, rep, max_new, seed,
+                   request: gr.Request):
+        """Ask the last question again (with the current settings), replacing its answer."""
         history = list(history or [])
         if not history:
             gr.Warning("Nothing to regenerate yet: ask a question first.")
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         last = history.pop()
-        yield from respond(last["q"], history, path, model_name, *rest, request=request)
+        yield from respond(last["q"], history, path, model_name, scale, beams, sample, temperature, top_p, top_k,
+                           rep, max_new, seed, request)
 
     def stop_answer(request: gr.Request):
         stops.stop(_session(request))
@@ -377,6 +385,8 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                     heard = gr.Audio(label="What the model hears (16 kHz mono, the part used)", type="numpy",
                                      interactive=False, elem_id="heard")
                     audio_info = gr.Markdown(elem_id="audio-info")
+                    if mic_devices:
+                        build_mic_panel(audio_in, mic_devices)
                     model_pick = gr.Radio(names, value=name0, label="Model", visible=len(names) > 1)
                     preset_dd = gr.Dropdown([p.label for p in presets.PRESETS], value=None, label="Task preset",
                                             info="Fills the question; L1 = trained tasks, L2/L3 = emergent abilities",
@@ -417,17 +427,20 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                                                        "<SpeechHere>)", interactive=False, lines=4,
                                                  elem_id="prompt-sent")
                         details = gr.JSON(label="Last answer: LoRA scale, tokens, timings, decoding")
-            gr.Examples(
-                examples=[[str(presets.EXAMPLES_DIR / p.example), p.label] for p in presets.PRESETS
-                          if (presets.EXAMPLES_DIR / p.example).is_file()],
-                inputs=[audio_in, preset_dd], label="Examples (bundled clips, one per task)", examples_per_page=16)
-
+                    gr.Examples(
+                        examples=[[str(e.path), presets.PRESETS_BY_KEY[e.preset].label] for e in presets.EXAMPLES
+                                  if e.path.is_file()],
+                        inputs=[audio_in, preset_dd], examples_per_page=len(presets.EXAMPLES),
+                        label="Examples: bundled clips (speech, sound scene, music, speech over rain). Any task "
+                              "preset works with any clip.")
             with gr.Accordion("What the model sees", open=True):
                 gr.Markdown("Click the spectrogram or the attention map to pick a window. Each Q-Former window "
                             "(thin lines) becomes one audio token for the LLM.")
-                spec_img = gr.Image(label="Log-mel spectrogram (model input)", type="numpy", format="png",
+                spec_img = gr.Image(label="Log-mel spectrogram (model input)", show_label=False, type="numpy",
+                                    format="png",
                                     interactive=False, elem_id="spectrogram", buttons=["download", "fullscreen"])
-                attn_img = gr.Image(label="Q-Former window attention", type="numpy", format="png",
+                attn_img = gr.Image(label="Q-Former window attention", show_label=False, type="numpy",
+                                    format="png",
                                     interactive=False, elem_id="attention", buttons=["download", "fullscreen"])
                 with gr.Row():
                     layer = gr.Dropdown(layer_choices, value="all", label="Q-Former layer", scale=1)
@@ -447,6 +460,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                 lab_scales = gr.Textbox(label="LoRA scales (comma list)", value=presets.default_scales(trained),
                                         elem_id="lab-scales", scale=3)
                 lab_run = gr.Button("Answer at every scale", variant="primary", elem_id="lab-run", scale=1)
+            lab_audio = gr.Markdown("*No audio yet: load one on the Chat tab.*", elem_id="lab-audio")
             lab_html = gr.HTML(elem_id="lab-answers")
             with gr.Accordion("Raw results", open=False):
                 lab_json = gr.JSON()
@@ -460,8 +474,9 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                     ppl_scales = gr.Textbox(label="LoRA scales", value=presets.sweep_scales(trained))
                     ppl_run = gr.Button("Measure perplexity", elem_id="ppl-run")
             ppl_plot = gr.Plot(label="Perplexity vs LoRA scale", elem_id="ppl-plot")
-            ppl_table = gr.Dataframe(headers=["model", "clip · task", "LoRA scale", "perplexity", "NLL"],
-                                     label="Values", interactive=False)
+            with gr.Accordion("Values", open=False):
+                ppl_table = gr.Dataframe(headers=["model", "clip · task", "LoRA scale", "perplexity", "NLL"],
+                                         label="Values", interactive=False)
 
         with gr.Tab("Model", id="model"):
             info_md = [gr.Markdown(_info_markdown(n, p)) for n, p in pipes.items()]
@@ -473,7 +488,9 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         audio_in.change(load_audio, [audio_in, model_pick, layer, head],
                         [heard, audio_info, spec_img, attn_img, window, bar, view_state,
                          chatbot, history, prompt_sent, details],
-                        api_name="load_audio", concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+                        api_name="load_audio", concurrency_id=MODEL_LOCK_ID, concurrency_limit=1
+                        ).then(lambda info: f"Audio for the lab: {info}" if info else "*No audio yet: load one on "
+                               "the Chat tab.*", audio_info, lab_audio, api_visibility="private", queue=False)
         model_pick.change(redraw, [audio_in, model_pick, layer, head, window], view_out,
                           api_visibility="private", concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
         for ctl in (layer, head):

@@ -17,6 +17,7 @@ from app import lab, plots, presets  # noqa: E402
 from app.ui import build_app, launch  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
+from tests.test_mic import virtual_mic  # noqa: E402,F401 - the live-microphone fixture
 
 EXAMPLE = str(presets.EXAMPLES_DIR / "speech.wav")
 
@@ -111,6 +112,15 @@ def test_preset_streamed_answer_and_scale_reported(client):
     assert details2["lora_scale"] == 0.0
     assert prompt in sent2 and "Say it again." in sent2
 
+    # Regenerate replaces the last turn (same question, current settings); Clear empties the chat.
+    job = client.submit(handle_file(EXAMPLE), "tiny-test", 2.0, 1, False, 1.0, 0.9, 0, 1.0, 12, -1,
+                        api_name="/regenerate")
+    chat3, _, sent3, details3 = job.result(timeout=60)
+    assert len(chat3) == 4 and text_of(chat3[2]) == "Say it again." and details3["lora_scale"] == 2.0
+    assert sent3 == sent2
+    chat4, _, _ = client.predict(api_name="/clear")
+    assert chat4 == []
+
 
 def test_decoding_controls_change_the_answer(client):
     client.predict(handle_file(EXAMPLE), "tiny-test", "all", "average", api_name="/load_audio")
@@ -176,6 +186,17 @@ def test_two_models_compared_in_lab(pipe, tmp_path):
     assert demo is not None
 
 
+def test_safe_serving_defaults(server, pipe):
+    from app.ui import ASSETS_DIR, launch_kwargs
+
+    kw = launch_kwargs()
+    assert kw["server_name"] == "127.0.0.1" and kw["share"] is False and kw["max_file_size"] == "50mb"
+    assert kw["allowed_paths"] == [str(ASSETS_DIR / "examples")]     # nothing else of ours is served
+    assert server.startswith("http://127.0.0.1:")
+    demo = build_app(pipe, queue_size=5)
+    assert demo._queue.max_size == 5                                 # a bounded queue
+
+
 # ------------------------------------------------------------------------------------------ plots
 
 class FakeTokens:
@@ -196,7 +217,7 @@ class FakeTokens:
 def test_attention_timeline_places_frames_in_seconds():
     tok = FakeTokens()
     rows, labels = plots.attention_rows(tok.cross_attentions, "all", "average")
-    assert rows.shape == (2, 16, 17) and labels == ["layer 1 · avg heads", "layer 2 · avg heads"]
+    assert rows.shape == (2, 16, 17) and labels == ["L1 · H avg", "L2 · H avg"]
     t_end = plots.view_end(tok)
     assert t_end == pytest.approx(5.1)      # the audio's end, extended to its window's end
     matrix, dt = plots.attention_timeline(rows, tok.window_starts, tok.window_seconds, t_end)
@@ -267,3 +288,39 @@ def test_launcher_bad_path_exits_2_with_message(tiny_root, tmp_path, capsys):
     rc = launch_app.main(["--tiny-test-model", str(tiny_root), "--ckpt", str(tmp_path / "missing.pth")])
     err = capsys.readouterr().err
     assert rc == 2 and "missing.pth" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ desktop microphone
+
+def test_desktop_mic_panel_records_into_the_audio_box(virtual_mic, pipe):
+    """Real capture from a virtual PulseAudio microphone (tests/test_mic.py's fixture): the panel is
+    offered when a device exists, and a take that ends on silence comes back as (rate, samples)."""
+    import subprocess
+
+    from app import mic_panel
+    from tests.test_mic import DEVICE, SINK
+
+    devices = mic_panel.input_devices()
+    assert any(d["name"] == DEVICE for d in devices)
+    demo = build_app(pipe, desktop_mic=None)
+    labels = [b.get("props", {}).get("label") for b in demo.config["components"]]
+    assert "Desktop microphone (this computer)" in labels and "Input device" in labels
+    assert "Input device" not in [b.get("props", {}).get("label")
+                                  for b in build_app(pipe, desktop_mic=False).config["components"]]
+
+    panel = mic_panel.DesktopMic()
+    device = next(d["index"] for d in devices if d["name"] == DEVICE)
+    panel.start("s1", device, stop_on_silence=True, silence_s=1.0, max_seconds=15)
+    time.sleep(0.3)
+    subprocess.run(["paplay", f"--device={SINK}", EXAMPLE], check=True, timeout=20)
+    deadline, audio = time.time() + 10, None
+    while time.time() < deadline:
+        db, recording, seconds, audio = panel.poll("s1")
+        if not recording:
+            break
+        time.sleep(0.1)
+    assert audio is not None, "the take should end by itself after the clip's trailing silence"
+    rate, wav = audio
+    assert 3.0 < len(wav) / rate < 10.0 and np.abs(wav).max() > 0.05
+    assert pipe.prepare(audio).seconds > 3.0
+    assert panel.poll("s1")[1] is False and panel.stop("s1") is None
