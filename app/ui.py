@@ -149,7 +149,7 @@ def _info_markdown(name: str, pipe: Pipeline) -> str:
     table = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)
     extra = "\n\n**Speech encoder only**: no BEATs audio encoder is loaded, so non-speech sounds are heard " \
             "through Whisper alone." if info.get("speech_only") else ""
-    return f"### {name}\n| | |\n|---|---|\n{table}{extra}"
+    return f"### {name}\n| Item | Value |\n|---|---|\n{table}{extra}"
 
 
 def _summary_line(name: str, pipe: Pipeline) -> str:
@@ -218,6 +218,9 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         except Exception as err:  # noqa: BLE001 - shown to the user
             text = _warn(err)
             return (None, f"⚠️ {text}", None, None, gr.skip(), None, {}) + fresh
+        if enc.audio.cut_seconds > 0:
+            gr.Warning(f"The audio is {enc.audio.original_seconds:.0f} s long; only the first "
+                       f"{enc.audio.seconds:.0f} s are used.")
         heard = (16000, (np.clip(enc.audio.wav, -1, 1) * 32767).astype(np.int16))
         slider = gr.Slider(value=window, maximum=max(view["windows"] - 1, 1))
         return (heard, audio_summary(enc), spec, attn, slider, bar, view) + fresh
@@ -548,7 +551,10 @@ def launch_kwargs(host: str = "127.0.0.1", port: int | None = None, share: bool 
 
 def launch(demo: gr.Blocks, **kwargs):
     """demo.launch with `launch_kwargs` defaults; extra keywords pass through (e.g. prevent_thread_lock)."""
-    passthrough = {k: kwargs.pop(k) for k in list(kwargs) if k not in launch_kwargs.__code__.co_varnames}
+    import inspect
+
+    ours = set(inspect.signature(launch_kwargs).parameters)
+    passthrough = {k: kwargs.pop(k) for k in list(kwargs) if k not in ours}
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     return demo.launch(**launch_kwargs(**kwargs), **passthrough)
 
