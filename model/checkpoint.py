@@ -81,10 +81,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (it could not be unpickled).") from None
         raise CheckpointError(
             f"Checkpoint {path} was refused: it contains Python objects that would run code when loaded "
-            f"(only tensors and plain containers are accepted). Details: {str(err).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+            f"(only tensors and plain containers are accepted).") from None
+    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"Checkpoint {path} is damaged or not a PyTorch file: {str(err).splitlines()[0]}") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]

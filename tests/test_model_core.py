@@ -136,6 +136,11 @@ def test_checkpoint_with_pickle_payload_is_refused(tiny_model, tmp_path):
         read_state_dict(tmp_path / "trunc.safetensors")
     with pytest.raises(CheckpointError, match="not found"):
         read_state_dict(tmp_path / "nope.pth")
+    (tmp_path / "text.pth").write_text("hello, I am not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint|damaged"):
+        read_state_dict(tmp_path / "text.pth")
+    with pytest.raises(CheckpointError, match="refused"):
+        read_state_dict(tmp_path / "evil2.pth")
 
 
 # ---------------------------------------------------------------- LoRA scale
