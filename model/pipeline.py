@@ -2,8 +2,9 @@
 and the Q-Former window attention out.
 
 Audio tokens are cached per audio (content hash), so a new prompt, a new LoRA scale or a follow-up
-turn never re-runs the encoders. One model call runs at a time (a lock), because the LoRA scale is
-model state.
+turn never re-runs the encoders. The LLM's keys/values of each answered prompt (+ answer) are cached
+per (audio, LoRA scale) too (kvcache.py), so a re-ask, a follow-up turn or a scale-lab rerun only
+prefills its new tokens. One model call runs at a time (a lock), because the LoRA scale is model state.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from .audio import AudioSource, PreparedAudio, prepare_audio
 from .config import GenerateConfig, SALMONNConfig
 from .errors import PromptError
+from .kvcache import PrefixCache, sequence_ids, slice_kv, stack_kv
 from .llm import lora_scale as use_lora_scale
 from .salmonn import SALMONN, AudioTokens
 
@@ -86,12 +88,15 @@ def clean_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
 
 
 class Pipeline:
-    def __init__(self, model: SALMONN, cache_size: int = 16):
+    def __init__(self, model: SALMONN, cache_size: int = 16, prefix_cache: bool = True,
+                 prefix_cache_bytes: int = 1 << 30):
         self.model = model
         self.cfg: SALMONNConfig = model.cfg
         self._cache: OrderedDict[str, Encoding] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.RLock()
+        # None turns prefix reuse off (benchmarks measure both ways)
+        self.prefix_cache = PrefixCache(max_entries=4 * cache_size, max_bytes=prefix_cache_bytes) if prefix_cache else None
 
     @classmethod
     def from_config(cls, cfg: SALMONNConfig, progress=None) -> "Pipeline":
@@ -161,6 +166,39 @@ class Pipeline:
     def is_cached(self, source: AudioSource | PreparedAudio) -> bool:
         return self.prepare(source).key in self._cache
 
+    def clear_caches(self) -> None:
+        """Forget encoded audio and cached prompt prefixes (e.g. after changing the model's weights)."""
+        with self._lock:
+            self._cache.clear()
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+
+    def _row_ids(self, enc: Encoding, text: str) -> tuple[int, ...]:
+        before, after = self.model.prompt.split(text)
+        return sequence_ids(before, enc.tokens.embeds.shape[0], after)
+
+    def _reusable(self, enc: Encoding, rows: Sequence[tuple[int, ...]], scales: Sequence[float]):
+        """(past keys/values for all rows, positions reused): the longest prefix every row has cached.
+        Only for unpadded batches (rows of one length), where cached positions line up."""
+        if self.prefix_cache is None or len({len(r) for r in rows}) != 1:
+            return None, 0
+        found = [self.prefix_cache.lookup(enc.audio.key, s, ids) for ids, s in zip(rows, scales)]
+        n = min(count for _, count in found)
+        if n == 0:
+            return None, 0
+        if len(found) == 1:
+            return slice_kv(found[0][0].kv, n), n
+        return stack_kv([entry.kv for entry, _ in found], n), n
+
+    def _remember(self, enc: Encoding, rows, scales, answers, record: dict, pads: Sequence[int]) -> None:
+        """Cache each row's prompt + the answer tokens the LLM has been fed, at that row's scale."""
+        if self.prefix_cache is None or "kv" not in record:
+            return
+        fed = record["fed"]
+        for i, (ids, scale) in enumerate(zip(rows, scales)):
+            kv = [(k[i:i + 1, :, pads[i]:], v[i:i + 1, :, pads[i]:]) for k, v in record["kv"]]
+            self.prefix_cache.store(enc.audio.key, scale, tuple(ids) + tuple(answers[i][:fed]), kv)
+
     # ------------------------------------------------------------------ prompts
     def prompt_text(self, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
         questions = [clean_prompt(q) for q, _ in history] + [clean_prompt(prompt)]
@@ -196,26 +234,40 @@ class Pipeline:
                     yield StreamEvent(delta=answer, text=answer, done=True,
                                       answer=Answer(answer, text, scale, len(ids), False, timings))
                     return
+                row = self._row_ids(enc, text)
+                past, reused = self._reusable(enc, [row], [scale])
+                timings.update(prompt_tokens=len(row), reused_tokens=reused)
+                record: dict = {}
+                seen: list[int] = []           # every token the decoder yielded (EOS included)
                 ids: list[int] = []
                 shown = ""
                 t_first = None
-                for step in m.decode_steps(embeds, mask, gen, stop=stop):
-                    tok = int(step[0])
-                    if t_first is None:
-                        t_first = time.perf_counter() - t0
-                    if tok == m.tokenizer.eos_token_id:
-                        break
-                    ids.append(tok)
-                    now = m.decode_text(ids)
-                    if now.endswith("\ufffd"):      # an incomplete multi-byte character: wait for the rest
-                        continue
-                    if now != shown:
-                        delta = now[len(shown):] if now.startswith(shown) else now
-                        shown = now
-                        yield StreamEvent(delta=delta, text=shown)
+                complete = False
+                steps = m.decode_steps(embeds[:, reused:], None, gen, stop=stop, past=past, record=record)
+                try:
+                    for step in steps:
+                        tok = int(step[0])
+                        seen.append(tok)
+                        if t_first is None:
+                            t_first = time.perf_counter() - t0
+                        if tok == m.tokenizer.eos_token_id:
+                            break
+                        ids.append(tok)
+                        now = m.decode_text(ids)
+                        if now.endswith("\ufffd"):      # an incomplete multi-byte character: wait for the rest
+                            continue
+                        if now != shown:
+                            delta = now[len(shown):] if now.startswith(shown) else now
+                            shown = now
+                            yield StreamEvent(delta=delta, text=shown)
+                    complete = True
+                finally:
+                    steps.close()
+                    if complete:
+                        self._remember(enc, [row], [scale], [seen], record, [0])
                 total = time.perf_counter() - t0
                 timings.update(first_token_s=round(t_first or total, 4), total_s=round(total, 4),
-                               tokens_per_s=round(len(ids) / max(total - (t_first or 0), 1e-9), 2))
+                               tokens_per_s=round(max(len(seen) - 1, 0) / max(total - (t_first or 0), 1e-9), 2))
                 final = m.decode_text(ids)
                 stopped = bool(stop is not None and stop.is_set())
                 yield StreamEvent(delta=final[len(shown):] if final.startswith(shown) else "", text=final, done=True,
@@ -255,20 +307,30 @@ class Pipeline:
                         ids = m.beam_search(embeds, mask, gen)[0].tolist()
                     out.append(Answer(m.decode_text(ids), text, scale, len(ids)))
                 return out
+            row_ids = [self._row_ids(enc, t) for t in texts]
             embeds, mask, _ = m.assemble([enc.tokens.embeds] * rows, texts)
-            per_row = [[] for _ in range(rows)]
-            done = [False] * rows
+            width = embeds.shape[1]
+            pads = [width - len(r) for r in row_ids]
+            if not any(pads):
+                mask = None                  # no padding: no mask to build or check per step
+            past, reused = self._reusable(enc, row_ids, scales)
+            seen = [[] for _ in range(rows)]
+            record: dict = {}
             with use_lora_scale(m.llama_model, m._scale_tensor(scales, rows)), torch.no_grad():
-                for step in m.decode_steps(embeds, mask, gen):
-                    for i, tok in enumerate(step.tolist()):
-                        if not done[i]:
-                            if tok == m.tokenizer.eos_token_id:
-                                done[i] = True
-                            else:
-                                per_row[i].append(tok)
+                steps = m.decode_steps(embeds[:, reused:], mask, gen, past=past, record=record)
+                try:
+                    for step in steps:
+                        for i, tok in enumerate(step.tolist()):
+                            seen[i].append(tok)
+                finally:
+                    steps.close()
+            self._remember(enc, row_ids, scales, seen, record, pads)
             total = round(time.perf_counter() - t0, 4)
-            return [Answer(m.decode_text(ids), text, scale, len(ids), timings={"total_s": total})
-                    for ids, text, scale in zip(per_row, texts, scales)]
+            eos = m.tokenizer.eos_token_id
+            per_row = [s[: s.index(eos)] if eos in s else s for s in seen]
+            return [Answer(m.decode_text(ids), text, scale, len(ids),
+                           timings={"total_s": total, "reused_tokens": reused, "prompt_tokens": len(r)})
+                    for ids, text, scale, r in zip(per_row, texts, scales, row_ids)]
 
     def score(self, audio, prompt: str, reference: str, lora_scales: float | Sequence[float] | None = None) -> list[Score]:
         """Teacher-forced log-probability of `reference` (+ EOS) at each LoRA scale, in one batch."""

@@ -20,6 +20,7 @@ from .config import GenerateConfig, SALMONNConfig
 from .encoders import AudioEncoder, BEATsEncoder, SpeechEncoder
 from .errors import ConfigError
 from .llm import PromptFormat, add_lora, load_llm, lora_scale
+from .kvcache import KV
 from .qformer import WindowQFormer
 
 FRAME_RATE = 50.0   # encoder frames per second (Whisper 1500 / 30 s)
@@ -325,51 +326,117 @@ class SALMONN(nn.Module):
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         return [pad] if pad is not None and pad != eos and pad < vocab else []
 
+    def _token_bias(self, vocab: int, gen: GenerateConfig):
+        """Additive logit biases on the device, built once per answer: -inf on banned ids (always) and
+        on EOS (while step < min_length). Indexing with a Python list each step would copy it to the
+        device every token."""
+        device = self.llm_device
+        always = torch.zeros(vocab, device=device)
+        banned = self._banned_ids(vocab)
+        if banned:
+            always[banned] = -math.inf
+        early = always.clone()
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and gen.min_length > 0:
+            early[eos] = -math.inf
+        return always, early
+
+    def use_static_decoding(self, gen: GenerateConfig, mask: torch.Tensor | None) -> bool:
+        """Static KV cache + CUDA graph only where it pays and is exact: on CUDA, unpadded rows,
+        greedy decoding (repetition penalty included), no accelerate device map."""
+        return (self.llm_device.type == "cuda" and mask is None and not gen.do_sample
+                and not (self.cfg.device_map or self.cfg.load_in_8bit))
+
     @torch.no_grad()
-    def decode_steps(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateConfig,
-                     stop: threading.Event | None = None) -> Iterator[torch.Tensor]:
-        """Greedy or sampled decoding with a KV cache; yields the next token of every row each step.
+    def decode_steps(self, embeds: torch.Tensor, mask: torch.Tensor | None, gen: GenerateConfig,
+                     stop: threading.Event | None = None, past: KV | None = None, record: dict | None = None,
+                     static: bool | None = None) -> Iterator[torch.Tensor]:
+        """Greedy or sampled decoding with a KV cache; yields the next token of every row each step
+        (a CPU LongTensor [B]). Rows that finished keep yielding EOS. The caller sets the LoRA scale.
 
-        Rows that finished keep yielding EOS. The caller sets the LoRA scale."""
-        from transformers import DynamicCache
+        `embeds` [B, S, H] are the positions after `past` (per layer keys/values [B, h, P, d] of the
+        first P positions: a reused prompt prefix). `mask` [B, P + S] marks left padding, or is None
+        when no row is padded (then no mask is built or checked at all). On exit `record` gets "kv"
+        (keys/values of every position fed: prompt + all answer tokens but the last) and "fed" (how
+        many answer tokens that covers). `static`: None = auto (see use_static_decoding).
 
+        No host<->device sync inside the loop: the end-of-answer bookkeeping stays on the device,
+        and on CUDA the next step is queued before the host waits for this step's token."""
+        from .fastdecode import DynamicRunner, StaticRunner
+
+        rows, new_len = embeds.shape[:2]
+        past_len = past[0][0].shape[2] if past else 0
+        device = self.llm_device
+        if static is None:
+            static = self.use_static_decoding(gen, mask)
+        if static:
+            runner = StaticRunner(self.llama_model, rows, past_len + new_len + gen.max_new_tokens, past,
+                                  graph=device.type == "cuda")
+        else:
+            runner = DynamicRunner(self.llama_model, mask, past)
+        if mask is not None:
+            pos = self.positions(mask)[:, past_len:]
+        else:
+            pos = torch.arange(past_len, past_len + new_len, device=device).expand(rows, -1)
         eos = self.tokenizer.eos_token_id
         procs = self._processors(gen)
         rng = None
         if gen.do_sample and gen.seed is not None:
-            rng = torch.Generator(device=self.llm_device).manual_seed(gen.seed)
-        cache = DynamicCache()
-        pos = self.positions(mask)
-        out = self.llama_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                               past_key_values=cache, use_cache=True, logits_to_keep=1)
-        rows = embeds.shape[0]
-        generated = torch.zeros(rows, 0, dtype=torch.long, device=self.llm_device)
-        finished = torch.zeros(rows, dtype=torch.bool, device=self.llm_device)
-        banned = None
-        for step in range(gen.max_new_tokens):
-            logits = out.logits[:, -1, :].float()
-            if banned is None:
-                banned = self._banned_ids(logits.shape[-1])
-            if banned:
-                logits[:, banned] = -math.inf
-            if step < gen.min_length and eos is not None:
-                logits[:, eos] = -math.inf
-            scores = procs(generated, logits)
+            rng = torch.Generator(device=device).manual_seed(gen.seed)
+        overlap = device.type == "cuda"
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        generated = torch.zeros(rows, 0, dtype=torch.long, device=device)
+        biases = None
+
+        def pick(logits: torch.Tensor, step: int) -> torch.Tensor:
+            nonlocal generated, finished, biases
+            logits = logits.float()
+            if biases is None:
+                biases = self._token_bias(logits.shape[-1], gen)
+            logits = logits + biases[1 if step < gen.min_length else 0]
+            if len(procs):
+                logits = procs(generated, logits)
             if gen.do_sample:
-                nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=rng).squeeze(1)
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng).squeeze(1)
             else:
-                nxt = scores.argmax(dim=-1)
+                nxt = logits.argmax(dim=-1)
             if eos is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
                 finished = finished | (nxt == eos)
-            generated = torch.cat([generated, nxt[:, None]], dim=1)
-            yield nxt
-            if bool(finished.all()) or (stop is not None and stop.is_set()):
-                return
-            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-            pos = pos[:, -1:] + 1
-            out = self.llama_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                                   past_key_values=cache, use_cache=True)
+            if len(procs):
+                generated = torch.cat([generated, nxt[:, None]], dim=1)
+            return nxt
+
+        fed = 0
+        try:
+            nxt = pick(runner.prefill(embeds, pos), 0)
+            done_host = torch.zeros(rows, dtype=torch.bool)
+            for step in range(gen.max_new_tokens):
+                host = nxt.to("cpu", non_blocking=overlap)
+                ready = None
+                if overlap:
+                    ready = torch.cuda.Event()
+                    ready.record()
+                last = step == gen.max_new_tokens - 1
+                following = None
+                if overlap and not last:      # queue step+1 on the GPU before waiting for this token
+                    following = pick(runner.feed(nxt), step + 1)
+                    fed += 1
+                if ready is not None:
+                    ready.synchronize()
+                yield host
+                if eos is not None:
+                    done_host |= host == eos
+                if bool(done_host.all()) or (stop is not None and stop.is_set()) or last:
+                    return
+                if following is None:
+                    following = pick(runner.feed(nxt), step + 1)
+                    fed += 1
+                nxt = following
+        finally:
+            if record is not None:
+                record["kv"] = runner.kv(past_len + new_len + fed)
+                record["fed"] = fed
 
     @torch.no_grad()
     def beam_search(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateConfig) -> torch.Tensor:

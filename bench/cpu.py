@@ -1,0 +1,248 @@
+"""CPU benchmark of the embedded default (SALMONN-tiny), 2 threads by default.
+
+    python -m bench.cpu                      # full run, appends to bench/RESULTS.md
+    python -m bench.cpu --tiny-test /tmp/t   # smoke run on the tests' tiny random model (CI)
+
+Scenarios, each measured in this one run: app cold start to ready; per-stage times for a clip; re-asking
+about the same audio (no cache / audio tokens cached / + prompt-prefix KV cache); a 5-scale sweep vs one
+answer; and the before/after figures of each optimisation (fp32 vs bf16, eager vs SDPA attention,
+transformers' generate vs our decode loop). Without the trained weights (assets/) the model is
+SALMONN-tiny with untrained connection modules: the same compute, so the same speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from .common import REPO, RESULTS, Table, append_results, check, environment, timed
+from .measure import (decode_run, fixed_length, hf_generate_run, median_answer, set_attention, stage_times,
+                      sweep_times, test_audio)
+
+PROMPT = "Describe the audio in detail."
+FOLLOW_UP = "What is the speaker's tone?"
+
+
+def build_config(args, dtype: str = "float32"):
+    if args.tiny_test:
+        from tests.tiny import tiny_config
+
+        return tiny_config(Path(args.tiny_test), dtype=dtype), "tests' tiny random model"
+    from model.bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
+    from model.defaults import default_config, tiny_config
+
+    try:
+        return default_config("activation", device="cpu", dtype=dtype), "SALMONN-tiny (trained activation weights)"
+    except Exception:  # noqa: BLE001 - weights still training: identical compute without them
+        return (tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), device="cpu", dtype=dtype),
+                "SALMONN-tiny without trained connection weights (same compute)")
+
+
+def cold_start(args) -> dict:
+    cmd = [sys.executable, "-m", "bench.coldstart", "--threads", str(args.threads)]
+    if args.tiny_test:
+        cmd += ["--tiny-test", args.tiny_test]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("COLDSTART ")), None)
+    if line is None:
+        return {"error": (proc.stderr or proc.stdout)[-400:], "wall_s": wall}
+    out = json.loads(line[len("COLDSTART "):])
+    out["wall_s"] = wall
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=64, help="answer length for every timed answer")
+    p.add_argument("--clip", type=float, default=10.0, help="clip seconds for the per-stage and TTFT figures")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tiny-test", metavar="DIR", help="use the tests' tiny random model (smoke run)")
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--no-cold-start", action="store_true")
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--note", action="append", default=[], help="a note to record with the results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from model.pipeline import Pipeline
+    from model.salmonn import SALMONN
+
+    tables: list[Table] = []
+    notes = list(args.note)
+    reps = args.repeats
+
+    # ---------------------------------------------------------------- cold start (fresh process)
+    cold = None
+    if not args.no_cold_start:
+        cold = cold_start(args)
+        t = Table("App cold start to ready (fresh process, what launch_app.py does up to serving)",
+                  ["stage", "seconds"])
+        for key in ("import_s", "load_s", "build_app_s", "server_s", "ready_s", "wall_s"):
+            if key in cold:
+                t.add(key[:-2].replace("_", " ") + (" (incl. interpreter start)" if key == "wall_s" else ""),
+                      round(cold[key], 2))
+        t.print()
+        tables.append(t)
+        notes.append(f"cold start config: {cold.get('config', '?')}, {cold.get('models', '?')} model(s)")
+        if "app_error" in cold or "error" in cold:
+            notes.append(f"cold start problem: {cold.get('app_error') or cold.get('error')}")
+
+    cfg, what = build_config(args)
+    notes.append(f"model: {what}")
+    model = SALMONN.from_config(cfg)
+    if args.tiny_test:
+        from tests.conftest import randomize_lora
+
+        randomize_lora(model)
+    pipe = Pipeline(model)
+    base_pipe = Pipeline(model, prefix_cache=False)
+    gen = fixed_length(pipe.default_generate, args.tokens)
+    scale = pipe.trained_scale
+    text = pipe.prompt_text(PROMPT)
+    wav = test_audio(args.clip)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
+    # a 44.1 kHz stereo file, so loading includes resampling and channel mixing
+    import scipy.signal
+
+    stereo = scipy.signal.resample_poly(wav, 441, 160).astype(np.float32)
+    path = tmp / "clip.wav"
+    sf.write(path, np.stack([stereo, stereo * 0.5], axis=1), 44100)
+
+    # ---------------------------------------------------------------- per-stage times
+    from model.audio import prepare_audio
+
+    load_s, _ = timed(lambda: prepare_audio(path), reps)
+    st = stage_times(model, wav, text, gen, scale, reps)
+    ttft = median_answer(base_pipe, str(path), PROMPT, gen, reps, clear="all")
+    t = Table(f"Per-stage times, {args.clip:g} s clip, {st['audio_tokens']} audio tokens, "
+              f"{st['prompt_tokens']}-position prompt, fp32", ["stage", "ms", "target"])
+    t.add("load + resample (44.1 kHz stereo file)", load_s * 1000, "")
+    t.add("features (log-mel)", st["features_s"] * 1000, "")
+    t.add("Whisper encoder", st["whisper_s"] * 1000, "")
+    t.add("BEATs encoder", None if st["beats_s"] is None else st["beats_s"] * 1000, "")
+    t.add("Q-Former + projection", st["qformer_s"] * 1000, "")
+    t.add("LLM prefill", st["prefill_s"] * 1000, "")
+    t.add("time to first token, end to end (file -> first token)", ttft["first_token_s"] * 1000,
+          f"<= 1000: {check(ttft['first_token_s'], 1.0, 'lower')}")
+    t.add("decode ms/token", st["decode_ms_per_token"], "")
+    t.add("decode tokens/s", st["tokens_per_s"], f">= 25: {check(st['tokens_per_s'], 25, 'higher')}")
+    t.add("decode tokens/s through Pipeline.stream", ttft["tokens_per_s"], "")
+    t.print()
+    tables.append(t)
+
+    # ---------------------------------------------------------------- re-asking about the same audio
+    none = median_answer(base_pipe, wav, PROMPT, gen, reps, clear="all")
+    audio_only = median_answer(base_pipe, wav, PROMPT, gen, reps, clear="none")
+    pipe.clear_caches()
+    pipe.answer(wav, PROMPT, generate=gen)
+    same = median_answer(pipe, wav, PROMPT, gen, reps)
+    other = median_answer(pipe, wav, "What do you hear?", gen, 1)     # 1: a second run would be a re-ask
+    first = pipe.answer(wav, PROMPT, generate=gen)
+    follow_plain = median_answer(base_pipe, wav, FOLLOW_UP, gen, reps, history=[(PROMPT, first.text)])
+    follow = median_answer(pipe, wav, FOLLOW_UP, gen, 1, history=[(PROMPT, first.text)])
+    t = Table("Re-asking about the same audio: time to first token", ["case", "encoders run", "positions prefilled",
+                                                                         "first token ms", "total ms"])
+    for name, r in [("new audio (no cache)", none), ("same question, audio tokens cached", audio_only),
+                    ("same question, + prompt-prefix KV cache", same),
+                    ("new question, + prompt-prefix KV cache", other),
+                    ("follow-up turn, audio tokens cached", follow_plain),
+                    ("follow-up turn, + prompt-prefix KV cache", follow)]:
+        t.add(name, not r["audio_cached"], int(r["prompt_tokens"] - r.get("reused_tokens", 0)),
+              r["first_token_s"] * 1000, r["total_s"] * 1000)
+    t.print()
+    tables.append(t)
+    same_text = same["text"] == audio_only["text"] and follow["text"] == follow_plain["text"]
+    notes.append(f"cached-prefix answers identical to uncached ones in this run: {same_text}")
+
+    # ---------------------------------------------------------------- scale sweep
+    scales = [0.0, scale / 4, scale / 2, 3 * scale / 4, scale]
+    sw = sweep_times(pipe, wav, PROMPT, gen, scales, reps)
+    t = Table(f"LoRA scale sweep, {len(scales)} scales x {args.tokens} tokens (audio tokens cached)",
+              ["path", "seconds", "x one answer", "target"])
+    t.add("one answer", sw["one_s"], 1.0, "")
+    t.add("5 answers one by one (before)", sw["sequential_s"], sw["sequential_s"] / sw["one_s"], "")
+    t.add("5 scales in one batched pass (after)", sw["batched_s"], sw["batched_s"] / sw["one_s"],
+          f"<= 1.5: {check(sw['batched_s'] / sw['one_s'], 1.5, 'lower')}")
+    t.add("batched rerun, prompt prefixes cached", sw["rerun_s"], sw["rerun_s"] / sw["one_s"], "")
+    t.print()
+    tables.append(t)
+    notes.append(f"batched sweep answers identical to one-by-one answers in this run: {sw['same_texts']}")
+
+    # ---------------------------------------------------------------- optimisations: before / after
+    embeds, _, _ = model.assemble([model.encode_audio(wav, output_attentions=False).embeds], [text])
+    t = Table("Decoding before/after (same prompt, same token count)", ["change", "before", "after", "ratio"])
+    ours = decode_run(model, embeds, gen, scale, reps)
+    stock = hf_generate_run(model, embeds, gen, scale, reps)
+    t.add("transformers generate() -> our decode loop: answer seconds", stock, ours["total_s"],
+          f"{stock / ours['total_s']:.2f}x")
+    set_attention(model, "eager")
+    eager = decode_run(model, embeds, gen, scale, reps)
+    set_attention(model, "sdpa")
+    t.add("eager -> SDPA attention: prefill ms", eager["prefill_s"] * 1000, ours["prefill_s"] * 1000,
+          f"{eager['prefill_s'] / ours['prefill_s']:.2f}x")
+    t.add("eager -> SDPA attention: decode tokens/s", eager["tokens_per_s"], ours["tokens_per_s"],
+          f"{ours['tokens_per_s'] / eager['tokens_per_s']:.2f}x")
+    if not args.no_bf16:
+        cfg16, _ = build_config(args, dtype="bfloat16")
+        m16 = SALMONN.from_config(cfg16)
+        if args.tiny_test:
+            randomize_lora(m16)
+        p16 = Pipeline(m16, prefix_cache=False)
+        st16 = stage_times(m16, wav, text, gen, scale, reps)
+        ttft16 = median_answer(p16, str(path), PROMPT, gen, reps, clear="all")
+        t.add("fp32 -> bf16: Whisper encoder ms", st["whisper_s"] * 1000, st16["whisper_s"] * 1000,
+              f"{st['whisper_s'] / st16['whisper_s']:.2f}x")
+        t.add("fp32 -> bf16: LLM prefill ms", st["prefill_s"] * 1000, st16["prefill_s"] * 1000,
+              f"{st['prefill_s'] / st16['prefill_s']:.2f}x")
+        t.add("fp32 -> bf16: decode tokens/s", st["tokens_per_s"], st16["tokens_per_s"],
+              f"{st16['tokens_per_s'] / st['tokens_per_s']:.2f}x")
+        t.add("fp32 -> bf16: first token ms, end to end", ttft["first_token_s"] * 1000,
+              ttft16["first_token_s"] * 1000, f"{ttft['first_token_s'] / ttft16['first_token_s']:.2f}x")
+        notes.append(f"bf16 answer equals fp32 answer (greedy, {args.tokens} tokens): "
+                     f"{ttft16['text'] == ttft['text']}")
+        del m16, p16
+    t.add("audio-token cache: re-ask first token ms", none["first_token_s"] * 1000,
+          audio_only["first_token_s"] * 1000, f"{none['first_token_s'] / audio_only['first_token_s']:.2f}x")
+    t.add("prompt-prefix KV cache: re-ask first token ms", audio_only["first_token_s"] * 1000,
+          same["first_token_s"] * 1000, f"{audio_only['first_token_s'] / same['first_token_s']:.2f}x")
+    t.add("prompt-prefix KV cache: follow-up first token ms", follow_plain["first_token_s"] * 1000,
+          follow["first_token_s"] * 1000, f"{follow_plain['first_token_s'] / follow['first_token_s']:.2f}x")
+    t.add("batched sweep: 5 scales seconds", sw["sequential_s"], sw["batched_s"],
+          f"{sw['sequential_s'] / sw['batched_s']:.2f}x")
+    t.print()
+    tables.append(t)
+
+    # ---------------------------------------------------------------- targets
+    t = Table("CPU targets", ["target", "measured", "status"])
+    if cold and "ready_s" in cold:
+        t.add("app ready <= 20 s", f"{cold['ready_s']:.1f} s", check(cold["ready_s"], 20, "lower"))
+    t.add(f"first token for a {args.clip:g} s clip <= 1 s", f"{ttft['first_token_s']:.3f} s",
+          check(ttft["first_token_s"], 1.0, "lower"))
+    t.add(">= 25 tokens/s", f"{st['tokens_per_s']:.1f}", check(st["tokens_per_s"], 25, "higher"))
+    t.add("re-ask skips the encoders", f"encoders run: {not same['audio_cached']}",
+          "met" if same["audio_cached"] else "MISSED")
+    ratio = sw["batched_s"] / sw["one_s"]
+    t.add("5-scale sweep <= 1.5x one answer", f"{ratio:.2f}x", check(ratio, 1.5, "lower"))
+    t.print()
+    tables.append(t)
+
+    env = environment(torch.device("cpu"), "float32 (bf16 compared where stated)")
+    out = append_results("CPU, embedded default" + (" (smoke: tiny test model)" if args.tiny_test else ""),
+                         env, tables, notes, args.results)
+    print(f"appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
