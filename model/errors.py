@@ -19,3 +19,11 @@ class CheckpointError(SalmonnError):
 
 class ConfigError(SalmonnError):
     """A config file or path is wrong."""
+
+
+class SettingsError(SalmonnError):
+    """A decoding setting is out of its accepted range."""
+
+
+class OutOfMemory(SalmonnError):
+    """The model ran out of (GPU) memory on this request; the next request can still work."""

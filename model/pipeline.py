@@ -9,9 +9,12 @@ prefills its new tokens. One model call runs at a time (a lock), because the LoR
 from __future__ import annotations
 
 import dataclasses
+import gc
+import queue
 import re
 import threading
 import time
+import traceback
 import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,15 +23,19 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .audio import AudioSource, PreparedAudio, prepare_audio
+from .audio import MAX_FILE_BYTES, AudioSource, PreparedAudio, prepare_audio
 from .config import GenerateConfig, SALMONNConfig
-from .errors import PromptError
+from .errors import OutOfMemory, PromptError, SettingsError
 from .kvcache import PrefixCache, sequence_ids, slice_kv, stack_kv
 from .llm import lora_scale as use_lora_scale
 from .salmonn import SALMONN, AudioTokens
 
 _PLACEHOLDER_TEXT = re.compile(r"</?Speech(Here)?>", re.IGNORECASE)
 MAX_PROMPT_CHARS = 4000
+MAX_NEW_TOKENS = 2048         # per answer; a hostile request must not hold the GPU for hours
+MAX_BEAMS = 10
+_POLL_S = 0.05                # how often a waiting stream looks at its stop event
+_STOP_GRACE_S = 0.5           # after Stop, how long to wait for the model before answering "stopped"
 
 
 @dataclass
@@ -73,11 +80,17 @@ class Score:
         return float(np.exp(self.nll))
 
 
-def clean_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
-    """User text -> a safe instruction: no audio placeholder tags, no control characters, bounded length."""
+def clean_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS, specials: Sequence[str] = ()) -> str:
+    """User text -> a safe instruction: no audio placeholder tags, no tokenizer special tokens (`specials`,
+    e.g. "</s>": typed text must not end a turn), no control or invisible format characters, bounded length."""
     if text is None:
         raise PromptError("The prompt is empty: type a question or pick a task preset.")
-    text = _PLACEHOLDER_TEXT.sub(" ", str(text))
+    text = str(text)
+    if len(text) > 4 * max_chars:        # refuse before any per-character work
+        raise PromptError(f"The prompt is too long ({len(text)} characters); the limit is {max_chars}.")
+    text = _PLACEHOLDER_TEXT.sub(" ", text)
+    for token in specials:
+        text = text.replace(token, " ")
     text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
     text = re.sub(r"[ \t]+", " ", text).strip()
     if not text:
@@ -85,6 +98,48 @@ def clean_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
     if len(text) > max_chars:
         raise PromptError(f"The prompt is too long ({len(text)} characters); the limit is {max_chars}.")
     return text
+
+
+class _AnyEvent:
+    """Set when any of its events is: the user's Stop, or the stream's consumer having gone."""
+
+    def __init__(self, *events: threading.Event):
+        self._events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err))
+
+
+class _MemoryGuard:
+    """Turns running out of memory into a message, after freeing what the failed step held, so the
+    next request works: the traceback's frames hold the step's tensors, so we clear them first."""
+
+    def __init__(self, pipe: "Pipeline", doing: str, gen: GenerateConfig | None = None, audio=None):
+        self.pipe, self.doing, self.gen, self.audio = pipe, doing, gen, audio
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or not _is_out_of_memory(err):
+            return False
+        traceback.clear_frames(tb)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        gpu = self.pipe.model.llm_device.type == "cuda"
+        tips = ["try shorter audio"]
+        if self.gen is not None:
+            if self.gen.num_beams > 1:
+                tips.append(f"fewer beams (now {self.gen.num_beams})")
+            tips.append(f"fewer new tokens (now {self.gen.max_new_tokens})")
+        raise OutOfMemory(f"Out of {'GPU ' if gpu else ''}memory while {self.doing}: {', '.join(tips)}, or clear "
+                          "the chat. The model is still loaded; you can ask again.") from None
 
 
 class Pipeline:
@@ -95,6 +150,7 @@ class Pipeline:
         self._cache: OrderedDict[str, Encoding] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.RLock()
+        self.max_file_bytes = MAX_FILE_BYTES     # the app lowers it to its upload cap
         # None turns prefix reuse off (benchmarks measure both ways)
         self.prefix_cache = PrefixCache(max_entries=4 * cache_size, max_bytes=prefix_cache_bytes) if prefix_cache else None
 
@@ -144,13 +200,15 @@ class Pipeline:
     def prepare(self, source: AudioSource | PreparedAudio) -> PreparedAudio:
         if isinstance(source, PreparedAudio):
             return source
-        return prepare_audio(source, self.cfg.max_audio_seconds, self.cfg.min_audio_seconds)
+        # The front door: every check on user audio happens here (see model/audio.py).
+        return prepare_audio(source, self.cfg.max_audio_seconds, self.cfg.min_audio_seconds,
+                             max_bytes=self.max_file_bytes, strict=True)
 
     def encode(self, source: AudioSource | PreparedAudio | Encoding) -> Encoding:
         if isinstance(source, Encoding):
             return source
         audio = self.prepare(source)
-        with self._lock:
+        with self._lock, _MemoryGuard(self, "encoding the audio"):
             hit = self._cache.get(audio.key)
             if hit is not None:
                 self._cache.move_to_end(audio.key)
@@ -201,9 +259,32 @@ class Pipeline:
 
     # ------------------------------------------------------------------ prompts
     def prompt_text(self, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
-        questions = [clean_prompt(q) for q, _ in history] + [clean_prompt(prompt)]
-        answers = [a or "" for _, a in history]
+        specials = [t for t in self.model.tokenizer.all_special_tokens if t]
+        questions = [clean_prompt(q, specials=specials) for q, _ in history] + [clean_prompt(prompt, specials=specials)]
+        # earlier answers may (in theory) contain the placeholder tag; the audio goes in once only
+        answers = [_PLACEHOLDER_TEXT.sub(" ", a or "") for _, a in history]
         return self.model.prompt.conversation(questions, answers)
+
+    def check_generate(self, gen: GenerateConfig) -> GenerateConfig:
+        """Decoding settings within their accepted ranges (hostile API calls can send anything)."""
+        def number(name, value, low, high, integer=False):
+            try:
+                ok = np.isfinite(float(value)) and low <= float(value) <= high and \
+                    (not integer or float(value) == int(value))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                kind = "a whole number" if integer else "a number"
+                raise SettingsError(f"{name} must be {kind} from {low:g} to {high:g} (got {value!r}).")
+        number("Beams", gen.num_beams, 1, MAX_BEAMS, integer=True)
+        number("Max new tokens", gen.max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
+        number("Min length", gen.min_length, 0, MAX_NEW_TOKENS, integer=True)
+        number("Temperature", gen.temperature, 1e-3, 100)
+        number("Top-p", gen.top_p, 1e-3, 1)
+        number("Top-k", gen.top_k or 0, 0, 1_000_000, integer=True)
+        number("Repetition penalty", gen.repetition_penalty, 1e-3, 100)
+        number("Length penalty", gen.length_penalty, -100, 100)
+        return gen
 
     def _scale(self, scale: float | None) -> float:
         scale = self.trained_scale if scale is None else float(scale)
@@ -214,8 +295,66 @@ class Pipeline:
     # ------------------------------------------------------------------ answering
     def stream(self, audio, prompt: str, history: Sequence[tuple[str, str]] = (), lora_scale: float | None = None,
                generate: GenerateConfig | None = None, stop: threading.Event | None = None) -> Iterator[StreamEvent]:
-        """Answer one prompt about one audio, yielding text as it is generated."""
-        gen = generate or self.default_generate
+        """Answer one prompt about one audio, yielding text as it is generated.
+
+        The model runs on a worker thread that holds the lock and feeds a queue; this generator only
+        reads the queue. So it may be resumed on any thread (Gradio does that), and closing it (or
+        abandoning it) makes the worker stop at the next token and release the model. After `stop` is
+        set the stream ends within about half a second even if the model is in a long step (encoding,
+        prefill); the worker then finishes in the background."""
+        # Checks first, on the caller's thread: bad input fails at once, without waiting for the model.
+        gen = self.check_generate(generate or self.default_generate)
+        scale = self._scale(lora_scale)
+        text = self.prompt_text(prompt, history)
+        if not isinstance(audio, Encoding):
+            audio = self.prepare(audio)
+        stop = stop or threading.Event()
+        halt = threading.Event()                  # set when nobody listens any more
+        either = _AnyEvent(stop, halt)
+        events: queue.Queue = queue.Queue()
+        done = object()
+
+        def work():
+            try:
+                with self._lock:
+                    if either.is_set():            # stopped or abandoned while waiting for the model
+                        events.put(StreamEvent("", "", True, Answer("", text, scale, 0, True, {})))
+                        return
+                    with _MemoryGuard(self, "answering", gen=gen):
+                        for event in self._stream_locked(audio, prompt, history, scale, gen, either):
+                            events.put(event)
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer
+                events.put(err)
+            finally:
+                events.put(done)
+
+        worker = threading.Thread(target=work, name="salmonn-answer", daemon=True)
+        worker.start()
+        shown, stop_seen = "", None
+        try:
+            while True:
+                try:
+                    item = events.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if stop.is_set():
+                        stop_seen = stop_seen or time.monotonic()
+                        if time.monotonic() - stop_seen > _STOP_GRACE_S:
+                            count = len(self.model.tokenizer(shown, add_special_tokens=False).input_ids)
+                            yield StreamEvent("", shown, True, Answer(shown, text, scale, count, True, {}))
+                            return
+                    continue
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                shown = item.text
+                yield item
+        finally:
+            halt.set()
+
+    def _stream_locked(self, audio, prompt: str, history, lora_scale: float, gen: GenerateConfig,
+                       stop) -> Iterator[StreamEvent]:
+        """The generation itself, on the worker thread (which holds the lock)."""
         scale = self._scale(lora_scale)
         text = self.prompt_text(prompt, history)
         with self._lock:
@@ -228,11 +367,11 @@ class Pipeline:
             timings = {"encode_s": round(time.perf_counter() - t0, 4), "audio_cached": cached}
             with use_lora_scale(m.llama_model, scale), torch.no_grad():
                 if gen.num_beams > 1:
-                    ids = m.beam_search(embeds, mask, gen)[0].tolist()
+                    ids = m.beam_search(embeds, mask, gen, stop=stop)[0].tolist()
                     answer = m.decode_text(ids)
                     timings["total_s"] = round(time.perf_counter() - t0, 4)
                     yield StreamEvent(delta=answer, text=answer, done=True,
-                                      answer=Answer(answer, text, scale, len(ids), False, timings))
+                                      answer=Answer(answer, text, scale, len(ids), stop.is_set(), timings))
                     return
                 row = self._row_ids(enc, text)
                 past, reused = self._reusable(enc, [row], [scale])
@@ -283,7 +422,7 @@ class Pipeline:
                     history: Sequence[tuple[str, str]] = (), generate: GenerateConfig | None = None) -> list[Answer]:
         """Several prompts and/or LoRA scales over one audio. Greedy/sampled decoding runs all rows in one
         batch (each row with its own LoRA scale); beam search runs row by row."""
-        gen = generate or self.default_generate
+        gen = self.check_generate(generate or self.default_generate)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         scales = [lora_scales] if lora_scales is None or isinstance(lora_scales, (int, float)) else list(lora_scales)
         rows = max(len(prompts), len(scales))
@@ -295,7 +434,7 @@ class Pipeline:
             raise PromptError(f"{len(prompts)} prompts and {len(scales)} LoRA scales: give one of each per row, or one of either.")
         scales = [self._scale(s) for s in scales]
         texts = [self.prompt_text(p, history) for p in prompts]
-        with self._lock:
+        with self._lock, _MemoryGuard(self, "answering", gen=gen):
             t0 = time.perf_counter()
             enc = self.encode(audio)
             m = self.model
@@ -339,7 +478,7 @@ class Pipeline:
         text = self.prompt_text(prompt)
         tok = self.model.tokenizer
         target = tok(reference.strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
-        with self._lock:
+        with self._lock, _MemoryGuard(self, "scoring"):
             enc = self.encode(audio)
             with torch.no_grad():
                 logps = self.model.target_logprobs([enc.tokens.embeds] * len(scales), [text] * len(scales),

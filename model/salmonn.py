@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .audio import SAMPLE_RATE, log_mel
 from .config import GenerateConfig, SALMONNConfig
@@ -55,6 +56,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ConfigError(f"Unknown dtype {name!r}; use one of {sorted(table)}.")
     return table[name]
+
+
+class _EventStop(StoppingCriteria):
+    """Ends transformers' generate (beam search) at the next step once the event is set."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class SALMONN(nn.Module):
@@ -434,13 +445,17 @@ class SALMONN(nn.Module):
                     fed += 1
                 nxt = following
         finally:
+            # for benchmarks and bug reports: which path the last answer took
+            self.last_decode = {"runner": type(runner).__name__, "cuda_graph": getattr(runner, "graph", None) is not None,
+                                "graph_error": getattr(runner, "graph_error", None)}
             if record is not None:
                 record["kv"] = runner.kv(past_len + new_len + fed)
                 record["fed"] = fed
 
     @torch.no_grad()
-    def beam_search(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateConfig) -> torch.Tensor:
-        """Beam search (optionally beam-sample) through transformers' generate; returns new tokens [B, T]."""
+    def beam_search(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateConfig, stop=None) -> torch.Tensor:
+        """Beam search (optionally beam-sample) through transformers' generate; returns new tokens [B, T].
+        `stop` (anything with is_set()) ends the search after the current step, with the best beam so far."""
         vocab = self.llama_model.get_output_embeddings().weight.shape[0]
         kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=gen.max_new_tokens,
                       num_beams=gen.num_beams, do_sample=gen.do_sample, min_new_tokens=gen.min_length,
@@ -454,6 +469,8 @@ class SALMONN(nn.Module):
         banned = self._banned_ids(vocab)
         if banned:
             kwargs["suppress_tokens"] = banned
+        if stop is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_EventStop(stop)])
         return self.llama_model.generate(**kwargs)
 
     def decode_text(self, ids: Sequence[int]) -> str:
