@@ -25,21 +25,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="SALMONN Studio: a local web demo for the SALMONN audio-language model.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     m = p.add_argument_group("model")
-    m.add_argument("--config", help="official SALMONN decode_config.yaml (paths, LoRA, generation settings)")
-    m.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. model.ckpt=/w/salmonn.pth generate.num_beams=1")
-    m.add_argument("--llama-path", help="local Hugging Face LLM directory (Vicuna/LLaMA)")
-    m.add_argument("--whisper-path", help="local Hugging Face Whisper directory")
-    m.add_argument("--beats-path", help="BEATs checkpoint (.pt); leave out for a speech-encoder-only model")
-    m.add_argument("--ckpt", help="SALMONN checkpoint (.pth or .safetensors)")
+    from model.cli import add_model_args
+
+    add_model_args(m)     # the same model flags as `python -m model.cli`
     m.add_argument("--compare-ckpt", metavar="PATH",
                    help="a second SALMONN checkpoint (e.g. instruction-tuned) to compare in the scale lab")
     m.add_argument("--compare-name", default="instruction-tuned", help="label for --compare-ckpt")
     m.add_argument("--no-compare", action="store_true",
                    help="default model only: do not also load the instruction-tuned variant")
-    m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    m.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="weights dtype")
-    m.add_argument("--8bit", dest="eight_bit", action="store_true", help="load the LLM in 8-bit (bitsandbytes, GPU)")
     m.add_argument("--tiny-test-model", metavar="DIR", help=argparse.SUPPRESS)   # tests: random tiny model
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
@@ -66,49 +59,24 @@ class Progress:
 
 def build_configs(args) -> list[tuple[str, object]]:
     """(label, SALMONNConfig) for the main model and, when available, a comparison model."""
-    from model.config import load_config
+    from model.cli import config_from_args
 
-    configs: list[tuple[str, object]] = []
     if args.tiny_test_model:
         from tests.tiny import tiny_config
 
-        configs.append(("tiny-test", tiny_config(Path(args.tiny_test_model))))
-    elif args.config:
-        cfg = load_config(args.config, args.options)
-        configs.append((cfg.name, cfg))
-    elif args.llama_path or args.whisper_path:
-        from model.config import SALMONNConfig
-
-        configs.append(("SALMONN", SALMONNConfig()))
-    else:
-        try:
-            from model.defaults import default_config
-        except ImportError as err:
-            from model.errors import ConfigError
-
-            raise ConfigError(f"The embedded default model is not available ({err}). Start with --config "
-                              "decode_config.yaml or with --llama-path/--whisper-path/--ckpt.") from None
-        configs.append(("activation-tuned", default_config("activation")))
-        if not args.no_compare:
-            try:
-                configs.append(("instruction-tuned", default_config("instruction")))
-            except Exception as err:  # noqa: BLE001 - the comparison model is optional
-                print(f"note: instruction-tuned variant not loaded ({err})", file=sys.stderr)
-    if args.options and not args.config:
-        from model.config import config_from_dict
-
-        configs = [(n, config_from_dict({}, args.options, base=c)) for n, c in configs]
-    label, cfg = configs[0]
-    changes = {k: v for k, v in dict(llama_path=args.llama_path, whisper_path=args.whisper_path,
-                                       beats_path=args.beats_path, ckpt=args.ckpt, device=args.device,
-                                       dtype=args.dtype).items() if v is not None}
-    if args.eight_bit:
-        changes["load_in_8bit"] = True
-    # Device/dtype/8-bit apply to every model; paths only to the main one.
-    shared = {k: v for k, v in changes.items() if k in ("device", "dtype", "load_in_8bit")}
-    configs = [(label, cfg.replace(**changes))] + [(n, c.replace(**shared)) for n, c in configs[1:]]
+        return [("tiny-test", tiny_config(Path(args.tiny_test_model)))]
+    cfg = config_from_args(args)
+    default = not (args.config or args.llama_path or args.whisper_path or args.ckpt)
+    label = f"{args.variant}-tuned" if default else cfg.name
+    configs = [(label, cfg)]
     if args.compare_ckpt:
-        configs = configs[:1] + [(args.compare_name, configs[0][1].replace(ckpt=args.compare_ckpt))]
+        configs.append((args.compare_name, cfg.replace(ckpt=args.compare_ckpt)))
+    elif default and not args.no_compare:
+        other = "instruction" if args.variant == "activation" else "activation"
+        try:
+            configs.append((f"{other}-tuned", config_from_args(argparse.Namespace(**{**vars(args), "variant": other}))))
+        except Exception as err:  # noqa: BLE001 - the comparison model is optional
+            print(f"note: {other}-tuned variant not loaded ({err})", file=sys.stderr)
     return configs
 
 

@@ -33,6 +33,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> SALMONNConfig:
     if args.config:
         cfg = load_config(args.config, args.options)
+    elif args.llama_path or args.whisper_path:
+        # official weights given by flags: the official architecture (SALMONNConfig defaults)
+        from .config import config_from_dict
+
+        cfg = config_from_dict({}, args.options)
     else:
         from .defaults import default_config
 

@@ -18,6 +18,7 @@ import torch
 
 from model import bundled
 from model.errors import CheckpointError, ConfigError
+from train.evaluate import wer as corpus_wer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -391,31 +392,6 @@ SENTENCES = [
 ]
 
 
-def normalise(text: str) -> list[str]:
-    """Lower-case words without punctuation (hyphens split words)."""
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).replace("'", "").split()
-
-
-def word_errors(reference: list[str], hypothesis: list[str]) -> int:
-    """Levenshtein distance over words (substitutions + deletions + insertions)."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref_word in enumerate(reference, 1):
-        current = [i]
-        for j, hyp_word in enumerate(hypothesis, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
-        previous = current
-    return previous[-1]
-
-
-def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
-    errors = sum(word_errors(normalise(r), normalise(h)) for r, h in zip(references, hypotheses))
-    return errors / sum(len(normalise(r)) for r in references)
-
-
-def test_wer_helper():
-    assert corpus_wer(["Hello, world!"], ["hello world"]) == 0
-    assert corpus_wer(["a b c d"], ["a x c"]) == 0.5  # one substitution, one deletion
-    assert corpus_wer(["a b"], ["a b c d"]) == 1.0
 
 
 def synthesise(text: str, path: Path) -> np.ndarray:
