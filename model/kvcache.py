@@ -80,6 +80,8 @@ class PrefixCache:
         ids = tuple(ids)
         if not ids or not kv:
             return
+        if kv[0][0].shape[2] != len(ids):      # a mismatch would silently shift every later answer
+            raise ValueError(f"KV cache entry covers {kv[0][0].shape[2]} positions but {len(ids)} ids were given")
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
         if nbytes > self.max_bytes:
             return

@@ -63,6 +63,37 @@ def test_decode_record_covers_every_fed_position(tiny_model):
     assert record["kv"][0][0].shape[2] == embeds.shape[1] + record["fed"]
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_min_length_and_eos_on_every_path(tiny_model, static):
+    """EOS is forbidden for the first min_length steps; a row that emitted EOS keeps yielding EOS
+    while the other rows go on. Row 0's head prefers EOS up to step 3 only, row 1's never."""
+    m = copy.deepcopy(tiny_model)
+    eos = m.tokenizer.eos_token_id
+    base = m.llama_model.get_base_model()
+
+    class PreferEOS(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+            self.calls = 0          # call k gives the logits of answer token k
+
+        def forward(self, h):
+            logits = self.head(h)
+            if self.calls <= 3:
+                logits[0, ..., eos] += 1e4
+            self.calls += 1
+            return logits
+
+    base.lm_head = PreferEOS(base.lm_head)
+    embeds, _, _ = m.assemble([m.encode_audio(tone(1.0), output_attentions=False).embeds] * 2,
+                              [m.prompt.conversation(["Describe."])] * 2)
+    gen = GenerateConfig(max_new_tokens=8, num_beams=1, min_length=3)
+    steps = [s.tolist() for s in m.decode_steps(embeds, None, gen, static=static)]
+    row0, row1 = [s[0] for s in steps], [s[1] for s in steps]
+    assert eos not in row0[:3] and row0[3:] == [eos] * 5
+    assert len(steps) == 8 and eos not in row1
+
+
 # ---------------------------------------------------------------- prompt-prefix KV cache
 def test_cached_prefix_answers_equal_uncached(tiny_model):
     cached, plain = Pipeline(tiny_model), Pipeline(tiny_model, prefix_cache=False)
@@ -88,6 +119,8 @@ def test_cached_prefix_answers_equal_uncached(tiny_model):
     assert scaled.timings["reused_tokens"] == 0
     streamed = list(cached.stream(wav, q1, generate=LONG))
     assert streamed[-1].answer.text == first.text
+    for entry in cached.prefix_cache._entries.values():    # every entry covers exactly its ids
+        assert entry.kv[0][0].shape[2] == len(entry.ids)
 
 
 def test_scale_sweep_batched_and_cached_equals_separate_runs(tiny_model):
@@ -117,6 +150,9 @@ def test_padded_batch_equals_separate_runs_and_feeds_the_cache(tiny_model):
     # the shorter (left-padded) row was stored without its padding: a re-ask reuses it and agrees
     again = cached.answer(wav, prompts[0], lora_scale=4.0, generate=GREEDY)
     assert again.text == separate[0] and again.timings["reused_tokens"] == again.timings["prompt_tokens"] - 1
+    # rows of different lengths never reuse cached prefixes (left padding would misalign them)
+    rerun = cached.answer_many(wav, prompts, lora_scales=[4.0, 1.0], generate=GREEDY)
+    assert [a.text for a in rerun] == separate and rerun[0].timings["reused_tokens"] == 0
 
 
 def test_prefix_cache_lookup_and_bounds():
