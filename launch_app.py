@@ -64,7 +64,8 @@ def build_configs(args) -> list[tuple[str, object]]:
     if args.tiny_test_model:
         from tests.tiny import tiny_config
 
-        return [("tiny-test", tiny_config(Path(args.tiny_test_model)))]
+        flags = {"ckpt": args.ckpt, "device": args.device, "dtype": args.dtype}
+        return [("tiny-test", tiny_config(Path(args.tiny_test_model)).replace(**{k: v for k, v in flags.items() if v}))]
     cfg = config_from_args(args)
     default = not (args.config or args.llama_path or args.whisper_path or args.ckpt)
     label = f"{args.variant}-tuned" if default else cfg.name
