@@ -1,29 +1,33 @@
-"""Running the pipeline for the UI: decoding settings from the controls, streaming through a worker
-thread, and per-session stop buttons.
+"""Running the pipeline for the UI: decoding settings from the controls, one model job at a time
+with a bounded waiting line, and per-session stop buttons.
 
-Why a worker thread: `Pipeline.stream` holds the pipeline's lock across its yields, and Gradio runs
-each step of a sync generator on whichever pool thread is free. Driving the stream from one thread
-of our own keeps the lock's acquire and release on the same thread, lets a stop take effect at the
-next token (the worker sees the event and returns, releasing the lock) even if the browser tab has
-gone, and lets the UI return at once on stop even while a beam search is still finishing.
+The pipeline itself generates on its own worker thread (see `Pipeline.stream`), so the UI can drive
+a stream from whichever thread Gradio resumes it on, and closing the stream frees the model.
 """
 from __future__ import annotations
 
 import dataclasses
-import queue
 import threading
 import time
 from typing import Iterator
 
 from model.config import GenerateConfig
-from model.pipeline import Pipeline, StreamEvent
-
-_POLL_S = 0.05
+from model.errors import SalmonnError, SettingsError
 
 
 def generate_config(base: GenerateConfig, *, num_beams, do_sample, temperature, top_p, top_k,
                     repetition_penalty, max_new_tokens, seed=None) -> GenerateConfig:
-    """UI control values -> a GenerateConfig (validated and clamped to sane ranges)."""
+    """UI control values -> a GenerateConfig (clamped to sane ranges; the pipeline checks the limits)."""
+    try:
+        return _generate_config(base, num_beams, do_sample, temperature, top_p, top_k, repetition_penalty,
+                                max_new_tokens, seed)
+    except (TypeError, ValueError, OverflowError):
+        raise SettingsError("The decoding settings must be numbers (beams, temperature, top-p, top-k, "
+                            "repetition penalty, max new tokens, seed).") from None
+
+
+def _generate_config(base, num_beams, do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens,
+                     seed) -> GenerateConfig:
     return dataclasses.replace(
         base,
         num_beams=max(1, int(num_beams or 1)),
@@ -64,49 +68,63 @@ class StopRegistry:
                 del self._events[session]
 
 
-def stream_in_thread(pipe: Pipeline, audio, prompt: str, *, history=(), lora_scale=None,
-                     generate: GenerateConfig | None = None, stop: threading.Event | None = None
-                     ) -> Iterator[StreamEvent]:
-    """Like `pipe.stream`, but the generation runs on a worker thread.
+class Busy(SalmonnError):
+    """The waiting line for the model is full."""
 
-    Exceptions from the pipeline are re-raised here. When `stop` is set the worker ends at the next
-    token; if it has not delivered its final event shortly after, we finish on our own with the
-    text so far (marked stopped) and let the worker end in the background."""
-    stop = stop or threading.Event()
-    events: queue.Queue = queue.Queue()
-    done = object()
 
-    def work():
-        try:
-            for ev in pipe.stream(audio, prompt, history=history, lora_scale=lora_scale, generate=generate, stop=stop):
-                events.put(ev)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            events.put(err)
-        finally:
-            events.put(done)
+class ModelGate:
+    """One model job at a time for the whole app (one GPU), first come first served, with at most
+    `max_waiting` requests waiting behind the running one; past that a request is refused at once
+    with a "busy, N ahead" message instead of waiting for minutes."""
 
-    worker = threading.Thread(target=work, name="salmonn-stream", daemon=True)
-    worker.start()
-    text = ""
-    stop_seen_at = None
-    try:
-        while True:
-            try:
-                item = events.get(timeout=_POLL_S)
-            except queue.Empty:
-                if stop.is_set():
-                    stop_seen_at = stop_seen_at or time.monotonic()
-                    if time.monotonic() - stop_seen_at > 0.5:   # e.g. a beam search that cannot stop mid-way
-                        yield StreamEvent(delta="", text=text, done=True, answer=None)
-                        return
-                continue
-            if item is done:
+    def __init__(self, max_waiting: int):
+        self.max_waiting = max(0, int(max_waiting))
+        self._line: list[object] = []          # tickets; the first one has the model
+        self._cond = threading.Condition()
+
+    def join(self) -> object:
+        with self._cond:
+            ahead = len(self._line)
+            if ahead - 1 >= self.max_waiting and ahead:
+                raise Busy(f"The model is busy: {ahead} request{'s' if ahead != 1 else ''} ahead of you, and at "
+                           f"most {self.max_waiting} may wait. Please try again in a minute.")
+            ticket = object()
+            self._line.append(ticket)
+            return ticket
+
+    def ahead(self, ticket) -> int:
+        with self._cond:
+            return self._line.index(ticket) if ticket in self._line else 0
+
+    def wait(self, ticket, timeout: float | None = None) -> bool:
+        """True when it is this ticket's turn (within `timeout` seconds)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._line and self._line[0] is ticket, timeout)
+
+    def waiting(self, ticket, stop: threading.Event | None = None, every: float = 1.0) -> Iterator[int]:
+        """Wait for our turn, yielding how many are ahead whenever it changes (and at least every
+        `every` seconds, so the caller can show progress and Gradio can cancel it). Returns early
+        when `stop` is set."""
+        last, shown_at = None, 0.0
+        while not self.wait(ticket, timeout=0.1):
+            if stop is not None and stop.is_set():
                 return
-            if isinstance(item, BaseException):
-                raise item
-            text = item.text
-            yield item
-    finally:
-        # The consumer went away (closed generator, cancelled event): make the worker stop too.
-        if worker.is_alive():
-            stop.set()
+            ahead = self.ahead(ticket)
+            if ahead != last or time.monotonic() - shown_at >= every:
+                last, shown_at = ahead, time.monotonic()
+                yield ahead
+
+    def leave(self, ticket) -> None:
+        with self._cond:
+            if ticket in self._line:
+                self._line.remove(ticket)
+            self._cond.notify_all()
+
+    def run(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) in turn (blocking while others are ahead)."""
+        ticket = self.join()
+        try:
+            self.wait(ticket)
+            return fn(*args, **kwargs)
+        finally:
+            self.leave(ticket)

@@ -17,16 +17,16 @@ from typing import Mapping
 import gradio as gr
 import numpy as np
 
-from model.errors import SalmonnError
+from model.errors import AudioError, SalmonnError
 from model.pipeline import Encoding, Pipeline
 
 from . import lab, plots, presets
-from .runner import StopRegistry, generate_config, stream_in_thread
+from .runner import ModelGate, StopRegistry, generate_config
 
 log = logging.getLogger("salmonn.app")
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-MODEL_LOCK_ID = "model"        # every event that runs the model shares one queue slot
+MODEL_LOCK_ID = "model"        # every event that runs the model: they take turns through one ModelGate
 VIEW_LOCK_ID = "view"          # plot re-renders (CPU only) get their own
 
 INTRO = """\
@@ -112,6 +112,11 @@ def _answer_footer(answer, gen) -> str:
     return "*(" + " · ".join(bits) + ")*"
 
 
+def _audio_notes(enc: Encoding) -> str:
+    """What the user should know about their audio (cut, clipped, scaled), under the answer."""
+    return "".join(f"\n\n⚠️ {note}" for note in enc.audio.notes)
+
+
 def _messages(history: list[dict]) -> list[dict]:
     out = []
     for turn in history:
@@ -180,6 +185,8 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
     layer_choices, head_choices = _layer_choices(pipeline)
     encodings = _EncodingCache()
     stops = StopRegistry()
+    gate = ModelGate(queue_size)      # one model job at a time; a bounded line with a "busy, N ahead" message
+    slots = queue_size + 2            # Gradio runs this many model events at once: the gate orders them
     from .mic_panel import build_mic_panel, input_devices
     mic_devices = input_devices() if desktop_mic is not False else []
 
@@ -212,15 +219,14 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         if not path:
             return (None, "", None, None, gr.Slider(value=0, maximum=87), None, {}) + fresh
         try:
-            enc = encodings.get(model_name, pipe_of(model_name), path)
+            enc = gate.run(encodings.get, model_name, pipe_of(model_name), path)
             window = _loudest_window(enc)
             spec, attn, bar, view, window = render_view(enc, layer, head, window)
         except Exception as err:  # noqa: BLE001 - shown to the user
             text = _warn(err)
             return (None, f"⚠️ {text}", None, None, gr.skip(), None, {}) + fresh
-        if enc.audio.cut_seconds > 0:
-            gr.Warning(f"The audio is {enc.audio.original_seconds:.0f} s long; only the first "
-                       f"{enc.audio.seconds:.0f} s are used.")
+        for note in enc.audio.notes:       # cut, clipped, scaled: said, not silent
+            gr.Warning(note)
         heard = (16000, (np.clip(enc.audio.wav, -1, 1) * 32767).astype(np.int16))
         slider = gr.Slider(value=window, maximum=max(view["windows"] - 1, 1))
         return (heard, audio_summary(enc), spec, attn, slider, bar, view) + fresh
@@ -257,47 +263,57 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                 max_new, seed, request: gr.Request):
         """Stream one answer. Yields (chatbot, history, prompt box, prompt sent, details)."""
         history = list(history or [])
-        question = (question or "").strip()
-        if not path:
-            gr.Warning("Upload or record some audio first (or click one of the examples).")
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            return
-        if not question:
-            gr.Warning("Type a question or pick a task preset first.")
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            return
+        question = str(question or "").strip()
+        echo = question if len(question) <= 2000 else question[:2000] + " …"   # what the chat shows of it
         pipe = pipe_of(model_name)
-        try:
-            gen = gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed)
+        try:    # the pipeline's front door checks the prompt and the settings; the audio is checked below
+            if not path:
+                raise AudioError("Upload or record some audio first (or click one of the examples).")
+            gen = pipe.check_generate(gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed))
             past = [(t["q"], t["a"]) for t in history]
             sent = pipe.prompt_text(question, past)
+            pipe._scale(scale)
         except Exception as err:  # noqa: BLE001
             text = _warn(err)
-            yield _messages(history) + [{"role": "user", "content": question},
+            yield _messages(history) + [{"role": "user", "content": echo},
                                         {"role": "assistant", "content": f"⚠️ {text}"}], history, gr.skip(), \
                 gr.skip(), gr.skip()
             return
         waiting = "…" if gen.num_beams == 1 else "… (beam search: the answer appears when it is complete)"
-        shown = _messages(history) + [{"role": "user", "content": question}, {"role": "assistant", "content": waiting}]
+        shown = _messages(history) + [{"role": "user", "content": echo}, {"role": "assistant", "content": waiting}]
         yield shown, history, "", sent, gr.skip()
         session = _session(request)
         stop = stops.start(session)
-        answer, text = None, ""
+        answer, text, enc, ticket, events = None, "", None, None, None
         try:
-            enc = encodings.get(model_name, pipe, path)
-            for ev in stream_in_thread(pipe, enc, question, history=past, lora_scale=scale, generate=gen, stop=stop):
-                text = ev.text
-                if ev.done:
-                    answer = ev.answer
-                    break
-                shown[-1] = {"role": "assistant", "content": text + " ▌"}
+            ticket = gate.join()                    # Busy (a message) when the line is full
+            for ahead in gate.waiting(ticket, stop):
+                shown[-1] = {"role": "assistant", "content": f"⏳ Waiting for the model: {ahead} ahead of you…"}
                 yield shown, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            if not stop.is_set():
+                shown[-1] = {"role": "assistant", "content": waiting}
+                yield shown, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                enc = encodings.get(model_name, pipe, path)
+                events = pipe.stream(enc, question, history=past, lora_scale=scale, generate=gen, stop=stop)
+                for ev in events:
+                    text = ev.text
+                    if ev.done:
+                        answer = ev.answer
+                        break
+                    shown[-1] = {"role": "assistant", "content": text + " ▌"}
+                    yield shown, gr.skip(), gr.skip(), gr.skip(), gr.skip()
         except Exception as err:  # noqa: BLE001
             msg = _warn(err)
             shown[-1] = {"role": "assistant", "content": (text + "\n\n" if text else "") + f"⚠️ {msg}"}
             yield shown, history, gr.skip(), gr.skip(), gr.skip()
             return
         finally:
+            # Also runs when Gradio closes this generator (the client cancelled or went away): closing
+            # the stream stops the model at the next token, and the next in line gets its turn.
+            if events is not None:
+                events.close()
+            if ticket is not None:
+                gate.leave(ticket)
             stops.finish(session, stop)
         if answer is None:   # stopped before the worker delivered its final answer
             footer = f"*(LoRA scale {float(scale):g} · stopped)*"
@@ -310,6 +326,9 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             final_text = answer.text
             sent = answer.prompt
         body = final_text if final_text else "*(empty answer)*"
+        if enc is not None:
+            footer += _audio_notes(enc)
+            details["audio"] = enc.audio.describe()
         history.append({"q": question, "a": final_text, "shown": f"{body}\n\n{footer}",
                         "scale": details["lora_scale"]})
         yield _messages(history), history, gr.skip(), sent, details
@@ -352,7 +371,9 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         try:
             scales = lab.parse_scales(scales_text, 2 * trained)
             gen = gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed)
-            results = lab.compare_scales(pipes, str(path), prompt, scales, generate=gen)
+            for p in pipes.values():
+                p.check_generate(gen)
+            results = gate.run(lab.compare_scales, pipes, str(path), prompt, scales, generate=gen)
         except Exception as err:  # noqa: BLE001
             text = _warn(err)
             return f"<p>⚠️ {text}</p>", None
@@ -362,7 +383,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
     def run_sweep(items, scales_text):
         try:
             scales = lab.parse_scales(scales_text, 2 * trained)
-            curves, table = lab.perplexity_sweep(pipes, items, scales)
+            curves, table = gate.run(lab.perplexity_sweep, pipes, items, scales)
         except Exception as err:  # noqa: BLE001
             _warn(err)
             return gr.skip(), gr.skip()
@@ -373,7 +394,9 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         return preset.prompt if preset else gr.skip()
 
     # -------------------------------------------------------------- layout
-    with gr.Blocks(title="SALMONN Studio") as demo:
+    # Gradio's temp cache (uploads, rendered audio/images) is cleaned: files older than an hour every
+    # ten minutes, and everything this app wrote when it shuts down.
+    with gr.Blocks(title="SALMONN Studio", delete_cache=(600, 3600)) as demo:
         gr.Markdown(INTRO)
         gr.Markdown(_summary_line(name0, pipeline)
                     + (f" · also loaded: {', '.join(names[1:])}" if len(names) > 1 else ""))
@@ -491,11 +514,11 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         audio_in.change(load_audio, [audio_in, model_pick, layer, head],
                         [heard, audio_info, spec_img, attn_img, window, bar, view_state,
                          chatbot, history, prompt_sent, details],
-                        api_name="load_audio", concurrency_id=MODEL_LOCK_ID, concurrency_limit=1
+                        api_name="load_audio", concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots
                         ).then(lambda info: f"Audio for the lab: {info}" if info else "*No audio yet: load one on "
                                "the Chat tab.*", audio_info, lab_audio, api_visibility="private", queue=False)
         model_pick.change(redraw, [audio_in, model_pick, layer, head, window], view_out,
-                          api_visibility="private", concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+                          api_visibility="private", concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
         for ctl in (layer, head):
             ctl.change(redraw, [audio_in, model_pick, layer, head, window], view_out, api_visibility="private",
                        concurrency_id=VIEW_LOCK_ID, concurrency_limit=2, trigger_mode="always_last")
@@ -511,24 +534,26 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
 
         chat_in = [question, history, audio_in, model_pick, scale] + dec
         chat_out = [chatbot, history, question, prompt_sent, details]
-        send.click(respond, chat_in, chat_out, api_name="ask", concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+        send.click(respond, chat_in, chat_out, api_name="ask", concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
         question.submit(respond, chat_in, chat_out, api_visibility="private", concurrency_id=MODEL_LOCK_ID,
                         concurrency_limit=1)
         regen.click(regenerate, [history, audio_in, model_pick, scale] + dec, chat_out, api_name="regenerate",
-                    concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+                    concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
         # Stop must not wait in the model queue behind the answer it stops.
         stop_btn.click(stop_answer, None, None, api_name="stop", concurrency_limit=None)
         clear.click(clear_chat, None, [chatbot, history, prompt_sent, details], api_name="clear", queue=False)
 
         lab_preset_dd.change(lab_preset, lab_preset_dd, lab_prompt, api_visibility="private", queue=False)
         lab_run.click(run_lab, [audio_in, lab_prompt, lab_scales] + dec, [lab_html, lab_json], api_name="scale_lab",
-                      concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+                      concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
         ppl_run.click(run_sweep, [ppl_items, ppl_scales], [ppl_plot, ppl_table], api_name="perplexity",
-                      concurrency_id=MODEL_LOCK_ID, concurrency_limit=1)
+                      concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
         refresh.click(lambda: [_info_markdown(n, p) for n, p in pipes.items()], None, info_md,
                       api_visibility="private", queue=False)
 
-    demo.queue(default_concurrency_limit=1, max_size=queue_size)
+    # Gradio's own bound is only a backstop: past `queue_size` waiting, the gate answers "busy" itself.
+    demo.queue(default_concurrency_limit=1, max_size=2 * slots + 8)
+    demo.model_gate = gate     # for tests and the launcher
     return demo
 
 
@@ -555,6 +580,9 @@ def launch(demo: gr.Blocks, **kwargs):
 
     ours = set(inspect.signature(launch_kwargs).parameters)
     passthrough = {k: kwargs.pop(k) for k in list(kwargs) if k not in ours}
+    gate = getattr(demo, "model_gate", None)
+    if gate is not None:   # requests waiting in the gate each hold a worker thread; keep others free
+        passthrough.setdefault("max_threads", 40 + gate.max_waiting)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     return demo.launch(**launch_kwargs(**kwargs), **passthrough)
 

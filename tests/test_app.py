@@ -194,7 +194,7 @@ def test_safe_serving_defaults(server, pipe):
     assert kw["allowed_paths"] == [str(ASSETS_DIR / "examples")]     # nothing else of ours is served
     assert server.startswith("http://127.0.0.1:")
     demo = build_app(pipe, queue_size=5)
-    assert demo._queue.max_size == 5                                 # a bounded queue
+    assert demo.model_gate.max_waiting == 5 and demo._queue.max_size is not None   # a bounded queue
 
 
 # ------------------------------------------------------------------------------------------ plots
