@@ -168,7 +168,10 @@ def story_references(data: Path, rows: list[dict], n: int, seed: int = 0) -> lis
     chosen = [r for r in clips.values() if r["labels"]["type"] != "speech"][:: 4][:n]
     clip_dicts = [{"path": r["path"], "split": "train", "type": r["labels"]["type"], "id": r["id"],
                    "description": describe(r["labels"])} for r in chosen]
-    model = SALMONN.from_config(default_config("instruction"))
+    from model.bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
+    from model.defaults import tiny_config
+
+    model = SALMONN.from_config(tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir()))   # base LLM only
     written = write_activation_data(model, clip_dicts, len(clip_dicts), 0, seed)
     refs = {}
     for r in rows:
@@ -216,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="data")
     ap.add_argument("--out", default=str(ASSETS / "eval"))
     ap.add_argument("--scales", default="0,1,2,3,4")
-    ap.add_argument("--asr", type=int, default=60)
-    ap.add_argument("--qa", type=int, default=80)
-    ap.add_argument("--gender", type=int, default=30)
-    ap.add_argument("--story", type=int, default=16)
-    ap.add_argument("--ppl", type=int, default=16)
+    ap.add_argument("--asr", type=int, default=40)
+    ap.add_argument("--qa", type=int, default=60)
+    ap.add_argument("--gender", type=int, default=20)
+    ap.add_argument("--story", type=int, default=12)
+    ap.add_argument("--ppl", type=int, default=12)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     data = Path(args.data)
