@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .common import REPO, RESULTS, Table, append_results, check, environment, timed
+from .common import REPO, RESULTS, Table, in_worker_thread, append_results, check, environment, timed
 from .measure import (decode_run, fixed_length, hf_generate_run, median_answer, set_attention, stage_times,
                       sweep_times, test_audio)
 
@@ -245,4 +245,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(in_worker_thread(main))

@@ -18,7 +18,7 @@ from model.config import GenerateConfig
 from model.llm import lora_scale
 from model.salmonn import SALMONN
 
-from .common import sync, timed
+from .common import in_worker_thread, sync, timed
 
 
 def fixed_length(gen: GenerateConfig, tokens: int, **changes) -> GenerateConfig:
@@ -73,7 +73,7 @@ def stage_times(m: SALMONN, wav: np.ndarray, text: str, gen: GenerateConfig, sca
 
 
 def decode_run(m: SALMONN, embeds: torch.Tensor, gen: GenerateConfig, scale, repeats: int = 3,
-               static: bool | None = None) -> dict:
+               static: bool | None = None, lookahead: bool | None = None) -> dict:
     """Our decoder on ready embeddings: prefill, first token, steady decode rate (medians)."""
     from model.fastdecode import DynamicRunner
 
@@ -81,9 +81,10 @@ def decode_run(m: SALMONN, embeds: torch.Tensor, gen: GenerateConfig, scale, rep
     scale_t = m._scale_tensor([scale] * rows if isinstance(scale, (int, float)) else scale, rows)
     device = m.llm_device
     res = {"prefill_s": [], "first_token_s": [], "decode_s": [], "total_s": []}
-    with lora_scale(m.llama_model, scale_t), torch.no_grad():
-        pos = torch.arange(embeds.shape[1], device=device).expand(rows, -1)
-        for i in range(repeats + 1):
+    pos = torch.arange(embeds.shape[1], device=device).expand(rows, -1)
+
+    def once():
+        with lora_scale(m.llama_model, scale_t), torch.no_grad():
             sync(device)
             t0 = time.perf_counter()
             DynamicRunner(m.llama_model, None).prefill(embeds, pos)
@@ -92,18 +93,21 @@ def decode_run(m: SALMONN, embeds: torch.Tensor, gen: GenerateConfig, scale, rep
             t0 = time.perf_counter()
             first = None
             n = 0
-            for _ in m.decode_steps(embeds, None, gen, static=static):
+            for _ in m.decode_steps(embeds, None, gen, static=static, lookahead=lookahead):
                 n += 1
                 if first is None:
                     first = time.perf_counter() - t0
             sync(device)
-            total = time.perf_counter() - t0
-            if i == 0:      # warm-up (allocator, graph capture paths, caches)
-                continue
-            res["prefill_s"].append(prefill)
-            res["first_token_s"].append(first)
-            res["decode_s"].append((total - first) / max(n - 1, 1))
-            res["total_s"].append(total)
+            return prefill, first, time.perf_counter() - t0, n
+
+    for i in range(repeats + 1):
+        prefill, first, total, n = in_worker_thread(once)
+        if i == 0:      # warm-up (allocator, graph capture paths, caches)
+            continue
+        res["prefill_s"].append(prefill)
+        res["first_token_s"].append(first)
+        res["decode_s"].append((total - first) / max(n - 1, 1))
+        res["total_s"].append(total)
     med = {k: float(np.median(v)) for k, v in res.items()}
     med["decode_ms_per_token"] = med.pop("decode_s") * 1000
     med["tokens_per_s"] = 1000 / med["decode_ms_per_token"] if med["decode_ms_per_token"] else math.inf

@@ -361,7 +361,7 @@ class SALMONN(nn.Module):
     @torch.no_grad()
     def decode_steps(self, embeds: torch.Tensor, mask: torch.Tensor | None, gen: GenerateConfig,
                      stop: threading.Event | None = None, past: KV | None = None, record: dict | None = None,
-                     static: bool | None = None) -> Iterator[torch.Tensor]:
+                     static: bool | None = None, lookahead: bool | None = None) -> Iterator[torch.Tensor]:
         """Greedy or sampled decoding with a KV cache; yields the next token of every row each step
         (a CPU LongTensor [B]). Rows that finished keep yielding EOS. The caller sets the LoRA scale.
 
@@ -369,7 +369,8 @@ class SALMONN(nn.Module):
         first P positions: a reused prompt prefix). `mask` [B, P + S] marks left padding, or is None
         when no row is padded (then no mask is built or checked at all). On exit `record` gets "kv"
         (keys/values of every position fed: prompt + all answer tokens but the last) and "fed" (how
-        many answer tokens that covers). `static`: None = auto (see use_static_decoding).
+        many answer tokens that covers). `static`: None = auto (see use_static_decoding). `lookahead`:
+        queue step t+1 before handing out token t (None = on CUDA, where it hides the host's work).
 
         No host<->device sync inside the loop: the end-of-answer bookkeeping stays on the device,
         and on CUDA the next step is queued before the host waits for this step's token."""
@@ -394,7 +395,7 @@ class SALMONN(nn.Module):
         rng = None
         if gen.do_sample and gen.seed is not None:
             rng = torch.Generator(device=device).manual_seed(gen.seed)
-        overlap = device.type == "cuda"
+        overlap = device.type == "cuda" if lookahead is None else lookahead
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         generated = torch.zeros(rows, 0, dtype=torch.long, device=device)
         biases = None
@@ -425,7 +426,7 @@ class SALMONN(nn.Module):
             for step in range(gen.max_new_tokens):
                 host = nxt.to("cpu", non_blocking=overlap)
                 ready = None
-                if overlap:
+                if overlap and device.type == "cuda":
                     ready = torch.cuda.Event()
                     ready.record()
                 last = step == gen.max_new_tokens - 1
