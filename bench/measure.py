@@ -91,27 +91,24 @@ def decode_run(m: SALMONN, embeds: torch.Tensor, gen: GenerateConfig, scale, rep
             sync(device)
             prefill = time.perf_counter() - t0
             t0 = time.perf_counter()
-            first = None
-            n = 0
-            for _ in m.decode_steps(embeds, None, gen, static=static, lookahead=lookahead):
-                n += 1
-                if first is None:
-                    first = time.perf_counter() - t0
+            arrivals = [time.perf_counter() for _ in m.decode_steps(embeds, None, gen, static=static,
+                                                                     lookahead=lookahead)]
             sync(device)
-            return prefill, first, time.perf_counter() - t0, n
+            return prefill, arrivals[0] - t0, time.perf_counter() - t0, np.diff(arrivals)
 
     for i in range(repeats + 1):
-        prefill, first, total, n = in_worker_thread(once)
-        if i == 0:      # warm-up (allocator, graph capture paths, caches)
+        prefill, first, total, gaps = in_worker_thread(once)
+        if i == 0:      # warm-up (allocator, caches)
             continue
         res["prefill_s"].append(prefill)
         res["first_token_s"].append(first)
-        res["decode_s"].append((total - first) / max(n - 1, 1))
+        # steady state: the median gap between tokens, past the one-off second-token cost (graph capture)
+        res["decode_s"].append(float(np.median(gaps[1:] if len(gaps) > 2 else gaps)) if len(gaps) else math.nan)
         res["total_s"].append(total)
     med = {k: float(np.median(v)) for k, v in res.items()}
     med["decode_ms_per_token"] = med.pop("decode_s") * 1000
     med["tokens_per_s"] = 1000 / med["decode_ms_per_token"] if med["decode_ms_per_token"] else math.inf
-    med["tokens"] = n
+    med["tokens"] = len(gaps) + 1
     return med
 
 

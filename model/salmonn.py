@@ -431,7 +431,9 @@ class SALMONN(nn.Module):
                     ready.record()
                 last = step == gen.max_new_tokens - 1
                 following = None
-                if overlap and not last:      # queue step+1 on the GPU before waiting for this token
+                # queue step+1 on the GPU before waiting for this token; not before the first token,
+                # which should reach the user at once (the first feed may capture a CUDA graph)
+                if overlap and step > 0 and not last:
                     following = pick(runner.feed(nxt), step + 1)
                     fed += 1
                 if ready is not None:
