@@ -33,14 +33,23 @@ def _available() -> str | None:
 
 
 @contextmanager
-def served_app(root: Path):
-    """The app on the tiny model, on a free localhost port."""
+def served_app(root: Path, trained: bool = False):
+    """The app on the tiny model (or, `trained`, on SALMONN-tiny with both shipped checkpoints),
+    on a free localhost port."""
     sys.path.insert(0, str(REPO))
     from app.ui import build_app, launch
     from tests.test_app import free_port, tiny_pipeline
 
-    pipe = tiny_pipeline(root)
-    demo = build_app(pipe)
+    if trained:
+        from model.defaults import default_config
+        from model.pipeline import Pipeline
+
+        pipe = Pipeline.from_config(default_config("activation"))
+        demo = build_app(pipe, {"instruction-tuned": Pipeline.from_config(default_config("instruction"))},
+                         primary_name="activation-tuned")
+    else:
+        pipe = tiny_pipeline(root)
+        demo = build_app(pipe)
     port = free_port()
     launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -136,7 +145,11 @@ def take_screenshots(out_dir: Path = REPO / "assets" / "screenshots") -> None:
         img = img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.LANCZOS)
         img.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(raw, optimize=True)
 
-    with tempfile.TemporaryDirectory() as tmp, served_app(Path(tmp)) as (url, _), browser_page(1280, 900) as page:
+    from model.defaults import CHECKPOINTS
+
+    trained = all(p.is_file() for p in CHECKPOINTS.values())
+    with tempfile.TemporaryDirectory() as tmp, served_app(Path(tmp), trained) as (url, _), \
+            browser_page(1280, 900) as page:
         upload_and_ask(page, url, PRESETS_BY_KEY["asr"].label)
         shoot(page, "main.png")
         page.get_by_role("tab", name="Scale lab").click()
