@@ -368,12 +368,13 @@ class SALMONN(nn.Module):
         `embeds` [B, S, H] are the positions after `past` (per layer keys/values [B, h, P, d] of the
         first P positions: a reused prompt prefix). `mask` [B, P + S] marks left padding, or is None
         when no row is padded (then no mask is built or checked at all). On exit `record` gets "kv"
-        (keys/values of every position fed: prompt + all answer tokens but the last) and "fed" (how
-        many answer tokens that covers). `static`: None = auto (see use_static_decoding). `lookahead`:
+        (keys/values of every position fed to the LLM: the prompt, then answer tokens) and "fed" (how
+        many answer tokens that covers; the last yielded token is usually not among them). `static`: None = auto (see use_static_decoding). `lookahead`:
         queue step t+1 before handing out token t (None = on CUDA, where it hides the host's work).
 
-        No host<->device sync inside the loop: the end-of-answer bookkeeping stays on the device,
-        and on CUDA the next step is queued before the host waits for this step's token."""
+        No host<->device sync inside the loop (unpadded rows; with padding transformers checks the
+        mask each step): the end-of-answer bookkeeping stays on the device, and on CUDA the next step
+        is queued before the host waits for this step's token."""
         from .fastdecode import DynamicRunner, StaticRunner
 
         rows, new_len = embeds.shape[:2]
