@@ -92,6 +92,19 @@ def parse_auth(text: str | None):
     return user, password
 
 
+def parse_size(text: str) -> int:
+    """'50mb' -> bytes (b, kb, mb, gb; 1 kb = 1024 b, as Gradio counts)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*(b|kb|mb|gb)?\s*", str(text).lower())
+    if not match or float(match.group(1)) <= 0:
+        from model.errors import ConfigError
+
+        raise ConfigError(f"--max-file-size must look like 50mb or 2gb (got {text!r})")
+    unit = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30}[match.group(2) or "b"]
+    return int(match.group(1)) * unit
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     say = Progress()
@@ -99,6 +112,7 @@ def main(argv=None) -> int:
 
     try:
         auth = parse_auth(args.auth)
+        max_bytes = parse_size(args.max_file_size)
         configs = build_configs(args)
         say("importing the model code")
         from model.pipeline import Pipeline
@@ -112,6 +126,17 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # noqa: BLE001 - any load failure: a message and no half-working UI
+        import torch
+
+        if isinstance(err, torch.OutOfMemoryError):
+            print("error: out of memory while loading the model: try --8bit, --dtype float16, --no-compare "
+                  "or --device cpu.", file=sys.stderr)
+        else:
+            print(f"error: the model could not be loaded ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
+    for _, pipe in pipes:
+        pipe.max_file_bytes = max_bytes       # the same cap for uploads and for the pipeline's own reads
     for label, pipe in pipes:
         info = pipe.info()
         say(f"ready: {label} on {info['device']} ({info['dtype']}), "
@@ -132,7 +157,7 @@ def main(argv=None) -> int:
               "microphone on https or localhost.", file=sys.stderr)
     desktop = args.desktop and _has_webview()
     _, url, share_url = launch(demo, host=args.host, port=args.port, share=args.share, auth=auth,
-                               max_file_size=args.max_file_size, prevent_thread_lock=True,
+                               max_file_size=max_bytes, prevent_thread_lock=True,
                                inbrowser=args.desktop and not desktop)
     say(f"serving on {url}" + (f" and {share_url}" if share_url else ""))
     try:

@@ -284,12 +284,18 @@ class Pipeline:
         number("Top-k", gen.top_k or 0, 0, 1_000_000, integer=True)
         number("Repetition penalty", gen.repetition_penalty, 1e-3, 100)
         number("Length penalty", gen.length_penalty, -100, 100)
+        if gen.seed is not None:
+            number("Seed", gen.seed, 0, 2**63 - 1, integer=True)
         return gen
 
     def _scale(self, scale: float | None) -> float:
-        scale = self.trained_scale if scale is None else float(scale)
-        if not np.isfinite(scale) or scale < 0:
-            raise PromptError(f"The LoRA scale must be a number >= 0 (got {scale}).")
+        top = max(4 * self.trained_scale, 1.0)      # far past this the logits overflow into nonsense
+        try:
+            scale = self.trained_scale if scale is None else float(scale)
+        except (TypeError, ValueError):
+            scale = float("nan")
+        if not np.isfinite(scale) or not 0 <= scale <= top:
+            raise PromptError(f"The LoRA scale must be a number from 0 to {top:g} (got {scale}).")
         return scale
 
     # ------------------------------------------------------------------ answering
