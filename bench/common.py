@@ -86,10 +86,12 @@ def in_worker_thread(fn, *args):
     import threading
 
     box: dict = {}
+    grad = torch.is_grad_enabled()      # grad mode is per thread: carry the caller's (no_grad) over
 
     def run():
         try:
-            box["out"] = fn(*args)
+            with torch.set_grad_enabled(grad):
+                box["out"] = fn(*args)
         except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
             box["err"] = err
 

@@ -210,8 +210,8 @@ def run_config(shape: str, dtype_name: str, args, device: torch.device, bandwidt
 
     # end to end through the pipeline: a new audio (encoders run), and a follow-up question
     fresh = median_answer(pipe, wav, PROMPT, gen, reps, clear="all")
-    pipe.answer(wav, PROMPT, generate=gen)
-    follow = median_answer(pipe, wav, FOLLOW_UP, gen, 1, history=[(PROMPT, "A person is speaking.")])
+    first = pipe.answer(wav, PROMPT, generate=gen)
+    follow = median_answer(pipe, wav, FOLLOW_UP, gen, 1, history=[(PROMPT, first.text)])
     reask = median_answer(pipe, wav, "What do you hear?", gen, 1)
     res.update(ttft_s=fresh["first_token_s"], total_s=fresh["total_s"], followup_ttft_s=follow["first_token_s"],
                followup_total_s=follow["total_s"], reask_ttft_s=reask["first_token_s"],
