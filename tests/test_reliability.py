@@ -13,7 +13,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -36,7 +35,7 @@ from app import presets  # noqa: E402
 from app.runner import ModelGate, generate_config  # noqa: E402
 from app.ui import build_app, launch, launch_kwargs  # noqa: E402
 from model.config import GenerateConfig  # noqa: E402
-from model.errors import AudioError, OutOfMemory, SalmonnError  # noqa: E402
+from model.errors import OutOfMemory, SalmonnError  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
 from tests.conftest import randomize_lora  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
@@ -541,6 +540,35 @@ def test_cancel_mid_stream_frees_the_model_then_ask_again(app, pipe, corpus, mon
         assert time.monotonic() - t0 < 5, how
         text, _, _ = ask(c, corpus["valid"])
         assert answered(text), (how, text)
+
+
+def test_a_client_that_goes_away_mid_stream_frees_the_model(app, pipe, corpus, monkeypatch):
+    """A closed browser tab: the event stream drops mid-answer, without any cancel request."""
+    demo, url = app
+    _endless_generation(monkeypatch, pipe.model)
+    base = f"{url}gradio_api"
+    uploaded = httpx.post(f"{base}/upload", files={"files": ("v.wav", Path(corpus["valid"]).read_bytes(), "audio/wav")},
+                          timeout=30).json()[0]
+    fn = next(d["id"] for d in httpx.get(f"{url}config", timeout=10).json()["dependencies"]
+              if d.get("api_name") == "ask")
+    session = uuid.uuid4().hex[:12]
+    data = ["Tell a very long story.", None, {"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "tiny-test",
+            1.0, 1, False, 1.0, 0.9, 0, 1.0, 1024, -1]
+    joined = httpx.post(f"{base}/queue/join", json={"data": data, "fn_index": fn, "session_hash": session}, timeout=10)
+    assert joined.status_code == 200, joined.text
+    updates = 0
+    with httpx.stream("GET", f"{base}/queue/data", params={"session_hash": session}, timeout=30) as stream:
+        for line in stream.iter_lines():
+            updates += "process_generating" in line
+            if updates >= 5:
+                break                                  # ... and the connection closes mid-answer
+    assert updates >= 5 and demo.model_gate._line, "the answer should be streaming"
+    assert demo_idle(demo, within=15)
+    assert pipe._lock.acquire(timeout=5)
+    pipe._lock.release()
+    monkeypatch.undo()
+    text, _, _ = ask(Client(url, verbose=False), corpus["valid"])
+    assert answered(text), text
 
 
 def _oom_during_generation(monkeypatch, model, after_tokens=2):
