@@ -69,13 +69,18 @@ class _EncodingCache:
         self._size = size
         self._lock = threading.Lock()
 
-    def get(self, name: str, pipe: Pipeline, path: str) -> Encoding:
+    def has(self, name: str, path: str) -> bool:
+        with self._lock:
+            return (name, str(path)) in self._items
+
+    def get(self, name: str, pipe: Pipeline, path: str, audio=None) -> Encoding:
+        """`audio`: the file already prepared (checked and decoded) by `pipe.prepare`, if at hand."""
         key = (name, str(path))
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        enc = pipe.encode(str(path))
+        enc = pipe.encode(audio if audio is not None else str(path))
         with self._lock:
             self._items[key] = enc
             while len(self._items) > self._size:
@@ -266,13 +271,14 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         question = str(question or "").strip()
         echo = question if len(question) <= 2000 else question[:2000] + " …"   # what the chat shows of it
         pipe = pipe_of(model_name)
-        try:    # the pipeline's front door checks the prompt and the settings; the audio is checked below
+        try:    # the pipeline's front door checks everything before the request waits for the model
             if not path:
                 raise AudioError("Upload or record some audio first (or click one of the examples).")
             gen = pipe.check_generate(gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed))
             past = [(t["q"], t["a"]) for t in history]
             sent = pipe.prompt_text(question, past)
             pipe._scale(scale)
+            audio = None if encodings.has(model_name, path) else pipe.prepare(path)
         except Exception as err:  # noqa: BLE001
             text = _warn(err)
             yield _messages(history) + [{"role": "user", "content": echo},
@@ -293,7 +299,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             if not stop.is_set():
                 shown[-1] = {"role": "assistant", "content": waiting}
                 yield shown, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-                enc = encodings.get(model_name, pipe, path)
+                enc = encodings.get(model_name, pipe, path, audio)
                 events = pipe.stream(enc, question, history=past, lora_scale=scale, generate=gen, stop=stop)
                 for ev in events:
                     text = ev.text

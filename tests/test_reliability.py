@@ -430,6 +430,9 @@ def test_busy_past_the_line_says_how_many_are_ahead(pipe, corpus):
             chat, *_ = c.predict(**ask_args(corpus["valid"]), api_name="/ask")
             busy = text_of(chat[-1])
             assert busy.startswith("⚠️ The model is busy: 2 requests ahead of you") and "try again" in busy
+            # a bad file does not wait in line: it is answered at once, even now
+            chat, *_ = c.predict(**ask_args(corpus["empty_file"]), api_name="/ask")
+            assert re.search(r"⚠️ The audio file is empty", text_of(chat[-1])), chat[-1]
         for job in (job_a, job_b):
             assert answered(text_of(job.result(timeout=60)[0][-1]))
         chat, *_ = c.predict(**ask_args(corpus["valid"]), api_name="/ask")
