@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--details", type=int, default=8)
     ap.add_argument("--llm-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default="", help="start stage 1 from these trainable weights (e.g. a shipped "
+                    "checkpoint, to continue training it) instead of from scratch; --stage1-steps 0 skips to stage 2")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     data, runs, assets = Path(args.data), Path(args.runs), Path(args.assets)
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         log("generating synthetic data")
         generate(data, seed=args.seed)
     model = build_model(getattr(torch, args.llm_dtype))
+    if args.init:
+        load_checkpoint(model, args.init)
+        log(f"initialised from {args.init}")
     stage1 = load_annotations(data / "stage1_pretrain.json")
     stage2 = load_annotations(data / "stage2_instruct.json")
     log("caching frozen-encoder features")
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s2 = TrainConfig(steps=args.stage2_steps, batch_size=args.batch_size, init_lr=3e-4, min_lr=3e-5,
                      warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed + 1, log_every=10, save_every=50)
-    if not (runs / "stage2" / "latest.safetensors").exists():
+    if not (runs / "stage2" / "latest.safetensors").exists() and (runs / "stage1" / "latest.safetensors").exists():
         load_checkpoint(model, runs / "stage1" / "latest.safetensors")
     card["stages"]["2_instruct"] = {"config": asdict(s2), "history": run_stage(model, "stage2", stage2, feats, s2, runs)}
     assets.mkdir(parents=True, exist_ok=True)
