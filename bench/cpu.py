@@ -209,6 +209,12 @@ def main(argv=None) -> int:
               f"{st16['tokens_per_s'] / st['tokens_per_s']:.2f}x")
         t.add("fp32 -> bf16: first token ms, end to end", ttft["first_token_s"] * 1000,
               ttft16["first_token_s"] * 1000, f"{ttft['first_token_s'] / ttft16['first_token_s']:.2f}x")
+        sw16 = sweep_times(p16, wav, PROMPT, gen, scales, reps, full=False)
+        t.add("fp32 -> bf16: 5-scale sweep / one answer", sw["batched_s"] / sw["one_s"],
+              sw16["batched_s"] / sw16["one_s"], "")
+        t.add("fp32 -> bf16: one answer seconds", sw["one_s"], sw16["one_s"], f"{sw['one_s'] / sw16['one_s']:.2f}x")
+        t.add("fp32 -> bf16: 5-scale sweep seconds", sw["batched_s"], sw16["batched_s"],
+              f"{sw['batched_s'] / sw16['batched_s']:.2f}x")
         notes.append(f"bf16 answer equals fp32 answer (greedy, {args.tokens} tokens): "
                      f"{ttft16['text'] == ttft['text']}")
         del m16, p16
