@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
     ]
     lines += [stage_line(names.get(k, k), v) for k, v in log["stages"].items()]
-    lines += ["", f"Total wall time {log.get('seconds', 0) / 60:.0f} min, on a machine shared with other work.", ""]
+    lines += ["", f"Wall time of the last (possibly resumed) run: {log.get('seconds', 0) / 60:.0f} min.", ""]
     eval_path = Path(args.eval)
     if eval_path.is_file():
         md = eval_path.with_suffix(".md")
