@@ -150,6 +150,7 @@ def take_screenshots(out_dir: Path = REPO / "assets" / "screenshots") -> None:
     trained = all(p.is_file() for p in CHECKPOINTS.values())
     with tempfile.TemporaryDirectory() as tmp, served_app(Path(tmp), trained) as (url, _), \
             browser_page(1280, 900) as page:
+        page.set_default_timeout(300_000)    # the trained model's long answers on a busy CPU
         upload_and_ask(page, url, PRESETS_BY_KEY["asr"].label)
         shoot(page, "main.png")
         page.get_by_role("tab", name="Scale lab").click()
