@@ -24,8 +24,8 @@ import soundfile as sf
 import torch
 
 from .common import REPO, RESULTS, Table, in_worker_thread, append_results, check, environment, timed
-from .measure import (decode_run, fixed_length, hf_generate_run, median_answer, set_attention, stage_times,
-                      sweep_times, test_audio)
+from .measure import (bytes_per_token, copy_bandwidth, decode_run, fixed_length, hf_generate_run, median_answer,
+                      set_attention, stage_times, sweep_times, test_audio)
 
 PROMPT = "Describe the audio in detail."
 FOLLOW_UP = "What is the speaker's tone?"
@@ -226,6 +226,20 @@ def main(argv=None) -> int:
           follow["first_token_s"] * 1000, f"{follow_plain['first_token_s'] / follow['first_token_s']:.2f}x")
     t.add("batched sweep: 5 scales seconds", sw["sequential_s"], sw["batched_s"],
           f"{sw['sequential_s'] / sw['batched_s']:.2f}x")
+    t.print()
+    tables.append(t)
+
+    # ---------------------------------------------------------------- decode vs the memory-bandwidth limit
+    bandwidth = copy_bandwidth(torch.device("cpu"), 0.5)
+    context = st["prompt_tokens"] + args.tokens // 2
+    t = Table(f"Decode vs the memory-bandwidth limit ({args.threads} threads, copy bandwidth "
+              f"{bandwidth / 1e9:.1f} GB/s = 2 x bytes / time)",
+              ["dtype", "bytes read per token (MB)", "limit tokens/s", "measured tokens/s", "% of limit"])
+    rates = [("float32", st["tokens_per_s"])] + ([("bfloat16", st16["tokens_per_s"])] if not args.no_bf16 else [])
+    for name, rate in rates:
+        nbytes = bytes_per_token(model, context) // (2 if name == "bfloat16" else 1)   # same weights, half the bytes
+        limit = bandwidth / nbytes
+        t.add(name, nbytes / 1e6, limit, rate, 100 * rate / limit)
     t.print()
     tables.append(t)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .common import RESULTS, Table, in_worker_thread, append_results, check, environment, sync, timed
-from .measure import decode_run, fixed_length, median_answer, sweep_times, test_audio
+from .measure import bytes_per_token, copy_bandwidth, decode_run, fixed_length, median_answer, sweep_times, test_audio
 
 PROMPT = "Describe the audio in detail."
 FOLLOW_UP = "What is the speaker's tone?"
@@ -109,28 +109,6 @@ def build(shape: str, dtype: torch.dtype, device: torch.device, tiny: bool, toke
     model.place(device, dtype).eval()
     official = (copy.deepcopy(speech).to(torch.float32).eval(), copy.deepcopy(model.audio_encoder).to(torch.float32).eval())
     return model, official
-
-
-def copy_bandwidth(device: torch.device, gib: float) -> float:
-    """Device-to-device copy bandwidth in bytes/s: 2 x bytes (read + write) / time, median of 10."""
-    n = int(gib * 2**30) // 4
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    seconds, _ = timed(lambda: dst.copy_(src), repeats=10, warmup=2, device=device)
-    del src, dst
-    return 2 * n * 4 / seconds
-
-
-def bytes_per_token(model, context: int) -> int:
-    """Bytes the decoder must read per generated token: every LLM weight except the input embedding
-    table (one row is gathered), plus the KV cache at `context` positions."""
-    llm = model.llama_model
-    embed = llm.get_input_embeddings().weight
-    weights = sum(p.numel() * p.element_size() for p in llm.parameters() if p is not embed)
-    cfg = (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * embed.element_size()
-    return weights + kv
 
 
 def official_answer(model, official, wav: np.ndarray, prompt: str, gen, dtype: torch.dtype):

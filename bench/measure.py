@@ -193,3 +193,26 @@ def sweep_times(pipe, audio, prompt: str, gen: GenerateConfig, scales: Sequence[
                               repeats, warmup=0)
     out["same_texts"] = [a.text for a in seq] == [a.text for a in bat]
     return out
+
+
+def copy_bandwidth(device: torch.device, gib: float) -> float:
+    """Memory copy bandwidth on `device` in bytes/s: 2 x bytes (read + write) / time, median of 10."""
+    n = int(gib * 2**30) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds, _ = timed(lambda: dst.copy_(src), repeats=10, warmup=2, device=device)
+    del src, dst
+    return 2 * n * 4 / seconds
+
+
+def bytes_per_token(model, context: int) -> int:
+    """Bytes the decoder must read per generated token: every LLM weight except an untied input
+    embedding table (one row is gathered), plus the KV cache at `context` positions."""
+    llm = model.llama_model
+    embed = llm.get_input_embeddings().weight
+    head = llm.get_output_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in llm.parameters() if p is not embed or p is head)
+    cfg = (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * embed.element_size()
+    return weights + kv
