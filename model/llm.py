@@ -130,3 +130,25 @@ class PromptFormat:
         if self.add_bos and enc.bos_token_id is not None:
             ids_before = [enc.bos_token_id] + ids_before
         return ids_before, ids_after
+
+
+def quantize_int8_cpu(llm: nn.Module) -> int:
+    """8-bit LLM weights on CPU: every frozen Linear (LoRA's base layers, the other projections and
+    the LM head) becomes torch's dynamic-int8 Linear with one scale per output channel; the LoRA
+    matrices, the embeddings and the norms stay in float. Decoding one token reads every weight once,
+    so on a CPU it is memory-bound and a quarter of fp32's bytes makes it faster. Returns the number
+    of layers converted."""
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    names = {name: per_channel_dynamic_qconfig for name, module in llm.named_modules()
+             if type(module) is nn.Linear and "lora_" not in name}
+    if not names:
+        return 0
+    if next(llm.parameters()).device.type != "cpu":
+        raise ConfigError("CPU 8-bit weights need the LLM on the CPU; on a GPU use --8bit (bitsandbytes).")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")    # torch.ao's deprecation notes; the kernels are what we need
+        quantize_dynamic(llm, names, dtype=torch.qint8, inplace=True)
+    return len(names)

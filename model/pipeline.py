@@ -179,7 +179,7 @@ class Pipeline:
             "llm": f"{type(m.llama_model.get_base_model()).__name__} from {self.cfg.llama_path}",
             "checkpoint": self.cfg.ckpt or "none (untrained connection modules)",
             "device": str(m.llm_device),
-            "dtype": str(m.llm_dtype).replace("torch.", ""),
+            "dtype": str(m.llm_dtype).replace("torch.", "") + (" (8-bit LLM weights)" if m.cfg.load_in_8bit else ""),
             "parameters": params,
             "trainable_parameters": sum(p.numel() for p in m.trainable_parameters().values()),
             "lora": f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha:g}, trained scale {self.trained_scale:g}",

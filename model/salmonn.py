@@ -108,14 +108,23 @@ class SALMONN(nn.Module):
             say(f"Loading BEATs from {cfg.beats_path}")
             audio = BEATsEncoder.from_checkpoint(cfg.beats_path, dtype=dtype)
         say(f"Loading LLM from {cfg.llama_path}")
-        llm, tokenizer = (llm_loader or load_llm)(cfg.llama_path, dtype, cfg.device_map, cfg.load_in_8bit)
+        # --8bit: bitsandbytes on a GPU; on the CPU torch's int8 kernels after loading (below)
+        bnb = cfg.load_in_8bit and device.type != "cpu"
+        if cfg.load_in_8bit and device.type == "cpu" and dtype != torch.float32:
+            raise ConfigError("8-bit weights on the CPU compute in float32: leave --dtype at auto or float32.")
+        llm, tokenizer = (llm_loader or load_llm)(cfg.llama_path, dtype, cfg.device_map, bnb)
         model = cls(cfg, speech, audio, llm, tokenizer)
+        model.bnb_8bit = bnb           # bitsandbytes placed the LLM itself
         if cfg.ckpt:
             from .checkpoint import load_checkpoint
 
             say(f"Loading SALMONN checkpoint {cfg.ckpt}")
             load_checkpoint(model, cfg.ckpt)
         model.place(device, dtype)
+        if cfg.load_in_8bit and device.type == "cpu":
+            from .llm import quantize_int8_cpu
+
+            say(f"Converting {quantize_int8_cpu(model.llama_model)} LLM layers to 8-bit weights (CPU)")
         return model.eval()
 
     def place(self, device: torch.device, dtype: torch.dtype) -> "SALMONN":
@@ -126,7 +135,7 @@ class SALMONN(nn.Module):
             self.audio_encoder.to(device=device, dtype=dtype)
         self.window_qformer.to(device=device, dtype=torch.float32)
         self.speech_llama_proj.to(device=device, dtype=torch.float32)
-        if not (self.cfg.device_map or self.cfg.load_in_8bit):
+        if not (self.cfg.device_map or getattr(self, "bnb_8bit", False)):
             self.llama_model.to(device=device, dtype=dtype)
         return self
 

@@ -203,6 +203,37 @@ def test_half_precision_stays_close_to_fp32(tiny_model, dtype):
     assert torch.allclose(lp_low.float(), lp_ref, atol=0.15, rtol=0.02), (lp_low, lp_ref)
 
 
+def test_cpu_int8_weights_stay_close_to_fp32_and_keep_lora_live(tiny_cfg):
+    """--8bit on the CPU: the frozen LLM Linears become int8 (LoRA stays float, so the scale slider
+    still works); reference-answer log-probabilities stay close to fp32."""
+    from model.salmonn import SALMONN
+
+    ref = SALMONN.from_config(tiny_cfg)
+    randomize_lora(ref)
+    q8 = SALMONN.from_config(tiny_cfg.replace(load_in_8bit=True))
+    trained = ref.trainable_parameters()
+    with torch.no_grad():
+        for name, param in q8.trainable_parameters().items():      # the same LoRA, Q-Former, projection
+            param.copy_(trained[name])
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    quantized = [n for n, m in q8.llama_model.named_modules() if isinstance(m, Int8Linear)]
+    assert any(n.endswith("q_proj.base_layer") for n in quantized) and any(n.endswith("lm_head") for n in quantized)
+    assert not any("lora_" in n for n in quantized)
+    wav = tone(2.0, 420)
+    with torch.no_grad():
+        emb = ref.encode_audio(wav, output_attentions=False).embeds
+        text = ref.prompt.conversation(["Describe the audio."])
+        target = ref.tokenizer("the dog says hello", add_special_tokens=False).input_ids
+        lp_ref = ref.target_logprobs([emb], [text], [target], 4.0)[0]
+        lp_q8 = q8.target_logprobs([emb], [text], [target], 4.0)[0]
+        lp_q8_off = q8.target_logprobs([emb], [text], [target], 0.0)[0]
+    assert torch.allclose(lp_q8, lp_ref, atol=0.15, rtol=0.02), (lp_q8, lp_ref)
+    assert not torch.allclose(lp_q8_off, lp_q8, atol=1e-3)          # LoRA scale still changes the answer
+    with pytest.raises(Exception, match="float32"):
+        SALMONN.from_config(tiny_cfg.replace(load_in_8bit=True, dtype="bfloat16"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_loop_has_no_device_syncs_on_cuda(tiny_model):
     m = copy.deepcopy(tiny_model).place(torch.device("cuda"), torch.float16)
