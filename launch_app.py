@@ -81,6 +81,23 @@ def build_configs(args) -> list[tuple[str, object]]:
     return configs
 
 
+def load_pipelines(configs, say=lambda message: None) -> list[tuple[str, object]]:
+    """A pipeline per config; a config that differs from the first only by its checkpoint becomes a
+    variant of the first (its trained weights only, sharing the loaded encoders and LLM)."""
+    from model.pipeline import Pipeline
+
+    pipes: list[tuple[str, Pipeline]] = []
+    for label, cfg in configs:
+        first = pipes[0][1] if pipes else None
+        if first is not None and cfg.ckpt and cfg.replace(ckpt=first.cfg.ckpt) == first.cfg:
+            say(f"loading {label} (its trained weights only, sharing the loaded model)")
+            pipes.append((label, first.variant(cfg.ckpt)))
+        else:
+            say(f"loading {label}")
+            pipes.append((label, Pipeline.from_config(cfg, progress=say)))
+    return pipes
+
+
 def parse_auth(text: str | None):
     if not text:
         return None
@@ -115,12 +132,9 @@ def main(argv=None) -> int:
         max_bytes = parse_size(args.max_file_size)
         configs = build_configs(args)
         say("importing the model code")
-        from model.pipeline import Pipeline
+        import model.pipeline  # noqa: F401 - its own progress step
 
-        pipes = []
-        for label, cfg in configs:
-            say(f"loading {label}")
-            pipes.append((label, Pipeline.from_config(cfg, progress=say)))
+        pipes = load_pipelines(configs, say)
     except SalmonnError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

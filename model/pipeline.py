@@ -18,6 +18,7 @@ import traceback
 import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 
 from .audio import MAX_FILE_BYTES, AudioSource, PreparedAudio, prepare_audio
 from .config import GenerateConfig, SALMONNConfig
-from .errors import OutOfMemory, PromptError, SettingsError
+from .errors import ConfigError, OutOfMemory, PromptError, SettingsError
 from .kvcache import PrefixCache, sequence_ids, slice_kv, stack_kv
 from .llm import lora_scale as use_lora_scale
 from .salmonn import SALMONN, AudioTokens
@@ -142,6 +143,40 @@ class _MemoryGuard:
                           "the chat. The model is still loaded; you can ask again.") from None
 
 
+def _snapshot(model: SALMONN) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.trainable_parameters().items()}
+
+
+def _restore(model: SALMONN, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in model.trainable_parameters().items():
+            p.copy_(weights[name])
+    model._active_weights = weights
+
+
+class _ModelLock:
+    """The model's lock; entering it also swaps in this pipeline's trained weights when the model
+    is shared with a variant and the other one ran last. Reentrant, like the RLock it wraps."""
+
+    def __init__(self, lock: threading.RLock, pipe: "Pipeline"):
+        self.lock, self.pipe = lock, pipe
+
+    def __enter__(self):
+        self.lock.acquire()
+        try:
+            weights = self.pipe._weights
+            if weights is not None and getattr(self.pipe.model, "_active_weights", None) is not weights:
+                _restore(self.pipe.model, weights)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        return False
+
+
 class Pipeline:
     def __init__(self, model: SALMONN, cache_size: int = 16, prefix_cache: bool = True,
                  prefix_cache_bytes: int = 1 << 30):
@@ -149,7 +184,8 @@ class Pipeline:
         self.cfg: SALMONNConfig = model.cfg
         self._cache: OrderedDict[str, Encoding] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.RLock()
+        self._lock = _ModelLock(threading.RLock(), self)
+        self._weights: dict[str, torch.Tensor] | None = None   # set when the model is shared (variant)
         self.max_file_bytes = MAX_FILE_BYTES     # the app lowers it to its upload cap
         # None turns prefix reuse off (benchmarks measure both ways)
         self.prefix_cache = PrefixCache(max_entries=4 * cache_size, max_bytes=prefix_cache_bytes) if prefix_cache else None
@@ -157,6 +193,31 @@ class Pipeline:
     @classmethod
     def from_config(cls, cfg: SALMONNConfig, progress=None) -> "Pipeline":
         return cls(SALMONN.from_config(cfg, progress=progress))
+
+    def variant(self, ckpt: str | Path) -> "Pipeline":
+        """A pipeline with other trained weights (Q-Former, projection, LoRA: e.g. the instruction-tuned
+        checkpoint beside the activation-tuned one) over the same loaded encoders and LLM. The two take
+        turns on one model under one lock, each swapping its own weights in (11 MB for SALMONN-tiny,
+        tens of MB for 13B) instead of holding a second LLM in memory. Each keeps its own caches."""
+        from .checkpoint import load_checkpoint
+
+        ckpt = Path(ckpt)
+        if not ckpt.is_file():
+            raise ConfigError(f"model.ckpt does not exist: {ckpt}")
+        other = Pipeline(self.model, cache_size=self._cache_size, prefix_cache=self.prefix_cache is not None,
+                         prefix_cache_bytes=self.prefix_cache.max_bytes if self.prefix_cache else 1 << 30)
+        other.cfg = self.cfg.replace(ckpt=str(ckpt))
+        other._lock = _ModelLock(self._lock.lock, other)
+        with self._lock:
+            if self._weights is None:
+                self._weights = _snapshot(self.model)
+                self.model._active_weights = self._weights
+            try:
+                load_checkpoint(self.model, ckpt)          # strict: a mismatch names the keys
+                other._weights = _snapshot(self.model)
+            finally:
+                _restore(self.model, self._weights)
+        return other
 
     # ------------------------------------------------------------------ facts for the model panel
     @property
