@@ -43,3 +43,18 @@ def test_answers_depend_on_the_audio_and_the_lora_scale(default_pipeline):
     assert beeps != melody                       # the model hears a difference between the clips
     base = default_pipeline.answer(EXAMPLES / "melody.wav", ask, generate=GREEDY, lora_scale=0.0).text
     assert base != melody                        # the trained LoRA changes what the LLM says
+
+
+def test_launch_loads_both_checkpoints_over_one_model():
+    """`python launch_app.py` offers the instruction-tuned checkpoint beside the default one without
+    a second LLM in memory; each answers with its own weights."""
+    import launch_app
+
+    pipes = launch_app.load_pipelines(launch_app.build_configs(launch_app.parse_args(["--device", "cpu"])))
+    (name0, act), (name1, ins) = pipes
+    assert (name0, name1) == ("activation-tuned", "instruction-tuned")
+    assert ins.model is act.model and ins.cfg.ckpt == str(CHECKPOINTS["instruction"])
+    ask, clip = "Recognize the speech and give me the transcription.", EXAMPLES / "request.wav"
+    a = act.score(clip, ask, "hello there", lora_scales=[4.0])[0].nll
+    b = ins.score(clip, ask, "hello there", lora_scales=[4.0])[0].nll
+    assert a != b and act.score(clip, ask, "hello there", lora_scales=[4.0])[0].nll == a
