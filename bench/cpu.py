@@ -31,18 +31,19 @@ PROMPT = "Describe the audio in detail."
 FOLLOW_UP = "What is the speaker's tone?"
 
 
-def build_config(args, dtype: str = "float32"):
+def build_config(args, dtype: str = "float32", **changes):
     if args.tiny_test:
         from tests.tiny import tiny_config
 
-        return tiny_config(Path(args.tiny_test), dtype=dtype), "tests' tiny random model"
+        return tiny_config(Path(args.tiny_test), dtype=dtype, **changes), "tests' tiny random model"
     from model.bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
     from model.defaults import default_config, tiny_config
 
     try:
-        return default_config("activation", device="cpu", dtype=dtype), "SALMONN-tiny (trained activation weights)"
+        return (default_config("activation", device="cpu", dtype=dtype, **changes),
+                "SALMONN-tiny (trained activation weights)")
     except Exception:  # noqa: BLE001 - weights still training: identical compute without them
-        return (tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), device="cpu", dtype=dtype),
+        return (tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), device="cpu", dtype=dtype, **changes),
                 "SALMONN-tiny without trained connection weights (same compute)")
 
 
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--no-cold-start", action="store_true")
     p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--no-int8", action="store_true", help="skip the --8bit (CPU int8 weights) comparison")
     p.add_argument("--note", action="append", default=[], help="a note to record with the results")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -193,31 +195,37 @@ def main(argv=None) -> int:
           f"{eager['prefill_s'] / ours['prefill_s']:.2f}x")
     t.add("eager -> SDPA attention: decode tokens/s", eager["tokens_per_s"], ours["tokens_per_s"],
           f"{ours['tokens_per_s'] / eager['tokens_per_s']:.2f}x")
-    if not args.no_bf16:
-        cfg16, _ = build_config(args, dtype="bfloat16")
-        m16 = SALMONN.from_config(cfg16)
+    low: dict[str, dict] = {}        # lower-precision variants of the same model, measured in this run
+    variants = ([] if args.no_bf16 else [("bf16", {"dtype": "bfloat16"})]) + \
+        ([] if args.no_int8 else [("int8 weights (--8bit)", {"load_in_8bit": True})])
+    for label, changes in variants:
+        cfg_low, _ = build_config(args, **changes)
+        m_low = SALMONN.from_config(cfg_low)
         if args.tiny_test:
-            randomize_lora(m16)
-        p16 = Pipeline(m16, prefix_cache=False)
-        st16 = stage_times(m16, wav, text, gen, scale, reps)
-        ttft16 = median_answer(p16, str(path), PROMPT, gen, reps, clear="all")
-        t.add("fp32 -> bf16: Whisper encoder ms", st["whisper_s"] * 1000, st16["whisper_s"] * 1000,
-              f"{st['whisper_s'] / st16['whisper_s']:.2f}x")
-        t.add("fp32 -> bf16: LLM prefill ms", st["prefill_s"] * 1000, st16["prefill_s"] * 1000,
-              f"{st['prefill_s'] / st16['prefill_s']:.2f}x")
-        t.add("fp32 -> bf16: decode tokens/s", st["tokens_per_s"], st16["tokens_per_s"],
-              f"{st16['tokens_per_s'] / st['tokens_per_s']:.2f}x")
-        t.add("fp32 -> bf16: first token ms, end to end", ttft["first_token_s"] * 1000,
-              ttft16["first_token_s"] * 1000, f"{ttft['first_token_s'] / ttft16['first_token_s']:.2f}x")
-        sw16 = sweep_times(p16, wav, PROMPT, gen, scales, reps, full=False)
-        t.add("fp32 -> bf16: 5-scale sweep / one answer", sw["batched_s"] / sw["one_s"],
-              sw16["batched_s"] / sw16["one_s"], "")
-        t.add("fp32 -> bf16: one answer seconds", sw["one_s"], sw16["one_s"], f"{sw['one_s'] / sw16['one_s']:.2f}x")
-        t.add("fp32 -> bf16: 5-scale sweep seconds", sw["batched_s"], sw16["batched_s"],
-              f"{sw['batched_s'] / sw16['batched_s']:.2f}x")
-        notes.append(f"bf16 answer equals fp32 answer (greedy, {args.tokens} tokens): "
-                     f"{ttft16['text'] == ttft['text']}")
-        del m16, p16
+            randomize_lora(m_low)
+        p_low = Pipeline(m_low, prefix_cache=False)
+        st_low = stage_times(m_low, wav, text, gen, scale, reps)
+        ttft_low = median_answer(p_low, str(path), PROMPT, gen, reps, clear="all")
+        sw_low = sweep_times(p_low, wav, PROMPT, gen, scales, reps, full=False)
+        low[label] = {"stages": st_low, "ttft": ttft_low, "sweep": sw_low}
+        if "dtype" in changes:
+            t.add(f"fp32 -> {label}: Whisper encoder ms", st["whisper_s"] * 1000, st_low["whisper_s"] * 1000,
+                  f"{st['whisper_s'] / st_low['whisper_s']:.2f}x")
+        t.add(f"fp32 -> {label}: LLM prefill ms", st["prefill_s"] * 1000, st_low["prefill_s"] * 1000,
+              f"{st['prefill_s'] / st_low['prefill_s']:.2f}x")
+        t.add(f"fp32 -> {label}: decode tokens/s", st["tokens_per_s"], st_low["tokens_per_s"],
+              f"{st_low['tokens_per_s'] / st['tokens_per_s']:.2f}x")
+        t.add(f"fp32 -> {label}: first token ms, end to end", ttft["first_token_s"] * 1000,
+              ttft_low["first_token_s"] * 1000, f"{ttft['first_token_s'] / ttft_low['first_token_s']:.2f}x")
+        t.add(f"fp32 -> {label}: 5-scale sweep / one answer", sw["batched_s"] / sw["one_s"],
+              sw_low["batched_s"] / sw_low["one_s"], "")
+        t.add(f"fp32 -> {label}: one answer seconds", sw["one_s"], sw_low["one_s"],
+              f"{sw['one_s'] / sw_low['one_s']:.2f}x")
+        t.add(f"fp32 -> {label}: 5-scale sweep seconds", sw["batched_s"], sw_low["batched_s"],
+              f"{sw['batched_s'] / sw_low['batched_s']:.2f}x")
+        notes.append(f"{label} answer equals fp32 answer (greedy, {args.tokens} tokens): "
+                     f"{ttft_low['text'] == ttft['text']}")
+        del m_low, p_low
     t.add("audio-token cache: re-ask first token ms", none["first_token_s"] * 1000,
           audio_only["first_token_s"] * 1000, f"{none['first_token_s'] / audio_only['first_token_s']:.2f}x")
     t.add("prompt-prefix KV cache: re-ask first token ms", audio_only["first_token_s"] * 1000,
@@ -235,9 +243,10 @@ def main(argv=None) -> int:
     t = Table(f"Decode vs the memory-bandwidth limit ({args.threads} threads, copy bandwidth "
               f"{bandwidth / 1e9:.1f} GB/s = 2 x bytes / time)",
               ["dtype", "bytes read per token (MB)", "limit tokens/s", "measured tokens/s", "% of limit"])
-    rates = [("float32", st["tokens_per_s"])] + ([("bfloat16", st16["tokens_per_s"])] if not args.no_bf16 else [])
+    rates = [("float32", st["tokens_per_s"])] + [(k, v["stages"]["tokens_per_s"]) for k, v in low.items()]
     for name, rate in rates:
-        nbytes = bytes_per_token(model, context) // (2 if name == "bfloat16" else 1)   # same weights, half the bytes
+        # the same weights in 2 bytes (bf16) or about 1 byte (int8: LoRA, norms and embeddings stay fp32)
+        nbytes = bytes_per_token(model, context) // {"float32": 1, "bf16": 2}.get(name, 4)
         limit = bandwidth / nbytes
         t.add(name, nbytes / 1e6, limit, rate, 100 * rate / limit)
     t.print()
@@ -250,14 +259,20 @@ def main(argv=None) -> int:
     t.add(f"first token for a {args.clip:g} s clip <= 1 s", f"{ttft['first_token_s']:.3f} s",
           check(ttft["first_token_s"], 1.0, "lower"))
     t.add(">= 25 tokens/s", f"{st['tokens_per_s']:.1f}", check(st["tokens_per_s"], 25, "higher"))
+    for label, v in low.items():
+        rate = v["stages"]["tokens_per_s"]
+        t.add(f">= 25 tokens/s with {label}", f"{rate:.1f}", check(rate, 25, "higher"))
     t.add("re-ask skips the encoders", f"encoders run: {not same['audio_cached']}",
           "met" if same["audio_cached"] else "MISSED")
     ratio = sw["batched_s"] / sw["one_s"]
     t.add("5-scale sweep <= 1.5x one answer", f"{ratio:.2f}x", check(ratio, 1.5, "lower"))
+    for label, v in low.items():
+        r = v["sweep"]["batched_s"] / v["sweep"]["one_s"]
+        t.add(f"5-scale sweep <= 1.5x one answer with {label}", f"{r:.2f}x", check(r, 1.5, "lower"))
     t.print()
     tables.append(t)
 
-    env = environment(torch.device("cpu"), "float32 (bf16 compared where stated)")
+    env = environment(torch.device("cpu"), "float32 (bf16 and int8 weights compared where stated)")
     out = append_results("CPU, embedded default" + (" (smoke: tiny test model)" if args.tiny_test else ""),
                          env, tables, notes, args.results)
     print(f"appended to {out}")

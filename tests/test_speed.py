@@ -265,3 +265,4 @@ def test_cpu_benchmark_smoke(tiny_root, tmp_path):
         assert heading in text
     assert "cached-prefix answers identical to uncached ones in this run: True" in text
     assert "batched sweep answers identical to one-by-one answers in this run: True" in text
+    assert "fp32 -> int8 weights (--8bit): decode tokens/s" in text
