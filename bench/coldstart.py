@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiny-test", metavar="DIR")
     p.add_argument("--no-server", action="store_true")
+    p.add_argument("--separate", action="store_true",
+                   help="load every checkpoint as its own full model (the path before variants shared one)")
     args = p.parse_args()
     out: dict = {}
     import torch
@@ -57,8 +59,14 @@ def main() -> int:
             cfg = tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), device="cpu")
             configs = [("activation-tuned", cfg), ("instruction-tuned", cfg)]
             out["config"] = f"SALMONN-tiny without trained weights x2 (as launch_app's two variants; {err.__class__.__name__})"
-    pipes = load_pipelines(configs)
-    out["models"] = len(pipes)
+    if args.separate:
+        from model.pipeline import Pipeline
+
+        pipes = [(label, Pipeline.from_config(cfg)) for label, cfg in configs]
+    else:
+        pipes = load_pipelines(configs)
+    out["models"] = len({id(pipe.model) for _, pipe in pipes})
+    out["checkpoints"] = len(pipes)
     out["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
     try:
@@ -74,6 +82,9 @@ def main() -> int:
     except Exception as err:  # noqa: BLE001 - the app is someone else's work in progress: report, don't fail
         out["app_error"] = f"{type(err).__name__}: {err}"
     out["ready_s"] = out["import_s"] + out["load_s"] + out.get("build_app_s", 0) + out.get("server_s", 0)
+    import resource
+
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
     print("COLDSTART " + json.dumps(out), flush=True)
     return 0
 

@@ -47,8 +47,8 @@ def build_config(args, dtype: str = "float32", **changes):
                 "SALMONN-tiny without trained connection weights (same compute)")
 
 
-def cold_start(args) -> dict:
-    cmd = [sys.executable, "-m", "bench.coldstart", "--threads", str(args.threads)]
+def cold_start(args, separate: bool = False) -> dict:
+    cmd = [sys.executable, "-m", "bench.coldstart", "--threads", str(args.threads)] + (["--separate"] if separate else [])
     if args.tiny_test:
         cmd += ["--tiny-test", args.tiny_test]
     t0 = time.perf_counter()
@@ -90,13 +90,18 @@ def main(argv=None) -> int:
         cold = cold_start(args)
         t = Table("App cold start to ready (fresh process, what launch_app.py does up to serving)",
                   ["stage", "seconds"])
-        for key in ("import_s", "load_s", "build_app_s", "server_s", "ready_s", "wall_s"):
+        before = cold_start(args, separate=True)      # each checkpoint as its own full model
+        t = Table("App cold start to ready (fresh process, what launch_app.py does up to serving)",
+                  ["stage", "each checkpoint its own model (before)", "checkpoints share one model (after)"])
+        for key in ("import_s", "load_s", "build_app_s", "server_s", "ready_s", "wall_s", "peak_rss_mb"):
             if key in cold:
-                t.add(key[:-2].replace("_", " ") + (" (incl. interpreter start)" if key == "wall_s" else ""),
+                name = key.rsplit("_", 1)[0].replace("_", " ") + (" (incl. interpreter start)" if key == "wall_s" else "")
+                t.add(name + (" MB" if key == "peak_rss_mb" else " s"), round(before.get(key, float("nan")), 2),
                       round(cold[key], 2))
         t.print()
         tables.append(t)
-        notes.append(f"cold start config: {cold.get('config', '?')}, {cold.get('models', '?')} model(s)")
+        notes.append(f"cold start config: {cold.get('config', '?')}: {cold.get('checkpoints', '?')} checkpoint(s) "
+                     f"on {cold.get('models', '?')} loaded model(s) (before: {before.get('models', '?')})")
         if "app_error" in cold or "error" in cold:
             notes.append(f"cold start problem: {cold.get('app_error') or cold.get('error')}")
 
