@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="runs", help="stage checkpoints (resumable)")
     ap.add_argument("--assets", default=str(CHECKPOINTS["activation"].parent))
     ap.add_argument("--stage1-steps", type=int, default=600)
-    ap.add_argument("--stage2-steps", type=int, default=700)
+    ap.add_argument("--stage2-steps", type=int, default=450)
     ap.add_argument("--stage3-steps", type=int, default=48)
     ap.add_argument("--stage1-lr", type=float, default=1e-3, help="peak LR of stage 1 (cosine to a tenth)")
     ap.add_argument("--stage2-lr", type=float, default=5e-4, help="peak LR of stage 2 (cosine to a tenth)")
