@@ -17,6 +17,8 @@ def stage_line(name: str, stage: dict) -> str:
     last = hist[-1]["loss"] if hist else float("nan")
     seconds = hist[-1]["seconds"] if hist else 0
     extra = f", {stage['examples']} examples" if "examples" in stage else ""
+    if stage.get("replay"):
+        extra += f" + {stage['replay']} stage-2 replay"
     return (f"| {name} | {cfg['steps']} × {cfg['batch_size']}{extra} | {cfg['init_lr']:g} → {cfg['min_lr']:g} | "
             f"{first:.2f} → {last:.2f} | {seconds / 60:.0f} min |")
 
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", default="runs/training_log.json")
     ap.add_argument("--eval", default=str(ASSETS / "eval" / "results.json"))
     ap.add_argument("--out", default=str(ASSETS / "MODEL_CARD.md"))
+    ap.add_argument("--init", default=None, help="what the run started from (default: the log's own record)")
     args = ap.parse_args(argv)
     log = json.loads(Path(args.log).read_text())
     data = log.get("data", {})
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
     ]
     lines += [stage_line(names.get(k, k), v) for k, v in log["stages"].items()]
+    init = args.init if args.init is not None else log.get("init")
+    if init:
+        lines += ["", f"This run continued from earlier trained weights: {init}."]
     lines += ["", f"Wall time of the last (possibly resumed) run: {log.get('seconds', 0) / 60:.0f} min.", ""]
     eval_path = Path(args.eval)
     if eval_path.is_file():

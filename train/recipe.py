@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     log("caching frozen-encoder features")
     feats = encode_clips(model, sorted({r["path"] for r in stage2}), cache_file=runs / "features-train.pt", log=log)
 
-    card: dict = {"stages": {}, "data": json.loads((data / "meta.json").read_text()) if (data / "meta.json").exists() else {}}
+    card: dict = {"init": args.init, "stages": {}, "data": json.loads((data / "meta.json").read_text()) if (data / "meta.json").exists() else {}}
     s1 = TrainConfig(steps=args.stage1_steps, batch_size=args.batch_size, init_lr=args.stage1_lr, min_lr=args.stage1_lr / 10,
                      warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed, log_every=10, save_every=50)
     card["stages"]["1_pretrain"] = {"config": asdict(s1), "history": run_stage(model, "stage1", stage1, feats, s1, runs)}
