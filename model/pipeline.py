@@ -155,14 +155,15 @@ def _restore(model: SALMONN, weights: dict[str, torch.Tensor]) -> None:
 
 
 class _ModelLock:
-    """The model's lock; entering it also swaps in this pipeline's trained weights when the model
-    is shared with a variant and the other one ran last. Reentrant, like the RLock it wraps."""
+    """The model's lock; taking it also swaps in this pipeline's trained weights when the model is
+    shared with a variant and the other one ran last. Reentrant, like the RLock it wraps."""
 
     def __init__(self, lock: threading.RLock, pipe: "Pipeline"):
         self.lock, self.pipe = lock, pipe
 
-    def __enter__(self):
-        self.lock.acquire()
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not self.lock.acquire(blocking, timeout):
+            return False
         try:
             weights = self.pipe._weights
             if weights is not None and getattr(self.pipe.model, "_active_weights", None) is not weights:
@@ -170,10 +171,17 @@ class _ModelLock:
         except BaseException:
             self.lock.release()
             raise
+        return True
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self):
+        self.acquire()
         return self
 
     def __exit__(self, *exc):
-        self.lock.release()
+        self.release()
         return False
 
 
