@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny-test", metavar="DIR", help="use the tests' tiny random model (smoke run)")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--no-cold-start", action="store_true")
+    p.add_argument("--cold-start-only", action="store_true", help="only the app cold start (both ways)")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--no-int8", action="store_true", help="skip the --8bit (CPU int8 weights) comparison")
     p.add_argument("--note", action="append", default=[], help="a note to record with the results")
@@ -105,6 +106,12 @@ def main(argv=None) -> int:
         if "app_error" in cold or "error" in cold:
             notes.append(f"cold start problem: {cold.get('app_error') or cold.get('error')}")
 
+    if args.cold_start_only:
+        env = environment(torch.device("cpu"), "float32")
+        out = append_results("CPU, embedded default: cold start only" + (" (smoke: tiny test model)" if args.tiny_test else ""),
+                             env, tables, notes, args.results)
+        print(f"appended to {out}")
+        return 0
     cfg, what = build_config(args)
     notes.append(f"model: {what}")
     model = SALMONN.from_config(cfg)
