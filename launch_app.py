@@ -73,11 +73,13 @@ def build_configs(args) -> list[tuple[str, object]]:
     if args.compare_ckpt:
         configs.append((args.compare_name, cfg.replace(ckpt=args.compare_ckpt)))
     elif default and not args.no_compare:
+        from model.defaults import CHECKPOINTS
+
         other = "instruction" if args.variant == "activation" else "activation"
-        try:
-            configs.append((f"{other}-tuned", config_from_args(argparse.Namespace(**{**vars(args), "variant": other}))))
-        except Exception as err:  # noqa: BLE001 - the comparison model is optional
-            print(f"note: {other}-tuned variant not loaded ({err})", file=sys.stderr)
+        if CHECKPOINTS[other].is_file():      # the same model with the other shipped weights
+            configs.append((f"{other}-tuned", cfg.replace(ckpt=str(CHECKPOINTS[other]))))
+        else:
+            print(f"note: {other}-tuned variant not loaded ({CHECKPOINTS[other]} is missing)", file=sys.stderr)
     return configs
 
 

@@ -89,8 +89,6 @@ def main(argv=None) -> int:
     cold = None
     if not args.no_cold_start:
         cold = cold_start(args)
-        t = Table("App cold start to ready (fresh process, what launch_app.py does up to serving)",
-                  ["stage", "seconds"])
         before = cold_start(args, separate=True)      # each checkpoint as its own full model
         t = Table("App cold start to ready (fresh process, what launch_app.py does up to serving)",
                   ["stage", "each checkpoint its own model (before)", "checkpoints share one model (after)"])

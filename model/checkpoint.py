@@ -108,6 +108,18 @@ def _explain_width(model, ours: str, expected, got) -> str:
 
 def load_checkpoint(model, path: str | Path) -> list[str]:
     """Load the trainable weights into `model`; returns the names of ignored (known, unused) keys."""
+    mapped, ignored = checkpoint_weights(model, path)
+    params = model.trainable_parameters()
+    with torch.no_grad():
+        for ours, tensor in mapped.items():
+            params[ours].copy_(tensor)
+    return ignored
+
+
+def checkpoint_weights(model, path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The checkpoint's trainable weights under our names, checked against `model` (every key
+    accounted for, every shape matching) and cast to the dtype and device of the parameter each
+    replaces, without touching the model; and the names of ignored (known, unused) keys."""
     raw = read_state_dict(path)
     params = model.trainable_parameters()
     ignored, unknown, mismatched, mapped = [], [], [], {}
@@ -136,10 +148,7 @@ def load_checkpoint(model, path: str | Path) -> list[str]:
         problems.append(f"{len(unknown)} unknown key(s), e.g.:\n  " + "\n  ".join(unknown[:10]))
     if problems:
         raise CheckpointError(f"Checkpoint {path} does not match this model ({model.cfg.name}):\n" + "\n".join(problems))
-    with torch.no_grad():
-        for ours, tensor in mapped.items():
-            params[ours].copy_(tensor.to(params[ours].dtype))
-    return ignored
+    return {ours: tensor.to(dtype=params[ours].dtype, device=params[ours].device) for ours, tensor in mapped.items()}, ignored
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:

@@ -207,24 +207,21 @@ class Pipeline:
         checkpoint beside the activation-tuned one) over the same loaded encoders and LLM. The two take
         turns on one model under one lock, each swapping its own weights in (11 MB for SALMONN-tiny,
         tens of MB for 13B) instead of holding a second LLM in memory. Each keeps its own caches."""
-        from .checkpoint import load_checkpoint
+        from .checkpoint import checkpoint_weights
 
         ckpt = Path(ckpt)
         if not ckpt.is_file():
             raise ConfigError(f"model.ckpt does not exist: {ckpt}")
+        weights, _ = checkpoint_weights(self.model, ckpt)      # strict: a mismatch names the keys
         other = Pipeline(self.model, cache_size=self._cache_size, prefix_cache=self.prefix_cache is not None,
                          prefix_cache_bytes=self.prefix_cache.max_bytes if self.prefix_cache else 1 << 30)
         other.cfg = self.cfg.replace(ckpt=str(ckpt))
+        other._weights = weights
         other._lock = _ModelLock(self._lock.lock, other)
         with self._lock:
-            if self._weights is None:
+            if self._weights is None:        # the model's current weights are this pipeline's own
                 self._weights = _snapshot(self.model)
                 self.model._active_weights = self._weights
-            try:
-                load_checkpoint(self.model, ckpt)          # strict: a mismatch names the keys
-                other._weights = _snapshot(self.model)
-            finally:
-                _restore(self.model, self._weights)
         return other
 
     # ------------------------------------------------------------------ facts for the model panel

@@ -114,7 +114,6 @@ class SALMONN(nn.Module):
             raise ConfigError("8-bit weights on the CPU compute in float32: leave --dtype at auto or float32.")
         llm, tokenizer = (llm_loader or load_llm)(cfg.llama_path, dtype, cfg.device_map, bnb)
         model = cls(cfg, speech, audio, llm, tokenizer)
-        model.bnb_8bit = bnb           # bitsandbytes placed the LLM itself
         if cfg.ckpt:
             from .checkpoint import load_checkpoint
 
@@ -135,7 +134,8 @@ class SALMONN(nn.Module):
             self.audio_encoder.to(device=device, dtype=dtype)
         self.window_qformer.to(device=device, dtype=torch.float32)
         self.speech_llama_proj.to(device=device, dtype=torch.float32)
-        if not (self.cfg.device_map or getattr(self, "bnb_8bit", False)):
+        bnb = self.cfg.load_in_8bit and device.type != "cpu"     # bitsandbytes placed the LLM itself
+        if not (self.cfg.device_map or bnb):
             self.llama_model.to(device=device, dtype=dtype)
         return self
 

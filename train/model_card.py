@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "**Limits, honestly.** This is a small model trained for well under an hour of CPU time. It has learned the "
         "answer formats of every task, but its grounding in the audio is weak: see the table. Training longer is "
         "one command (`python -m train.recipe --init assets/salmonn-tiny-instruction.safetensors "
-        "--stage1-steps 0 --stage2-steps N`, faster on a GPU). English only; synthetic voices; no sound-event "
+        "--stage1-steps N --runs runs_next`, faster on a GPU). English only; synthetic voices; no sound-event "
         "encoder.",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
