@@ -103,6 +103,9 @@ def _explain_width(model, ours: str, expected, got) -> str:
                 f"{expected[1]} (Whisper {speech} + BEATs {audio}). "
                 + ("Give the BEATs checkpoint (beats_path): this SALMONN checkpoint was trained with it."
                    if got[1] > expected[1] else "This checkpoint was trained without BEATs; leave beats_path empty."))
+    if ours.endswith("query_tokens") and len(got) == 3 and len(expected) == 3 and got[2] == expected[2]:
+        return (f" The checkpoint makes {got[1]} audio token(s) per window, this model {expected[1]}: "
+                f"set model.num_speech_query_token={got[1]} (or use weights trained for {expected[1]}).")
     return ""
 
 

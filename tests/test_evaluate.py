@@ -16,6 +16,10 @@ def test_attribute_answers():
     assert answer_correct("No.", "No, it is rain.")
     assert not answer_correct("No.", "Yes, it is not rain.")
     assert not answer_correct("Male.", "")
+    # tempo estimates: within 4 % (MIREX Accuracy 1), and only the first number counts
+    assert answer_correct("About 100.", "About 103 beats per minute.")
+    assert not answer_correct("About 100.", "About 105.")
+    assert not answer_correct("About 100.", "About 90, or maybe 100.")
 
 
 def test_story_rule():

@@ -88,3 +88,68 @@ def test_training_lowers_loss_and_resumes(tiny_cfg, tiny_data, tmp_path):
     assert t2.opt.state_dict()["state"].keys() == trainer.opt.state_dict()["state"].keys()
     t2.train()
     assert t2.step == 35
+
+
+def test_ctc_alignment_loss_rewards_tokens_that_spell_the_transcript():
+    from train.trainer import CTCHead, ctc_alignment_loss
+
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(40, 16, generator=gen)
+    head = CTCHead(16)
+    target = [3, 7, 7, 12]
+    blank = head.blank.detach()
+    # audio tokens pointing at the spoken tokens (a blank between the repeated 7s), vs unrelated ones
+    spelled = torch.stack([table[3], table[7], blank, table[7], table[12], blank])
+    unrelated = torch.stack([table[i] for i in (20, 21, 22, 23, 24, 25)])
+    good = ctc_alignment_loss(head, [spelled], [target], table)
+    bad = ctc_alignment_loss(head, [unrelated], [target], table)
+    assert float(good) < 0.5 * float(bad)
+    # too few audio tokens for the transcript: no alignment exists, so it adds nothing (not inf/nan)
+    short = spelled[:2].clone().requires_grad_(True)
+    loss = ctc_alignment_loss(head, [short], [target], table)
+    loss.backward()
+    assert float(loss) == 0.0 and torch.isfinite(short.grad).all()
+
+
+def test_ctc_weight_trains_the_alignment_and_resumes_its_head(tiny_cfg, tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = SALMONN.from_config(tiny_cfg)
+    rows = load_annotations(tiny_data)
+    for r in rows:
+        r["task"] = "asr"
+    feats = encode_clips(model, [r["path"] for r in rows])
+    cfg = TrainConfig(steps=24, batch_size=4, init_lr=3e-3, min_lr=1e-3, warmup_start_lr=1e-4, warmup_steps=3,
+                      log_every=6, save_every=24, seed=0, ctc_weight=1.0)
+    trainer = Trainer(model, rows, feats, cfg, tmp_path / "run", prompts={"asr": ["Transcribe."]}, log=lambda m: None)
+    history = trainer.train()
+    assert all("ctc" in h for h in history)
+    assert history[-1]["ctc"] < history[0]["ctc"]
+    t2 = Trainer(SALMONN.from_config(tiny_cfg), rows, feats, cfg, tmp_path / "run", log=lambda m: None)
+    assert t2.resume()
+    for a, b in zip(trainer.ctc_head.parameters(), t2.ctc_head.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_init_from_weights_with_fewer_queries_repeats_them(tiny_cfg, tmp_path):
+    import dataclasses
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.errors import CheckpointError
+    from train.recipe import init_weights
+
+    torch.manual_seed(0)
+    one = SALMONN.from_config(tiny_cfg.replace(qformer=dataclasses.replace(tiny_cfg.qformer, num_query_tokens=1)))
+    path = save_checkpoint(one, tmp_path / "one.safetensors")
+    two = SALMONN.from_config(tiny_cfg.replace(qformer=dataclasses.replace(tiny_cfg.qformer, num_query_tokens=2)))
+    with pytest.raises(CheckpointError, match="num_speech_query_token=1"):
+        load_checkpoint(two, path)          # a plain load names the setting that would fit
+    note = init_weights(two, str(path), tmp_path / "run")
+    assert "repeated 2x" in note
+    q1, q2 = one.window_qformer.query_tokens, two.window_qformer.query_tokens
+    assert q2.shape[1] == 2
+    for k in range(2):
+        assert torch.allclose(q2[:, k], q1[:, 0], atol=0.1) and not torch.equal(q2[:, k], q1[:, 0])
+    p1, p2 = one.trainable_parameters(), two.trainable_parameters()
+    for name in p1:
+        if not name.endswith("query_tokens"):
+            assert torch.equal(p1[name], p2[name]), name

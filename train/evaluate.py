@@ -6,7 +6,9 @@ Metrics (all our own measurements on synthetic, held-out voices and sentences):
 - ASR WER: corpus word error rate on held-out espeak speech (lower case, punctuation removed).
 - Attribute accuracy: questions about sound/music properties (count, pitch, instrument, key, tempo...).
   Rule: every word of the short reference answer appears in the normalised answer (numbers may be
-  digits or words), and for yes/no references the answer's first word matches.
+  digits or words), and for yes/no references the answer's first word matches. An estimate ("About 97."
+  beats per minute) counts when the answer's first number is within 4 % of it, the tolerance of the
+  MIREX tempo-estimation metric (Accuracy 1).
 - Gender accuracy: "Is the speaker male or female?", same rule.
 - Story following rate: the official storytelling prompt; an answer counts as a story when it has at
   least 40 words and 3 sentences and is not a copy of the clip's transcript or caption (fewer than
@@ -62,6 +64,9 @@ def answer_correct(reference: str, answer: str) -> bool:
         return False
     if ref[0] in ("yes", "no"):
         return ans[0] == ref[0]
+    if ref[0] == "about" and len(ref) == 2 and ref[1].isdigit():
+        guess = next((int(w) for w in ans if w.isdigit()), None)
+        return guess is not None and abs(guess - int(ref[1])) <= 0.04 * int(ref[1])
     return all(w in ans for w in ref)
 
 

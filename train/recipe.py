@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from safetensors.torch import save_file
+
+from model.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
 from model.defaults import CHECKPOINTS, tiny_config
 from model.salmonn import SALMONN
 from train.trainer import Trainer, TrainConfig, encode_clips, load_annotations
@@ -90,6 +92,26 @@ def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_det
     return rows
 
 
+def init_weights(model: SALMONN, path: str, runs: Path) -> str:
+    """Start from earlier trainable weights. If they make fewer audio tokens per window than this
+    model (SALMONN-tiny went from 1 to 2), each learned query is repeated, with a little noise so the
+    copies can part; everything else must match exactly."""
+    raw = read_state_dict(path)
+    key = "speech_query_tokens"
+    want = model.window_qformer.query_tokens.shape
+    if key in raw and raw[key].shape != want and raw[key].shape[2] == want[2] and want[1] % raw[key].shape[1] == 0:
+        gen = torch.Generator().manual_seed(0)
+        reps = want[1] // raw[key].shape[1]
+        raw[key] = raw[key].repeat(1, reps, 1) + 0.02 * torch.randn(want, generator=gen)
+        widened = runs / "init-widened.safetensors"
+        widened.parent.mkdir(parents=True, exist_ok=True)
+        save_file(raw, str(widened))
+        load_checkpoint(model, widened)
+        return f"{path} (queries repeated {reps}x)"
+    load_checkpoint(model, path)
+    return path
+
+
 def run_stage(model, name: str, rows: list[dict], feats: dict, cfg: TrainConfig, runs: Path) -> list[dict]:
     log(f"stage {name}: {len(rows)} examples, {cfg.steps} steps x batch {cfg.batch_size}")
     trainer = Trainer(model, rows, feats, cfg, runs / name, log=log)
@@ -114,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", type=float, default=1.0,
                     help="stage 3 mixes in this many stage-2 examples per activation example, so the trained "
                          "tasks are kept while instruction following comes back (0 = activation data only)")
+    ap.add_argument("--ctc-weight", type=float, default=0.5,
+                    help="weight of the auxiliary CTC loss on ASR rows' audio tokens in stages 1 and 2 (0 = the paper's LM loss only)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--stories", type=int, default=32)
     ap.add_argument("--details", type=int, default=16)
@@ -132,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         generate(data, seed=args.seed)
     model = build_model(getattr(torch, args.llm_dtype))
     if args.init:
-        load_checkpoint(model, args.init)
-        log(f"initialised from {args.init}")
+        log(f"initialised from {init_weights(model, args.init, runs)}")
     stage1 = load_annotations(data / "stage1_pretrain.json")
     stage2 = load_annotations(data / "stage2_instruct.json")
     log("caching frozen-encoder features")
@@ -141,11 +164,13 @@ def main(argv: list[str] | None = None) -> int:
 
     card: dict = {"init": args.init, "stages": {}, "data": json.loads((data / "meta.json").read_text()) if (data / "meta.json").exists() else {}}
     s1 = TrainConfig(steps=args.stage1_steps, batch_size=args.batch_size, init_lr=args.stage1_lr, min_lr=args.stage1_lr / 10,
-                     warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed, log_every=10, save_every=50)
+                     warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed, log_every=10, save_every=50,
+                     ctc_weight=args.ctc_weight)
     card["stages"]["1_pretrain"] = {"config": asdict(s1), "history": run_stage(model, "stage1", stage1, feats, s1, runs)}
 
     s2 = TrainConfig(steps=args.stage2_steps, batch_size=args.batch_size, init_lr=args.stage2_lr, min_lr=args.stage2_lr / 10,
-                     warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed + 1, log_every=10, save_every=50)
+                     warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed + 1, log_every=10, save_every=50,
+                     ctc_weight=args.ctc_weight)
     if not (runs / "stage2" / "latest.safetensors").exists() and (runs / "stage1" / "latest.safetensors").exists():
         load_checkpoint(model, runs / "stage1" / "latest.safetensors")
     card["stages"]["2_instruct"] = {"config": asdict(s2), "history": run_stage(model, "stage2", stage2, feats, s2, runs)}

@@ -40,6 +40,11 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 200
     grad_clip: float | None = None  # the official recipe does not clip
+    # Auxiliary CTC loss on the audio tokens of these tasks' rows (0 = off, the paper's recipe). See
+    # `ctc_alignment_loss`: a direct, per-window signal where the LM loss reaches the Q-Former only
+    # through the whole frozen LLM. Our addition for tiny data on 2 CPU cores; not in the paper.
+    ctc_weight: float = 0.0
+    ctc_tasks: tuple[str, ...] = ("asr",)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -132,6 +137,40 @@ def audio_tokens(model: SALMONN, feats: list[tuple[torch.Tensor, torch.Tensor | 
     return list(torch.split(tokens, [c * n for c in counts]))
 
 
+class CTCHead(torch.nn.Module):
+    """Scores audio tokens against the LLM's own (frozen) input embedding table, plus a blank.
+
+    Cosine similarity times a learned scale: the CTC loss then steers only the *direction* of each
+    audio token toward the embeddings of the words spoken in its window (so the frozen LLM reads it
+    like text), leaving its norm to the LM loss. Training-only: not part of the checkpoint."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.blank = torch.nn.Parameter(torch.randn(dim) * 0.02)
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
+
+    def forward(self, tokens: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([embeddings.detach().float(), self.blank[None].float()])
+        cos = torch.nn.functional.normalize(tokens.float(), dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+        return cos * self.log_scale.exp()
+
+
+def ctc_alignment_loss(head: CTCHead, tokens: list[torch.Tensor], targets: list[list[int]],
+                       embeddings: torch.Tensor) -> torch.Tensor:
+    """CTC between each clip's audio tokens and its transcript's LLM token ids (blank = last class).
+
+    A direct, per-window signal, where the LM loss reaches the Q-Former only through the whole frozen
+    LLM. Needs at least as many audio tokens as transcript tokens (2 queries per window on espeak
+    speech); impossible alignments contribute zero."""
+    seq = torch.nn.utils.rnn.pad_sequence([t.float() for t in tokens], batch_first=True)     # [B, T, H]
+    logits = head(seq, embeddings)                                                          # [B, T, V + 1]
+    labels = [torch.tensor(t, dtype=torch.long) for t in targets]
+    return torch.nn.functional.ctc_loss(
+        logits.log_softmax(-1).transpose(0, 1), torch.cat(labels).to(seq.device),
+        torch.tensor([t.shape[0] for t in tokens]), torch.tensor([len(t) for t in labels]),
+        blank=embeddings.shape[0], zero_infinity=True)
+
+
 # ----------------------------------------------------------------------------- training
 class Trainer:
     def __init__(self, model: SALMONN, rows: list[dict], feats: dict, cfg: TrainConfig, out_dir: str | Path,
@@ -142,7 +181,12 @@ class Trainer:
         self.log = log
         self.rng = random.Random(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.init_lr, betas=(0.9, 0.999))
+        groups = param_groups(model, cfg.weight_decay)
+        # The CTC head is a training-only helper: kept in the trainer state, not the checkpoint.
+        self.ctc_head = CTCHead(model.llama_model.get_input_embeddings().weight.shape[1])
+        if cfg.ctc_weight > 0:
+            groups.append({"params": list(self.ctc_head.parameters()), "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, lr=cfg.init_lr, betas=(0.9, 0.999))
         self.step = 0
         self.history: list[dict] = []
 
@@ -161,7 +205,15 @@ class Trainer:
         m = self.model
         tokens = audio_tokens(m, [self.feats[r["path"]] for r in rows])
         texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
-        return m.loss(tokens, texts, self.targets(rows))
+        targets = self.targets(rows)
+        loss = m.loss(tokens, texts, targets)
+        picked = [i for i, r in enumerate(rows) if r["task"] in self.cfg.ctc_tasks]
+        if self.cfg.ctc_weight > 0 and picked:
+            ctc = ctc_alignment_loss(self.ctc_head, [tokens[i] for i in picked], [targets[i][:-1] for i in picked],
+                                     m.llama_model.get_input_embeddings().weight)
+            self.last_ctc = float(ctc.detach())
+            loss = loss + self.cfg.ctc_weight * ctc
+        return loss
 
     def train(self, on_save: Callable[[int], None] | None = None) -> list[dict]:
         m, cfg = self.model, self.cfg
@@ -169,11 +221,12 @@ class Trainer:
         m.speech_encoder.eval()
         if m.audio_encoder is not None:
             m.audio_encoder.eval()
-        start, running = time.perf_counter(), []
+        start, running, running_ctc = time.perf_counter(), [], []
         while self.step < cfg.steps:
             lr = lr_at(self.step, cfg)
             for group in self.opt.param_groups:
                 group["lr"] = lr
+            self.last_ctc = None
             loss = self.loss_on(self.batch())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -182,12 +235,17 @@ class Trainer:
             self.opt.step()
             self.step += 1
             running.append(loss.item())
+            if self.last_ctc is not None:
+                running_ctc.append(self.last_ctc)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 entry = {"step": self.step, "loss": float(np.mean(running)), "lr": lr,
                          "seconds": round(time.perf_counter() - start, 1)}
+                if running_ctc:
+                    entry["ctc"] = float(np.mean(running_ctc))
                 self.history.append(entry)
-                self.log(f"  step {self.step}/{cfg.steps} loss {entry['loss']:.4f} lr {lr:.2e} ({entry['seconds']} s)")
-                running = []
+                ctc_note = f" (ctc {entry['ctc']:.3f})" if running_ctc else ""
+                self.log(f"  step {self.step}/{cfg.steps} loss {entry['loss']:.4f}{ctc_note} lr {lr:.2e} ({entry['seconds']} s)")
+                running, running_ctc = [], []
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
                 if on_save:
@@ -201,7 +259,7 @@ class Trainer:
         weights = save_checkpoint(self.model, self.out / "latest.safetensors",
                                   metadata={"step": str(self.step), "train_config": asdict(self.cfg)})
         torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "history": self.history,
-                    "rng": self.rng.getstate()[1]}, self.out / "latest_state.pt")
+                    "rng": self.rng.getstate()[1], "ctc_head": self.ctc_head.state_dict()}, self.out / "latest_state.pt")
         return weights
 
     def resume(self) -> bool:
@@ -213,6 +271,8 @@ class Trainer:
         saved = torch.load(state, weights_only=True)
         self.opt.load_state_dict(saved["optimizer"])
         self.step = int(saved["step"])
+        if "ctc_head" in saved:
+            self.ctc_head.load_state_dict(saved["ctc_head"])
         self.history = list(saved["history"])
         self.rng.setstate((3, tuple(saved["rng"]), None))
         return True
