@@ -96,7 +96,7 @@ def _pick(n: int, choice: str | int) -> tuple[list[int], bool]:
 def attention_rows(cross_attentions, layer: str | int = "all", head: str | int = "average"):
     """[W, layers, heads, N_query, F] -> (rows [R, W, F], labels [R]).
 
-    Queries are averaged (SALMONN has one per window). `layer`/`head` are "all" (one row each),
+    Queries are averaged (the paper's SALMONN has one per window, SALMONN-tiny two). `layer`/`head` are "all" (one row each),
     "average", or a 1-based index."""
     attn = np.asarray(cross_attentions, dtype=np.float32)
     if attn.ndim != 5:
@@ -146,7 +146,7 @@ def _mark_windows(ax, tokens, t_end: float, selected: int | None, light: bool) -
     starts = np.asarray(tokens.window_starts, dtype=float)
     shown = starts[starts < t_end]
     color = "white" if light else "#555555"
-    # One faint line per window boundary: the Q-Former turns each strip into one audio token.
+    # One faint line per window boundary: the Q-Former turns each strip into one audio token per query.
     # (Skipped for long audio, where hundreds of lines would only grey the picture out.)
     if len(shown) <= 150:
         ax.vlines(np.concatenate([shown, shown + tokens.window_seconds]), *ax.get_ylim(), colors=color,

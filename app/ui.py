@@ -34,7 +34,8 @@ INTRO = """\
 Ask SALMONN about any sound: speech, sound scenes, music, or speech over background noise.
 Upload a file or record with your microphone, pick a task preset or type your own question.
 Below the chat you can see exactly what the model hears: the log-mel spectrogram and how each
-Q-Former window (one audio token per ~0.33 s) spreads its attention over the encoder frames.
+Q-Former window (~0.33 s; each of its queries becomes one audio token) spreads its attention over the
+encoder frames.
 """
 
 LAB_TEXT = """\
@@ -211,9 +212,13 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
     def audio_summary(enc: Encoding) -> str:
         tokens = enc.tokens
         pad = plots.padding_windows(tokens)
-        text = f"**Heard:** {enc.audio.describe()}. **Audio tokens:** {len(tokens.window_starts)}"
+        windows = len(tokens.window_starts)
+        n_tokens = int(tokens.embeds.shape[0])
+        text = f"**Heard:** {enc.audio.describe()}. **Audio tokens:** {n_tokens}"
+        if n_tokens != windows:
+            text += f" ({n_tokens // max(1, windows)} per Q-Former window, {windows} windows)"
         if pad:
-            text += f" ({pad} of them cover Whisper's silent padding up to the end of the 30 s chunk)"
+            text += f"; {pad} window(s) cover Whisper's silent padding up to the end of the 30 s chunk"
         if len(tokens.chunk_starts) > 1:
             text += f"; encoded as {len(tokens.chunk_starts)} chunks of 30 s"
         return text + "."
@@ -467,7 +472,8 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                               "preset works with any clip.")
             with gr.Accordion("What the model sees", open=True):
                 gr.Markdown("Click the spectrogram or the attention map to pick a window. Each Q-Former window "
-                            "(thin lines) becomes one audio token for the LLM.")
+                            "(thin lines) becomes one audio token per query for the LLM (the paper's model: 1 per window; "
+                            "SALMONN-tiny: 2). The map averages the queries.")
                 spec_img = gr.Image(label="Log-mel spectrogram (model input)", show_label=False, type="numpy",
                                     format="png",
                                     interactive=False, elem_id="spectrogram", buttons=["download", "fullscreen"])

@@ -50,8 +50,10 @@ def tiny_config(whisper_path: str | Path, llama_path: str | Path, ckpt: str | Pa
     cfg = SALMONNConfig(
         name="SALMONN-tiny",
         whisper_path=str(whisper_path), llama_path=str(llama_path), ckpt=str(ckpt),
-        # Same block as the paper's (2 layers, 1 query per 17-frame window), narrower for 2 CPU cores.
-        qformer=QFormerConfig(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024),
+        # Same block as the paper's (2 layers, 17-frame windows), narrower for 2 CPU cores, with 2 queries
+        # per window (official key num_speech_query_token): espeak speech carries ~1.1 LLM tokens per
+        # window, so one token per window left no room for the CTC alignment loss we train with.
+        qformer=QFormerConfig(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024, num_query_tokens=2),
         lora=LoRAConfig(rank=8, alpha=32.0, dropout=0.1),      # trained scale 4.0, as the official model
         generate=GenerateConfig(max_new_tokens=160, num_beams=1, repetition_penalty=1.1),
         prompt_template=first, followup_template=followup,

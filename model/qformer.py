@@ -1,4 +1,4 @@
-"""Window-level Q-Former: encoder frames -> one audio token per ~0.33 s window.
+"""Window-level Q-Former: encoder frames -> N audio tokens per ~0.33 s window (N = 1 in the paper).
 
 LayerNorm each stream, zero-pad the shorter one in time, concatenate (Whisper channels first),
 cut into windows of 17 frames with stride 17 (88 windows per 30 s), and let N learned queries

@@ -34,6 +34,11 @@ def test_default_model_loads_and_answers(default_pipeline):
     answer = default_pipeline.answer(EXAMPLES / "request.wav", "Recognize the speech and give me the transcription.",
                                      generate=GREEDY)
     assert answer.num_tokens > 0 and answer.text.strip()
+    # SALMONN-tiny makes 2 audio tokens per 17-frame window (the shipped weights hold 2 queries)
+    from model.audio import prepare_audio
+
+    tokens = default_pipeline.model.encode_audio(prepare_audio(EXAMPLES / "request.wav").wav, output_attentions=True)
+    assert tokens.embeds.shape[0] == 2 * len(tokens.window_starts) == 2 * tokens.cross_attentions.shape[0]
 
 
 def test_answers_depend_on_the_audio_and_the_lora_scale(default_pipeline):

