@@ -290,8 +290,8 @@ def trained_config():
 
 
 def test_pipeline_answers_about_the_whole_mic_take(trained_config, spoken):
-    """The desktop-mic take feeds the default model end to end: every window of the take becomes an
-    audio token and the model answers. (Word-accurate transcription is tracked by issue 4.)"""
+    """The desktop-mic take feeds the default model end to end: every window of the take becomes
+    audio tokens (one per query) and the model answers. (Word-accurate transcription is tracked by issue 4.)"""
     import math
 
     from model.pipeline import Pipeline
@@ -301,6 +301,8 @@ def test_pipeline_answers_about_the_whole_mic_take(trained_config, spoken):
     enc = pipe.encode((rate, wav))
     seconds = len(wav) / rate
     assert enc.audio.seconds == pytest.approx(seconds, abs=0.01)
-    assert enc.tokens.embeds.shape[0] == math.ceil(math.ceil(seconds * 50) / 17)   # trim_to_audio windows
+    windows = math.ceil(math.ceil(seconds * 50) / 17)                              # trim_to_audio windows
+    assert len(enc.tokens.window_starts) == windows
+    assert enc.tokens.embeds.shape[0] == windows * trained_config.qformer.num_query_tokens
     answer = pipe.answer((rate, wav), "Recognize the speech and give me the transcription.")
     assert answer.num_tokens > 0 and answer.text.strip()
