@@ -111,19 +111,29 @@ def _explain_width(model, ours: str, expected, got) -> str:
 
 def load_checkpoint(model, path: str | Path) -> list[str]:
     """Load the trainable weights into `model`; returns the names of ignored (known, unused) keys."""
-    mapped, ignored = checkpoint_weights(model, path)
-    params = model.trainable_parameters()
-    with torch.no_grad():
-        for ours, tensor in mapped.items():
-            params[ours].copy_(tensor)
+    weights, ignored = checkpoint_weights(model, path)
+    set_trainable(model, weights)
     return ignored
 
 
+def set_trainable(model, weights: dict[str, torch.Tensor]) -> None:
+    """Copy matched weights (ours -> tensor, as `match_weights` returns) into the model in place."""
+    params = model.trainable_parameters()
+    with torch.no_grad():
+        for ours, tensor in weights.items():
+            params[ours].copy_(tensor)
+
+
 def checkpoint_weights(model, path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The checkpoint's trainable weights under our names, checked against `model` (every key
+    """`match_weights` of the file at `path`: checked against `model`, without touching it."""
+    return match_weights(model, read_state_dict(path), path)
+
+
+def match_weights(model, raw: dict[str, torch.Tensor], source: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A state dict's trainable weights under our names, checked against `model` (every key
     accounted for, every shape matching) and cast to the dtype and device of the parameter each
-    replaces, without touching the model; and the names of ignored (known, unused) keys."""
-    raw = read_state_dict(path)
+    replaces, without touching the model; and the names of ignored (known, unused) keys.
+    `source` names the state dict in errors."""
     params = model.trainable_parameters()
     ignored, unknown, mismatched, mapped = [], [], [], {}
     for key, tensor in raw.items():
@@ -150,7 +160,7 @@ def checkpoint_weights(model, path: str | Path) -> tuple[dict[str, torch.Tensor]
     if unknown:
         problems.append(f"{len(unknown)} unknown key(s), e.g.:\n  " + "\n  ".join(unknown[:10]))
     if problems:
-        raise CheckpointError(f"Checkpoint {path} does not match this model ({model.cfg.name}):\n" + "\n".join(problems))
+        raise CheckpointError(f"Checkpoint {source} does not match this model ({model.cfg.name}):\n" + "\n".join(problems))
     return {ours: tensor.to(dtype=params[ours].dtype, device=params[ours].device) for ours, tensor in mapped.items()}, ignored
 
 

@@ -148,9 +148,9 @@ def _snapshot(model: SALMONN) -> dict[str, torch.Tensor]:
 
 
 def _restore(model: SALMONN, weights: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, p in model.trainable_parameters().items():
-            p.copy_(weights[name])
+    from .checkpoint import set_trainable
+
+    set_trainable(model, weights)
     model._active_weights = weights
 
 

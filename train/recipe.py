@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-from safetensors.torch import save_file
-
-from model.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
+from model.checkpoint import load_checkpoint, match_weights, read_state_dict, save_checkpoint, set_trainable
 from model.defaults import CHECKPOINTS, tiny_config
 from model.salmonn import SALMONN
 from train.trainer import Trainer, TrainConfig, encode_clips, load_annotations
@@ -92,24 +90,21 @@ def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_det
     return rows
 
 
-def init_weights(model: SALMONN, path: str, runs: Path) -> str:
+def init_weights(model: SALMONN, path: str) -> str:
     """Start from earlier trainable weights. If they make fewer audio tokens per window than this
     model (SALMONN-tiny went from 1 to 2), each learned query is repeated, with a little noise so the
     copies can part; everything else must match exactly."""
     raw = read_state_dict(path)
-    key = "speech_query_tokens"
+    key, note = "speech_query_tokens", path
     want = model.window_qformer.query_tokens.shape
     if key in raw and raw[key].shape != want and raw[key].shape[2] == want[2] and want[1] % raw[key].shape[1] == 0:
-        gen = torch.Generator().manual_seed(0)
         reps = want[1] // raw[key].shape[1]
-        raw[key] = raw[key].repeat(1, reps, 1) + 0.02 * torch.randn(want, generator=gen)
-        widened = runs / "init-widened.safetensors"
-        widened.parent.mkdir(parents=True, exist_ok=True)
-        save_file(raw, str(widened))
-        load_checkpoint(model, widened)
-        return f"{path} (queries repeated {reps}x)"
-    load_checkpoint(model, path)
-    return path
+        noise = 0.02 * torch.randn(want, generator=torch.Generator().manual_seed(0))
+        raw[key] = raw[key].repeat(1, reps, 1) + noise
+        note = f"{path} (queries repeated {reps}x)"
+    weights, _ = match_weights(model, raw, path)
+    set_trainable(model, weights)
+    return note
 
 
 def run_stage(model, name: str, rows: list[dict], feats: dict, cfg: TrainConfig, runs: Path) -> list[dict]:
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         generate(data, seed=args.seed)
     model = build_model(getattr(torch, args.llm_dtype))
     if args.init:
-        log(f"initialised from {init_weights(model, args.init, runs)}")
+        log(f"initialised from {init_weights(model, args.init)}")
     stage1 = load_annotations(data / "stage1_pretrain.json")
     stage2 = load_annotations(data / "stage2_instruct.json")
     log("caching frozen-encoder features")

@@ -201,19 +201,26 @@ class Trainer:
             out.append(ids + [tok.eos_token_id])
         return out
 
-    def loss_on(self, rows: list[dict]) -> torch.Tensor:
+    def loss_terms(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(LM loss, CTC loss or None when off or no row of the batch is a CTC task)."""
         m = self.model
         tokens = audio_tokens(m, [self.feats[r["path"]] for r in rows])
         texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
         targets = self.targets(rows)
-        loss = m.loss(tokens, texts, targets)
+        lm = m.loss(tokens, texts, targets)
         picked = [i for i, r in enumerate(rows) if r["task"] in self.cfg.ctc_tasks]
-        if self.cfg.ctc_weight > 0 and picked:
-            ctc = ctc_alignment_loss(self.ctc_head, [tokens[i] for i in picked], [targets[i][:-1] for i in picked],
-                                     m.llama_model.get_input_embeddings().weight)
-            self.last_ctc = float(ctc.detach())
-            loss = loss + self.cfg.ctc_weight * ctc
-        return loss
+        if self.cfg.ctc_weight <= 0 or not picked:
+            return lm, None
+        ctc = ctc_alignment_loss(self.ctc_head, [tokens[i] for i in picked], [targets[i][:-1] for i in picked],
+                                 m.llama_model.get_input_embeddings().weight)
+        return lm, ctc
+
+    def objective(self, lm: torch.Tensor, ctc: torch.Tensor | None) -> torch.Tensor:
+        """LM loss (+ ctc_weight x CTC loss): what the optimiser minimises."""
+        return lm if ctc is None else lm + self.cfg.ctc_weight * ctc
+
+    def loss_on(self, rows: list[dict]) -> torch.Tensor:
+        return self.objective(*self.loss_terms(rows))
 
     def train(self, on_save: Callable[[int], None] | None = None) -> list[dict]:
         m, cfg = self.model, self.cfg
@@ -226,8 +233,8 @@ class Trainer:
             lr = lr_at(self.step, cfg)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            self.last_ctc = None
-            loss = self.loss_on(self.batch())
+            lm, ctc = self.loss_terms(self.batch())
+            loss = self.objective(lm, ctc)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -235,8 +242,8 @@ class Trainer:
             self.opt.step()
             self.step += 1
             running.append(loss.item())
-            if self.last_ctc is not None:
-                running_ctc.append(self.last_ctc)
+            if ctc is not None:
+                running_ctc.append(ctc.item())
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 entry = {"step": self.step, "loss": float(np.mean(running)), "lr": lr,
                          "seconds": round(time.perf_counter() - start, 1)}
