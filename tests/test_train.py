@@ -130,6 +130,62 @@ def test_ctc_weight_trains_the_alignment_and_resumes_its_head(tiny_cfg, tiny_dat
         assert torch.equal(a, b)
 
 
+def test_ctc_greedy_reads_back_the_spelled_transcript_within_a_vocabulary():
+    from train.trainer import CTCHead, ctc_alignment_loss, ctc_greedy
+
+    gen = torch.Generator().manual_seed(1)
+    table = torch.randn(60, 16, generator=gen)
+    head = CTCHead(16)
+    blank = head.blank.detach()
+    spelled = torch.stack([table[5], table[5], blank, table[9], table[9], table[41], blank, table[41]])
+    # repeats merge, blanks split them: 5 9 41 41
+    assert ctc_greedy(head, spelled, table) == [5, 9, 41, 41]
+    vocab = torch.tensor([2, 5, 9, 41, 50])
+    assert ctc_greedy(head, spelled, table, vocab) == [5, 9, 41, 41]      # ids come back as table rows
+    # the loss over a vocabulary subset scores the same tokens, and still prefers the spelled ones
+    good = ctc_alignment_loss(head, [spelled], [[5, 9, 41, 41]], table, vocab)
+    bad = ctc_alignment_loss(head, [spelled], [[2, 50, 2]], table, vocab)
+    assert torch.isfinite(good) and float(good) < 0.5 * float(bad)
+
+
+def test_masked_features_keep_shape_and_change_with_the_generator():
+    from train.trainer import mask_features
+
+    x = torch.randn(120, 64).half()
+    a = mask_features(x, 1.0, torch.Generator().manual_seed(0))
+    b = mask_features(x, 1.0, torch.Generator().manual_seed(0))
+    c = mask_features(x, 1.0, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a, x.float(), atol=1e-2)
+    # masked frames are set to the clip's mean: at least one whole frame or channel band equals it
+    mean = x.float().mean(0)
+    assert ((a - mean).abs() < 0.5).all(dim=1).any() or ((a - mean).abs() < 0.5).all(dim=0).any()
+
+
+def test_ctc_only_warmup_trains_the_qformer_without_running_the_llm(tiny_cfg, tiny_data, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = SALMONN.from_config(tiny_cfg)
+    rows = load_annotations(tiny_data)
+    for r in rows[:6]:
+        r["task"] = "asr"
+    feats = encode_clips(model, [r["path"] for r in rows])
+    monkeypatch.setattr(model, "loss", lambda *a, **k: pytest.fail("the warm-up must not run the LLM"))
+    lora_before = {k: v.clone() for k, v in model.trainable_parameters().items() if "lora_" in k}
+    qf_before = model.window_qformer.query_tokens.detach().clone()
+    cfg = TrainConfig(steps=30, batch_size=4, init_lr=3e-3, min_lr=1e-3, warmup_start_lr=1e-4, warmup_steps=3,
+                      log_every=10, save_every=30, seed=0, ctc_weight=1.0, lm_weight=0.0, feature_masking=1.0)
+    trainer = Trainer(model, rows, feats, cfg, tmp_path / "warm", log=lambda m: None)
+    assert {r["task"] for r in trainer.rows} == {"asr"} and len(trainer.rows) == 6
+    history = trainer.train()
+    assert history[-1]["ctc"] < history[0]["ctc"]
+    assert not torch.equal(model.window_qformer.query_tokens, qf_before)
+    for k, v in model.trainable_parameters().items():
+        if "lora_" in k:
+            assert torch.equal(v, lora_before[k]), k           # the LLM side is untouched
+    with pytest.raises(ValueError, match="ctc_weight"):
+        Trainer(model, rows, feats, TrainConfig(lm_weight=0.0), tmp_path / "x", log=lambda m: None)
+
+
 def test_init_from_weights_with_fewer_queries_repeats_them(tiny_cfg, tmp_path):
     import dataclasses
 

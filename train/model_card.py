@@ -14,18 +14,27 @@ from model.defaults import ASSETS, CHECKPOINTS
 def stage_line(name: str, stage: dict) -> str:
     cfg, hist = stage["config"], stage.get("history") or []
     w = cfg.get("ctc_weight") or 0.0
-    # the logged loss is LM + w * CTC when the CTC term is on; the table shows the LM part
-    lm = [h["loss"] - w * h.get("ctc", 0.0) for h in hist]
-    first = lm[0] if hist else float("nan")
-    last = lm[-1] if hist else float("nan")
+    lm_w = cfg.get("lm_weight", 1.0)
+    # the logged loss is lm_w * LM + w * CTC when the CTC term is on; the table shows the LM part
+    lm = [(h["loss"] - w * h.get("ctc", 0.0)) / lm_w for h in hist] if lm_w else []
+    first = f"{lm[0]:.2f}" if lm else "—"
+    last = f"{lm[-1]:.2f}" if lm else "—"
     seconds = hist[-1]["seconds"] if hist else 0
     extra = f", {stage['examples']} examples" if "examples" in stage else ""
+    if stage.get("asr_repeat", 1) > 1:
+        extra += f", ASR rows × {stage['asr_repeat']}"
     if stage.get("replay"):
         extra += f" + {stage['replay']} stage-2 replay"
     if w and hist and "ctc" in hist[0]:
-        name += f" + CTC × {w:g} on ASR rows ({hist[0]['ctc']:.1f} → {hist[-1]['ctc']:.1f})"
+        name += f"{'' if not lm_w else f' + CTC × {w:g}'} on ASR rows (CTC {hist[0]['ctc']:.1f} → {hist[-1]['ctc']:.2f})"
+    if cfg.get("feature_masking"):
+        name += ", masked features"
+    if "spelled_wer" in stage:
+        sw = stage["spelled_wer"]
+        name += (f"; the audio tokens then spell the transcript (CTC best path, no LLM) at WER "
+                 f"{sw['train']:.0%} on training clips, {sw['held_out']:.0%} held out")
     return (f"| {name} | {cfg['steps']} × {cfg['batch_size']}{extra} | {cfg['init_lr']:g} → {cfg['min_lr']:g} | "
-            f"{first:.2f} → {last:.2f} | {seconds / 60:.0f} min |")
+            f"{first} → {last} | {seconds / 60:.0f} min |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = weights["speech_query_tokens"].shape[1]
     n_params = sum(t.numel() for t in weights.values()) / 1e6
     data = log.get("data", {})
-    names = {"1_pretrain": "1 pre-training (ASR, captions)", "2_instruct": "2 instruction tuning (all tasks)",
+    names = {"0_align": "0 alignment warm-up (CTC only, no LLM)", "1_pretrain": "1 pre-training (ASR, captions)", "2_instruct": "2 instruction tuning (all tasks)",
              "3_activation": "3 activation tuning (stories, descriptions)"}
     lines = [
         "# SALMONN-tiny model card",
@@ -64,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         "schedule: AdamW 0.9/0.999, weight decay 0.05 on matrices, linear warm-up then cosine). Where a stage says "
         "CTC, an auxiliary CTC loss (our addition, not the paper's) pulls each ASR clip's audio tokens toward the "
         "LLM's own embeddings of the spoken words, a direct per-window signal for tiny data on 2 cores; it needs "
-        "as many audio tokens as transcript tokens, hence 2 queries per window:",
+        "as many audio tokens as transcript tokens, hence 2 queries per window. Stage 0 (also ours) trains the "
+        "Q-Former and projection with that loss alone, before the LLM is involved, because it costs ~20x less per "
+        "step; \"masked features\" is SpecAugment-style masking of the cached encoder frames:",
         "",
         "| stage | steps × batch | lr | LM loss (first → last logged) | time |",
         "|---|---|---|---|---|",
