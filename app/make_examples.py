@@ -33,6 +33,9 @@ SPEECH = {
     "umbrella": ("en-us+f2", "Should I take an umbrella when I go outside?"),
     "speaker_a": ("en-us", "I will meet you at the station at noon."),
     "speaker_b": ("en-gb-scotland+f4", "The weather has been lovely all week."),
+    # A held-out sentence of SALMONN-tiny's training domain in a held-out voice (the m3 variant is
+    # never heard in training): the clip its ASR test transcribes.
+    "dictation": ("en-us+m3", "Have you seen my purple book anywhere, Mia?"),
 }
 
 
@@ -123,7 +126,7 @@ def normalize(wav: np.ndarray, peak: float = 0.9) -> np.ndarray:
 def build() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1234)
     clips: dict[str, np.ndarray] = {}
-    for name in ("speech", "question", "request"):
+    for name in ("speech", "question", "request", "dictation"):
         voice, text = SPEECH[name]
         clips[name] = speak(voice, text)
     # Two different voices one after the other (speaker verification: same or different speaker?).

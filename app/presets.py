@@ -110,6 +110,8 @@ class Example:
 EXAMPLES: list[Example] = [
     Example("speech.wav", "speech", "one English sentence (synthetic voice)", "asr",
             "The quick brown fox jumps over the lazy dog near the river bank."),
+    Example("dictation.wav", "speech", "a sentence like SALMONN-tiny's training data, in a voice it never heard",
+            "asr", "Have you seen my purple book anywhere, Mia?"),
     Example("question.wav", "speech", "a spoken question", "sqqa", "What is the tallest mountain in the world?"),
     Example("request.wav", "speech", "a spoken request to an assistant", "slots",
             "Please set an alarm for seven thirty tomorrow morning."),

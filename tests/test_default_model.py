@@ -1,6 +1,8 @@
 """Issue 4: the shipped SALMONN-tiny checkpoints load into the default model, which listens.
 
-Not tested here (not met yet, see assets/MODEL_CARD.md): transcribing held-out speech word for word.
+Held-out ASR is far from solved (see assets/MODEL_CARD.md: WER 37 % instruction-tuned, 64 % activation-tuned);
+what is tested is that the default model transcribes one bundled clip of its training domain, in a
+voice it never heard, with at most 2 word errors.
 """
 from __future__ import annotations
 
@@ -63,3 +65,13 @@ def test_launch_loads_both_checkpoints_over_one_model():
     a = act.score(clip, ask, "hello there", lora_scales=[4.0])[0].nll
     b = ins.score(clip, ask, "hello there", lora_scales=[4.0])[0].nll
     assert a != b and act.score(clip, ask, "hello there", lora_scales=[4.0])[0].nll == a
+
+
+def test_default_model_transcribes_a_clip_in_an_unseen_voice(default_pipeline):
+    from app.presets import EXAMPLES_BY_FILE
+    from train.evaluate import wer
+
+    clip = EXAMPLES_BY_FILE["dictation.wav"]
+    answer = default_pipeline.answer(clip.path, "Recognize the speech and give me the transcription.", generate=GREEDY)
+    # 8 words; at most 2 wrong (the shipped weights get 7: "book" comes out as a longer word)
+    assert wer([clip.transcript], [answer.text]) <= 0.25, answer.text

@@ -34,7 +34,7 @@ def stage_line(name: str, stage: dict) -> str:
         name += (f"; the audio tokens then spell the transcript (CTC best path, no LLM) at WER "
                  f"{sw['train']:.0%} on training clips, {sw['held_out']:.0%} held out")
     return (f"| {name} | {cfg['steps']} × {cfg['batch_size']}{extra} | {cfg['init_lr']:g} → {cfg['min_lr']:g} | "
-            f"{first} → {last} | {seconds / 60:.0f} min |")
+            f"{f'{first} → {last}' if lm else '—'} | {seconds / 60:.0f} min |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,15 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage2-asr-repeat", type=int, default=2,
                     help="stage 2 sees each ASR row this many times: word-level transcription needs the most "
                          "grounding of all tasks, and is a fifth of the rows")
-    ap.add_argument("--stage3-steps", type=int, default=48)
+    ap.add_argument("--stage3-steps", type=int, default=96)
     ap.add_argument("--stage1-lr", type=float, default=1e-3, help="peak LR of stage 1 (cosine to a tenth)")
     ap.add_argument("--stage2-lr", type=float, default=5e-4, help="peak LR of stage 2 (cosine to a tenth)")
     ap.add_argument("--stage3-lr", type=float, default=1e-4)
     ap.add_argument("--stage3-batch", type=int, default=4)
-    ap.add_argument("--replay", type=float, default=1.0,
+    ap.add_argument("--replay", type=float, default=2.0,
                     help="stage 3 mixes in this many stage-2 examples per activation example, so the trained "
                          "tasks are kept while instruction following comes back (0 = activation data only)")
-    ap.add_argument("--ctc-weight", type=float, default=0.5,
+    ap.add_argument("--ctc-weight", type=float, default=1.0,
                     help="weight of the auxiliary CTC loss on ASR rows' audio tokens in stages 1 and 2 (0 = the paper's LM loss only)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--stories", type=int, default=32)
