@@ -163,6 +163,11 @@ class CTCHead(torch.nn.Module):
         return cos * self.log_scale.exp()
 
 
+def ctc_classes(embeddings: torch.Tensor, vocab: torch.Tensor | None) -> torch.Tensor:
+    """The embedding rows the CTC head scores (all, or the sorted token ids in `vocab`); blank is added by the head."""
+    return embeddings if vocab is None else embeddings[vocab.to(embeddings.device)]
+
+
 def ctc_alignment_loss(head: CTCHead, tokens: list[torch.Tensor], targets: list[list[int]],
                        embeddings: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
     """CTC between each clip's audio tokens and its transcript's LLM token ids (blank = last class).
@@ -172,7 +177,7 @@ def ctc_alignment_loss(head: CTCHead, tokens: list[torch.Tensor], targets: list[
     speech); impossible alignments contribute zero. `vocab` (sorted token ids) limits the softmax to
     those rows of the table, e.g. the tokens of all training transcripts: the only ones a target can
     need, and ~50x cheaper than SmolLM2's 49k."""
-    table = embeddings if vocab is None else embeddings[vocab.to(embeddings.device)]
+    table = ctc_classes(embeddings, vocab)
     if vocab is not None:
         targets = [torch.searchsorted(vocab, torch.tensor(t, dtype=torch.long)).tolist() for t in targets]
     seq = torch.nn.utils.rnn.pad_sequence([t.float() for t in tokens], batch_first=True)     # [B, T, H]
@@ -189,7 +194,7 @@ def ctc_greedy(head: CTCHead, tokens: torch.Tensor, embeddings: torch.Tensor,
                vocab: torch.Tensor | None = None) -> list[int]:
     """The LLM token ids one clip's audio tokens spell under the CTC head (best path: repeats merged,
     blanks dropped): a cheap view of what the Q-Former has learned, without running the LLM."""
-    table = embeddings if vocab is None else embeddings[vocab.to(embeddings.device)]
+    table = ctc_classes(embeddings, vocab)
     best = head(tokens.float(), table).argmax(-1).tolist()
     out, prev = [], None
     for k in best:
@@ -235,8 +240,8 @@ class Trainer:
         # The CTC head is a training-only helper: kept in the trainer state, not the checkpoint; a
         # later stage may take over an earlier stage's head.
         self.ctc_head = ctc_head or CTCHead(model.llama_model.get_input_embeddings().weight.shape[1])
-        self.ctc_vocab = torch.tensor(sorted({i for ids in self.targets([r for r in rows if r["task"] in cfg.ctc_tasks])
-                                              for i in ids[:-1]}), dtype=torch.long)
+        ctc_rows = [r for r in rows if r["task"] in cfg.ctc_tasks] if cfg.ctc_weight > 0 else []
+        self.ctc_vocab = torch.tensor(sorted({i for ids in self.targets(ctc_rows) for i in ids[:-1]}), dtype=torch.long)
         if cfg.ctc_weight > 0:
             groups.append({"params": list(self.ctc_head.parameters()), "weight_decay": 0.0})
         self.opt = torch.optim.AdamW(groups, lr=cfg.init_lr, betas=(0.9, 0.999))
