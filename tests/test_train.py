@@ -186,6 +186,31 @@ def test_ctc_only_warmup_trains_the_qformer_without_running_the_llm(tiny_cfg, ti
         Trainer(model, rows, feats, TrainConfig(lm_weight=0.0), tmp_path / "x", log=lambda m: None)
 
 
+def test_lora_only_stage_leaves_the_audio_side_untouched(tiny_cfg, tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = SALMONN.from_config(tiny_cfg)
+    rows = load_annotations(tiny_data)
+    feats = encode_clips(model, [r["path"] for r in rows])
+    before = {k: v.detach().clone() for k, v in model.trainable_parameters().items()}
+    cfg = TrainConfig(steps=12, batch_size=4, init_lr=3e-3, min_lr=3e-3, warmup_steps=0, log_every=4,
+                      save_every=12, seed=0, lora_only=True)
+    trainer = Trainer(model, rows, feats, cfg, tmp_path / "act", prompts={"audiocaption": ["Describe."]}, log=lambda m: None)
+    trainer.train()
+    changed = {k for k, v in model.trainable_parameters().items() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed)     # LoRA learned, nothing else moved
+    # a later stage that trains everything takes the audio side back
+    Trainer(model, rows, feats, TrainConfig(steps=1), tmp_path / "all", log=lambda m: None)
+    assert all(p.requires_grad for p in model.trainable_parameters().values())
+
+
+def test_recipe_refuses_a_missing_extra_data_folder_before_loading_models(tmp_path):
+    from train.recipe import main
+
+    with pytest.raises(SystemExit, match="no stage2_instruct.json"):
+        main(["--data", str(tmp_path), "--extra-data", str(tmp_path / "nowhere"), "--runs", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
 def test_init_from_weights_with_fewer_queries_repeats_them(tiny_cfg, tmp_path):
     import dataclasses
 

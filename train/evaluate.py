@@ -120,8 +120,16 @@ def select(rows: list[dict], task: str, n: int) -> list[dict]:
 
 
 def evaluate_checkpoint(variant: str, rows: list[dict], stories: list[dict], scales: list[float], sizes: dict,
-                        log=print) -> dict:
-    model = SALMONN.from_config(default_config(variant))
+                        log=print, ckpt: str | Path | None = None) -> dict:
+    """`variant` names a shipped checkpoint, or labels the weights at `ckpt`."""
+    if ckpt is None:
+        cfg = default_config(variant)
+    else:
+        from model.bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
+        from model.defaults import tiny_config
+
+        cfg = tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), ckpt)
+    model = SALMONN.from_config(cfg)
     cache: dict[str, torch.Tensor] = {}
 
     def tokens_for(sel):
@@ -229,7 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gender", type=int, default=20)
     ap.add_argument("--story", type=int, default=12)
     ap.add_argument("--ppl", type=int, default=12)
+    ap.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH",
+                    help="evaluate these trained weights instead of the shipped two (repeatable), e.g. to compare runs")
     args = ap.parse_args(argv)
+    chosen = {}
+    for item in args.ckpt:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            raise SystemExit(f"--ckpt {item!r}: expected NAME=PATH of an existing checkpoint")
+        chosen[name] = path
     torch.manual_seed(0)
     data = Path(args.data)
     rows = load_annotations(data / "eval.json")
@@ -237,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"asr": args.asr, "qa": args.qa, "gender": args.gender, "story": args.story, "ppl": args.ppl}
     stories = story_references(data, rows, max(args.story, args.ppl))
     results = {"sizes": sizes, "checkpoints": {}}
-    for variant in ("instruction", "activation"):
+    if chosen:
+        for name, path in chosen.items():
+            results["checkpoints"][name] = evaluate_checkpoint(name, rows, stories, scales, sizes, ckpt=path)
+    for variant in () if chosen else ("instruction", "activation"):
         if CHECKPOINTS[variant].is_file():
             results["checkpoints"][variant] = evaluate_checkpoint(variant, rows, stories, scales, sizes)
     write_report(results, Path(args.out), scales)

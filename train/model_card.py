@@ -27,6 +27,8 @@ def stage_line(name: str, stage: dict) -> str:
         extra += f" + {stage['replay']} stage-2 replay"
     if w and hist and "ctc" in hist[0]:
         name += f"{'' if not lm_w else f' + CTC × {w:g}'} on ASR rows (CTC {hist[0]['ctc']:.1f} → {hist[-1]['ctc']:.2f})"
+    if cfg.get("lora_only"):
+        name += ", LoRA only (Q-Former and projection frozen)"
     if cfg.get("feature_masking"):
         name += ", masked features"
     if "spelled_wer" in stage:
@@ -67,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{data.get('clips', {}).get('train', '?')} training clips ({data.get('hours', {}).get('train', '?')} h) and "
         f"{data.get('clips', {}).get('eval', '?')} held-out clips (voices and sentences never seen in training): "
         "espeak-ng speech, synthesized sound events and music, speech over backgrounds, spoken questions about "
-        "the background. Stage 3 uses stories and detailed descriptions the LLM itself wrote from clip labels.",
+        "the background. Stage 3 uses stories and detailed descriptions the LLM itself wrote from clip labels."
+        + "".join(f" Stages 0-2 also used the {m.get('clips', {}).get('train', '?')} training clips "
+                  f"({m.get('hours', {}).get('train', '?')} h) of `{folder}` (`make_data` seed {m.get('seed', '?')}; "
+                  "same held-out voices and sentences, so no overlap with the evaluation set)."
+                  for folder, m in log.get("extra_data", {}).items()),
         "",
         "**Training** (`python -m train.recipe`, 2 CPU cores, frozen LLM in bfloat16; official optimiser and "
         "schedule: AdamW 0.9/0.999, weight decay 0.05 on matrices, linear warm-up then cosine). Where a stage says "

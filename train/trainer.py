@@ -53,6 +53,10 @@ class TrainConfig:
     # Against over-fitting to the training voices (the CTC warm-up reached 14 % train vs 37 % held-out
     # WER without it).
     feature_masking: float = 0.0
+    # Train only LoRA, with the Q-Former and projection frozen. For activation tuning: what it must
+    # change is how the LLM answers, not what the audio tokens say (training all of them on a few
+    # stories let the tokens drift, and held-out ASR suffered most).
+    lora_only: bool = False
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -62,11 +66,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (cfg.init_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
 
 
-def param_groups(model: SALMONN, weight_decay: float) -> list[dict]:
-    """Official rule: decay parameters with ndim >= 2 whose names contain no 'bias', 'ln' or 'bn'."""
+def param_groups(model: SALMONN, weight_decay: float, lora_only: bool = False) -> list[dict]:
+    """Official rule: decay parameters with ndim >= 2 whose names contain no 'bias', 'ln' or 'bn'.
+    With lora_only, everything but the LoRA weights is frozen (requires_grad off)."""
     decay, no_decay = [], []
     for name, p in model.trainable_parameters().items():
-        p.requires_grad_(True)
+        p.requires_grad_(not lora_only or "lora_" in name)
+        if not p.requires_grad:
+            continue
         if p.ndim < 2 or any(k in name for k in ("bias", "ln", "bn")):
             no_decay.append(p)
         else:
@@ -236,7 +243,7 @@ class Trainer:
         self.rng = random.Random(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        groups = param_groups(model, cfg.weight_decay)
+        groups = param_groups(model, cfg.weight_decay, cfg.lora_only)
         # The CTC head is a training-only helper: kept in the trainer state, not the checkpoint; a
         # later stage may take over an earlier stage's head.
         self.ctc_head = ctc_head or CTCHead(model.llama_model.get_input_embeddings().weight.shape[1])
@@ -296,6 +303,8 @@ class Trainer:
         m.speech_encoder.eval()
         if m.audio_encoder is not None:
             m.audio_encoder.eval()
+        if cfg.lora_only:   # frozen audio side: its tokens as at inference (no dropout)
+            m.window_qformer.eval()
         start, running, running_ctc = time.perf_counter(), [], []
         while self.step < cfg.steps:
             lr = lr_at(self.step, cfg)
