@@ -217,7 +217,8 @@ def main(argv=None) -> int:
         st_low = stage_times(m_low, wav, text, gen, scale, reps)
         ttft_low = median_answer(p_low, str(path), PROMPT, gen, reps, clear="all")
         sw_low = sweep_times(p_low, wav, PROMPT, gen, scales, reps, full=False)
-        low[label] = {"stages": st_low, "ttft": ttft_low, "sweep": sw_low}
+        low[label] = {"stages": st_low, "ttft": ttft_low, "sweep": sw_low,
+                      "bytes_per_token": bytes_per_token(m_low, st["prompt_tokens"] + args.tokens // 2)}
         if "dtype" in changes:
             t.add(f"fp32 -> {label}: Whisper encoder ms", st["whisper_s"] * 1000, st_low["whisper_s"] * 1000,
                   f"{st['whisper_s'] / st_low['whisper_s']:.2f}x")
@@ -253,10 +254,9 @@ def main(argv=None) -> int:
     t = Table(f"Decode vs the memory-bandwidth limit ({args.threads} threads, copy bandwidth "
               f"{bandwidth / 1e9:.1f} GB/s = 2 x bytes / time)",
               ["dtype", "bytes read per token (MB)", "limit tokens/s", "measured tokens/s", "% of limit"])
-    rates = [("float32", st["tokens_per_s"])] + [(k, v["stages"]["tokens_per_s"]) for k, v in low.items()]
-    for name, rate in rates:
-        # the same weights in 2 bytes (bf16) or about 1 byte (int8: LoRA, norms and embeddings stay fp32)
-        nbytes = bytes_per_token(model, context) // {"float32": 1, "bf16": 2}.get(name, 4)
+    rates = [("float32", st["tokens_per_s"], bytes_per_token(model, context))] + \
+        [(k, v["stages"]["tokens_per_s"], v["bytes_per_token"]) for k, v in low.items()]
+    for name, rate, nbytes in rates:     # each model's own weights as loaded (int8: LoRA and norms stay float)
         limit = bandwidth / nbytes
         t.add(name, nbytes / 1e6, limit, rate, 100 * rate / limit)
     t.print()

@@ -212,6 +212,14 @@ def bytes_per_token(model, context: int) -> int:
     embed = llm.get_input_embeddings().weight
     head = llm.get_output_embeddings().weight
     weights = sum(p.numel() * p.element_size() for p in llm.parameters() if p is not embed or p is head)
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    for module in llm.modules():       # torch's dynamic-int8 Linear keeps its weights packed, not as parameters
+        if isinstance(module, Int8Linear):
+            w, b = module._weight_bias()
+            weights += w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
+            if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                weights += w.q_per_channel_scales().numel() * 4     # one float scale per output channel
     cfg = (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * embed.element_size()

@@ -266,3 +266,20 @@ def test_cpu_benchmark_smoke(tiny_root, tmp_path):
     assert "cached-prefix answers identical to uncached ones in this run: True" in text
     assert "batched sweep answers identical to one-by-one answers in this run: True" in text
     assert "fp32 -> int8 weights (--8bit): decode tokens/s" in text
+
+
+def test_bytes_per_token_counts_packed_int8_weights(tiny_cfg):
+    """The decode-vs-bandwidth table divides by each model's own bytes: int8 layers keep their weights
+    packed (not as parameters), so they must be counted from the packed tensors, about 1 byte each."""
+    from bench.measure import bytes_per_token
+    from model.llm import quantize_int8_cpu
+    from model.salmonn import SALMONN
+
+    model = SALMONN.from_config(tiny_cfg)
+    fp32 = bytes_per_token(model, 0)
+    linear = sum(m.weight.numel() for n, m in model.llama_model.named_modules()
+                 if type(m) is torch.nn.Linear and "lora_" not in n)
+    assert quantize_int8_cpu(model.llama_model) > 0
+    int8 = bytes_per_token(model, 0)
+    assert int8 < fp32 - 2.5 * linear           # ~3 of each Linear weight's 4 bytes are gone
+    assert int8 >= linear                        # ...but the packed bytes are counted
