@@ -203,6 +203,28 @@ def test_lora_only_stage_leaves_the_audio_side_untouched(tiny_cfg, tiny_data, tm
     assert all(p.requires_grad for p in model.trainable_parameters().values())
 
 
+def test_example_mean_gives_a_short_answer_the_weight_of_a_long_one(tiny_cfg, tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = SALMONN.from_config(tiny_cfg).eval()
+    rows = load_annotations(tiny_data)[:2]
+    rows[0]["text"] = "a long story " * 12
+    rows[1]["text"] = "short."
+    feats = encode_clips(model, [r["path"] for r in rows])
+    prompts = {t: ["Describe."] for t in {r["task"] for r in rows}}
+
+    def lm(example_mean, batch):
+        cfg = TrainConfig(example_mean=example_mean)
+        with torch.no_grad():
+            return float(Trainer(model, rows, feats, cfg, tmp_path, prompts, log=lambda m: None).loss_terms(batch)[0])
+
+    long, short = lm(True, rows[:1]), lm(True, rows[1:])
+    n_long, n_short = (len(t) for t in Trainer(model, rows, feats, TrainConfig(), tmp_path, log=print).targets(rows))
+    assert n_long > 5 * n_short
+    assert lm(True, rows) == pytest.approx((long + short) / 2, rel=1e-4)
+    # the official token mean weighs each row by its length
+    assert lm(False, rows) == pytest.approx((n_long * long + n_short * short) / (n_long + n_short), rel=1e-4)
+
+
 def test_recipe_refuses_a_missing_extra_data_folder_before_loading_models(tmp_path):
     from train.recipe import main
 

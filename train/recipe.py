@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage2-lr", type=float, default=5e-4, help="peak LR of stage 2 (cosine to a tenth)")
     ap.add_argument("--stage3-lr", type=float, default=1e-4)
     ap.add_argument("--stage3-batch", type=int, default=4)
+    ap.add_argument("--stage3-example-mean", action=argparse.BooleanOptionalAction, default=False,
+                    help="stage 3 averages the LM loss per example, so the short replayed answers weigh as much "
+                         "as the long stories (the token mean gives the stories nearly all the weight)")
     ap.add_argument("--stage3-lora-only", action=argparse.BooleanOptionalAction, default=False,
                     help="stage 3 trains only LoRA; the Q-Former and projection stay as instruction tuning left them")
     ap.add_argument("--replay", type=float, default=2.0,
@@ -253,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         act_file.write_text(json.dumps({"annotation": act}, indent=1, ensure_ascii=False))
     s3 = TrainConfig(steps=args.stage3_steps, batch_size=args.stage3_batch, init_lr=args.stage3_lr, min_lr=args.stage3_lr,
                      warmup_start_lr=args.stage3_lr, warmup_steps=0, max_txt_len=256, seed=args.seed + 2, log_every=4,
-                     save_every=args.stage3_steps, lora_only=args.stage3_lora_only)
+                     save_every=args.stage3_steps, lora_only=args.stage3_lora_only,
+                     example_mean=args.stage3_example_mean)
     replay = random.Random(args.seed + 3).sample(stage2, min(len(stage2), int(round(args.replay * len(act)))))
     if not (runs / "stage3" / "latest.safetensors").exists():
         load_checkpoint(model, runs / "stage2" / "latest.safetensors")

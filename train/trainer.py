@@ -57,6 +57,10 @@ class TrainConfig:
     # change is how the LLM answers, not what the audio tokens say (training all of them on a few
     # stories let the tokens drift, and held-out ASR suffered most).
     lora_only: bool = False
+    # Average the LM loss per example, then over the batch, instead of over all target tokens (the
+    # official rule). With long stories beside short replayed answers the token mean gives the
+    # stories nearly all the weight; this gives each example the same.
+    example_mean: bool = False
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -281,7 +285,10 @@ class Trainer:
         lm = None
         if cfg.lm_weight > 0:
             texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
-            lm = m.loss(tokens, texts, targets)
+            if cfg.example_mean:
+                lm = -torch.stack([lp.mean() for lp in m.target_logprobs(tokens, texts, targets)]).mean()
+            else:
+                lm = m.loss(tokens, texts, targets)
         picked = [i for i, r in enumerate(rows) if r["task"] in cfg.ctc_tasks]
         if cfg.ctc_weight <= 0 or not picked:
             return lm, None
