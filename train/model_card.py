@@ -29,6 +29,8 @@ def stage_line(name: str, stage: dict) -> str:
         name += f"{'' if not lm_w else f' + CTC × {w:g}'} on ASR rows (CTC {hist[0]['ctc']:.1f} → {hist[-1]['ctc']:.2f})"
     if cfg.get("lora_only"):
         name += ", LoRA only (Q-Former and projection frozen)"
+    if cfg.get("example_mean"):
+        name += ", LM loss averaged per example"
     if cfg.get("feature_masking"):
         name += ", masked features"
     if "spelled_wer" in stage:
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "| stage | steps × batch | lr | LM loss (first → last logged) | time |",
         "|---|---|---|---|---|",
     ]
-    lines += [stage_line(names.get(k, k), v) for k, v in log["stages"].items()]
+    lines += [stage_line(names.get(k, k), v) for k, v in log["stages"].items() if v["config"]["steps"]]
     init = args.init if args.init is not None else log.get("init")
     if init:
         lines += ["", f"This run continued from earlier trained weights: {init}."]

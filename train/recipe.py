@@ -154,17 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage2-asr-repeat", type=int, default=2,
                     help="stage 2 sees each ASR row this many times: word-level transcription needs the most "
                          "grounding of all tasks, and is a fifth of the rows")
-    ap.add_argument("--stage3-steps", type=int, default=96)
+    ap.add_argument("--stage3-steps", type=int, default=160)
     ap.add_argument("--stage1-lr", type=float, default=1e-3, help="peak LR of stage 1 (cosine to a tenth)")
     ap.add_argument("--stage2-lr", type=float, default=5e-4, help="peak LR of stage 2 (cosine to a tenth)")
-    ap.add_argument("--stage3-lr", type=float, default=1e-4)
+    ap.add_argument("--stage3-lr", type=float, default=2e-4)
     ap.add_argument("--stage3-batch", type=int, default=4)
-    ap.add_argument("--stage3-example-mean", action=argparse.BooleanOptionalAction, default=False,
+    ap.add_argument("--stage3-example-mean", action=argparse.BooleanOptionalAction, default=True,
                     help="stage 3 averages the LM loss per example, so the short replayed answers weigh as much "
                          "as the long stories (the token mean gives the stories nearly all the weight)")
-    ap.add_argument("--stage3-lora-only", action=argparse.BooleanOptionalAction, default=False,
+    ap.add_argument("--stage3-lora-only", action=argparse.BooleanOptionalAction, default=True,
                     help="stage 3 trains only LoRA; the Q-Former and projection stay as instruction tuning left them")
-    ap.add_argument("--replay", type=float, default=2.0,
+    ap.add_argument("--replay", type=float, default=3.0,
                     help="stage 3 mixes in this many stage-2 examples per activation example, so the trained "
                          "tasks are kept while instruction following comes back (0 = activation data only)")
     ap.add_argument("--ctc-weight", type=float, default=1.0,
