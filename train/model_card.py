@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         "**Limits, honestly.** This is a small model trained for a few CPU-hours in all (each run continues the "
         "last). It has learned the answer formats of every task, and the LoRA-scale effect is strong, but its grounding "
         "in the audio is weak: see the table. Training longer is one command (`python -m train.recipe --init "
-        "assets/salmonn-tiny-instruction.safetensors --align-steps 0 --stage1-steps 0 --stage2-steps N --runs runs_next`, "
-        "faster on a GPU). English "
+        "assets/salmonn-tiny-instruction.safetensors --extra-data data2 --align-steps 0 --stage1-steps 0 --stage2-steps N "
+        "--runs runs_next`, after `python -m train.make_data --out data2 --seed 1`; faster on a GPU). English "
         "only; synthetic voices; no sound-event encoder.",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
