@@ -7,7 +7,8 @@
 1. pre-training on ASR + audio/music captioning;
 2. instruction tuning on all tasks (short, exact answers: this is where task over-fitting comes from);
 3. activation tuning on a few long, diverse answers (stories, detailed descriptions) that the LLM
-   itself writes from each clip's labels.
+   itself writes from each clip's labels, mixed with replayed stage-2 examples; by default LoRA only,
+   with the loss averaged per example so the short replayed answers keep the trained tasks.
 Each stage resumes from its last checkpoint if interrupted. On CPU the frozen LLM runs in bfloat16
 (about 4x cheaper per step here than float32); the trained weights stay float32.
 """
