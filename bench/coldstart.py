@@ -53,10 +53,9 @@ def main() -> int:
             configs = build_configs(parse_args(["--device", "cpu"]))
             out["config"] = "embedded default (trained weights): " + ", ".join(label for label, _ in configs)
         except Exception as err:  # noqa: BLE001 - weights not trained yet: same compute without them
-            from model.bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
-            from model.defaults import tiny_config
+            from model.defaults import bundled_config
 
-            cfg = tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), device="cpu")
+            cfg = bundled_config(device="cpu")
             configs = [("activation-tuned", cfg), ("instruction-tuned", cfg)]
             out["config"] = f"SALMONN-tiny without trained weights x2 (as launch_app's two variants; {err.__class__.__name__})"
     if args.separate:

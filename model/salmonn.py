@@ -319,9 +319,13 @@ class SALMONN(nn.Module):
             out.append(logp.gather(1, ids[:, None]).squeeze(1))
         return out
 
-    def loss(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Mean cross-entropy over all target tokens of the batch (the official training loss)."""
+    def loss(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
+             per_example: bool = False) -> torch.Tensor:
+        """Mean cross-entropy over all target tokens of the batch (the official training loss), or with
+        `per_example` the mean of each row's own mean, so a short answer weighs as much as a long one."""
         logps = self.target_logprobs(audio, texts, targets)
+        if per_example:
+            return -torch.stack([lp.mean() for lp in logps]).mean()
         return -torch.cat(logps).mean()
 
     # ----------------------------------------------------------------- decoding

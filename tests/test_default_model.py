@@ -1,6 +1,6 @@
 """Issue 4: the shipped SALMONN-tiny checkpoints load into the default model, which listens.
 
-Held-out ASR is far from solved (see assets/MODEL_CARD.md: WER 37 % instruction-tuned, 64 % activation-tuned);
+Held-out ASR is far from solved (see assets/MODEL_CARD.md: WER 31 % instruction-tuned, 40 % activation-tuned);
 what is tested is that the default model transcribes one bundled clip of its training domain, in a
 voice it never heard, with at most 2 word errors.
 """

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from model.config import GenerateConfig
-from model.defaults import ASSETS, CHECKPOINTS, default_config
+from model.defaults import ASSETS, CHECKPOINTS, bundled_config
 from model.llm import lora_scale
 from model.salmonn import SALMONN
 from train.tasks import describe
@@ -119,17 +119,10 @@ def select(rows: list[dict], task: str, n: int) -> list[dict]:
     return picked[:: max(1, len(picked) // n)][:n]
 
 
-def evaluate_checkpoint(variant: str, rows: list[dict], stories: list[dict], scales: list[float], sizes: dict,
-                        log=print, ckpt: str | Path | None = None) -> dict:
-    """`variant` names a shipped checkpoint, or labels the weights at `ckpt`."""
-    if ckpt is None:
-        cfg = default_config(variant)
-    else:
-        from model.bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
-        from model.defaults import tiny_config
-
-        cfg = tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir(), ckpt)
-    model = SALMONN.from_config(cfg)
+def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], stories: list[dict], scales: list[float],
+                        sizes: dict, log=print) -> dict:
+    """The weights at `ckpt`, reported under the name `variant`."""
+    model = SALMONN.from_config(bundled_config(ckpt))
     cache: dict[str, torch.Tensor] = {}
 
     def tokens_for(sel):
@@ -181,10 +174,7 @@ def story_references(data: Path, rows: list[dict], n: int, seed: int = 0) -> lis
     chosen = [r for r in clips.values() if r["labels"]["type"] != "speech"][:: 4][:n]
     clip_dicts = [{"path": r["path"], "split": "train", "type": r["labels"]["type"], "id": r["id"],
                    "description": describe(r["labels"])} for r in chosen]
-    from model.bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
-    from model.defaults import tiny_config
-
-    model = SALMONN.from_config(tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir()))   # base LLM only
+    model = SALMONN.from_config(bundled_config())   # base LLM only
     written = write_activation_data(model, clip_dicts, len(clip_dicts), 0, seed)
     refs = {}
     for r in rows:
@@ -253,12 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"asr": args.asr, "qa": args.qa, "gender": args.gender, "story": args.story, "ppl": args.ppl}
     stories = story_references(data, rows, max(args.story, args.ppl))
     results = {"sizes": sizes, "checkpoints": {}}
-    if chosen:
-        for name, path in chosen.items():
-            results["checkpoints"][name] = evaluate_checkpoint(name, rows, stories, scales, sizes, ckpt=path)
-    for variant in () if chosen else ("instruction", "activation"):
-        if CHECKPOINTS[variant].is_file():
-            results["checkpoints"][variant] = evaluate_checkpoint(variant, rows, stories, scales, sizes)
+    chosen = chosen or {v: CHECKPOINTS[v] for v in ("instruction", "activation") if CHECKPOINTS[v].is_file()}
+    for name, path in chosen.items():
+        results["checkpoints"][name] = evaluate_checkpoint(name, path, rows, stories, scales, sizes)
     write_report(results, Path(args.out), scales)
     print((Path(args.out) / "results.md").read_text())
     return 0

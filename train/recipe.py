@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import load_checkpoint, match_weights, read_state_dict, save_checkpoint, set_trainable
-from model.defaults import CHECKPOINTS, tiny_config
+from model.defaults import CHECKPOINTS, bundled_config
 from model.salmonn import SALMONN
-from train.trainer import Trainer, TrainConfig, encode_clips, load_annotations
+from train.trainer import CTCHead, Trainer, TrainConfig, encode_clips, load_annotations
 
 STORY_PROMPTS = [
     "Based on the audio, write a story in detail. Your story should be highly related to the audio.",
@@ -44,9 +44,7 @@ def log(msg: str) -> None:
 
 
 def build_model(llm_dtype: torch.dtype) -> SALMONN:
-    from model.bundled import ensure_smollm2_dir, ensure_whisper_tiny_dir
-
-    model = SALMONN.from_config(tiny_config(ensure_whisper_tiny_dir(), ensure_smollm2_dir()))
+    model = SALMONN.from_config(bundled_config())
     # The frozen LLM may run in bf16; what we train stays fp32 for the optimiser.
     for name, p in model.llama_model.named_parameters():
         if "lora_" not in name:
@@ -204,16 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     log("caching frozen-encoder features")
     feats = encode_clips(model, sorted({r["path"] for r in stage2}), cache_file=runs / "features-train.pt", log=log)
 
-    card: dict = {"init": args.init, "stages": {}, "data": json.loads((data / "meta.json").read_text()) if (data / "meta.json").exists() else {}}
-    card["extra_data"] = {str(e): json.loads((Path(e) / "meta.json").read_text()) for e in args.extra_data
-                          if (Path(e) / "meta.json").exists()}
-    card["ctc_head"] = args.ctc_head
+    def meta(folder: Path) -> dict:
+        return json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
+
+    card: dict = {"init": args.init, "ctc_head": args.ctc_head, "stages": {}, "data": meta(data),
+                  "extra_data": {e: meta(Path(e)) for e in args.extra_data}}
     head = None
     if args.ctc_head:
-        from train.trainer import CTCHead
-
-        head = CTCHead(model.llama_model.get_input_embeddings().weight.shape[1])
-        head.load_state_dict(torch.load(args.ctc_head, weights_only=True)["ctc_head"])
+        head = CTCHead.for_model(model, args.ctc_head)
         log(f"CTC head taken over from {args.ctc_head}")
     if args.align_steps:
         s0 = TrainConfig(steps=args.align_steps, batch_size=32, init_lr=args.align_lr, min_lr=0.0, warmup_start_lr=1e-5,

@@ -168,6 +168,15 @@ class CTCHead(torch.nn.Module):
         self.blank = torch.nn.Parameter(torch.randn(dim) * 0.02)
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
 
+    @classmethod
+    def for_model(cls, model: SALMONN, trainer_state: str | Path | None = None) -> "CTCHead":
+        """A head over `model`'s LLM embedding width: fresh, or the one kept in a Trainer's
+        latest_state.pt (to carry an earlier run's head into a continued run)."""
+        head = cls(model.llama_model.get_input_embeddings().weight.shape[1])
+        if trainer_state:
+            head.load_state_dict(torch.load(trainer_state, weights_only=True)["ctc_head"])
+        return head
+
     def forward(self, tokens: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         table = torch.cat([embeddings.detach().float(), self.blank[None].float()])
         cos = torch.nn.functional.normalize(tokens.float(), dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
@@ -250,7 +259,7 @@ class Trainer:
         groups = param_groups(model, cfg.weight_decay, cfg.lora_only)
         # The CTC head is a training-only helper: kept in the trainer state, not the checkpoint; a
         # later stage may take over an earlier stage's head.
-        self.ctc_head = ctc_head or CTCHead(model.llama_model.get_input_embeddings().weight.shape[1])
+        self.ctc_head = ctc_head or CTCHead.for_model(model)
         ctc_rows = [r for r in rows if r["task"] in cfg.ctc_tasks] if cfg.ctc_weight > 0 else []
         self.ctc_vocab = torch.tensor(sorted({i for ids in self.targets(ctc_rows) for i in ids[:-1]}), dtype=torch.long)
         if cfg.ctc_weight > 0:
@@ -285,10 +294,7 @@ class Trainer:
         lm = None
         if cfg.lm_weight > 0:
             texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
-            if cfg.example_mean:
-                lm = -torch.stack([lp.mean() for lp in m.target_logprobs(tokens, texts, targets)]).mean()
-            else:
-                lm = m.loss(tokens, texts, targets)
+            lm = m.loss(tokens, texts, targets, per_example=cfg.example_mean)
         picked = [i for i, r in enumerate(rows) if r["task"] in cfg.ctc_tasks]
         if cfg.ctc_weight <= 0 or not picked:
             return lm, None
