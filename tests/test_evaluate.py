@@ -32,3 +32,28 @@ def test_story_rule():
     assert is_story(story, [caption])
     assert not is_story(caption, [caption])
     assert not is_story(" ".join([caption] * 8), [caption])     # long, but only the caption repeated
+
+
+def test_evaluation_command_reports_everyday_wer_for_a_checkpoint(tmp_path):
+    """`python -m train.evaluate --ckpt ...` end to end on a tiny held-out set: the table and JSON carry the
+    out-of-domain row, computed on the fixed everyday sentences (never trained on)."""
+    import json
+
+    from model.defaults import CHECKPOINTS
+    from train import evaluate, make_data
+
+    data = tmp_path / "data"
+    make_data.generate(data, seed=0, scale=0.02, workers=1)
+    rows = json.loads((data / "eval.json").read_text())["annotation"]
+    clip = next(r for r in rows if r["labels"]["type"] == "sound")
+    # a cached story reference, so the test does not wait for the LLM to write one
+    (data / "eval_stories.json").write_text(json.dumps([{"path": str((data / clip["path"]).resolve()),
+                                                         "text": "Once upon a time a bell rang.", "references": []}]))
+    out = tmp_path / "eval"
+    evaluate.main(["--data", str(data), "--out", str(out), "--scales", "0,4", "--asr", "2", "--open", "2", "--qa", "2",
+                   "--gender", "1", "--story", "1", "--ppl", "1", "--ckpt", f"default={CHECKPOINTS['activation']}"])
+    result = json.loads((out / "results.json").read_text())["checkpoints"]["default"]
+    for scale in ("0", "4"):
+        entry = result[scale]
+        assert 0.0 <= entry["open_asr_wer"] and [e["ref"] for e in entry["open_asr_examples"]] == evaluate.OPEN_EVAL_SENTENCES[:2]
+    assert "everyday WER" in (out / "results.md").read_text() and (out / "results.png").is_file()

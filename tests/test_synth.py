@@ -258,3 +258,49 @@ def test_make_data_tiny_is_valid_and_deterministic(tmp_path):
         assert clip["description"].endswith((".", "?", '"'))
     rows = make_data.load_annotation(a / "eval.json")
     assert all(Path(r["path"]).is_absolute() and Path(r["path"]).is_file() for r in rows)
+
+
+# --------------------------------------------------------------------------- open-vocabulary sentences
+
+def test_sentence_cleaner_keeps_only_what_espeak_reads_as_written():
+    from train.sentences import candidates, clean
+
+    assert clean("1. The baker opened his shop early this morning.") == "The baker opened his shop early this morning."
+    assert clean("Can you pass me the salt, please?") == "Can you pass me the salt, please?"
+    for bad in ["The bus leaves at 10:30 every day.",      # digits: espeak says words the transcript lacks
+                "I paid $5 for a coffee and a muffin.",    # symbols
+                "Too short.",                               # under five words
+                "The NASA team launched a rocket today.",  # acronyms are spelled out
+                "the sentence starts with a small letter.",
+                "A sentence with no end mark at all here"]:
+        assert clean(bad) is None, bad
+    got = candidates(" It is cold outside today, isn't it?\n- Wear a scarf. Take a warm coat with you too.\n"
+                     "These sentences show how people talk.\n- A list item after the prose is not kept.")
+    assert got == ["It is cold outside today, isn't it?", "Take a warm coat with you too."]
+
+
+def test_open_sentences_join_the_data_split_by_content_and_never_the_everyday_eval(tmp_path):
+    from train.evaluate import OPEN_EVAL_SENTENCES
+    from train.sentences import load_sentences, normalized
+
+    # The generator's ban list: the fixed out-of-domain evaluation sentences never reach training.
+    assert len({normalized(s) for s in OPEN_EVAL_SENTENCES}) == len(OPEN_EVAL_SENTENCES)
+    corpus = [f"Sentence number {w} talks about the weather today." for w in
+              "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike oscar papa".split()]
+    path = tmp_path / "sentences.json"
+    path.write_text(json.dumps({"seed": 0, "sentences": corpus}))
+    split = load_sentences(path)
+    assert split["eval"] and split["train"]  # 15 sentences: the hash puts some on each side
+    assert sorted(split["train"] + split["eval"]) == sorted(corpus)
+    assert all(synth.sentence_split(s) == "eval" for s in split["eval"])
+
+    out = tmp_path / "d"
+    meta = make_data.generate(out, seed=0, scale=0.02, workers=1, sentences=str(path), open_share=1.0)
+    assert meta["sentences"]["open_clips"] > 0
+    for name, side in (("stage2_instruct.json", "train"), ("eval.json", "eval")):
+        for r in json.loads((out / name).read_text())["annotation"]:
+            if r["task"] == "asr" and r["labels"]["type"] != "co_reasoning":  # not a spoken question: a corpus
+                # sentence of its own split
+                assert r["labels"]["speech"]["text"] in split[side]
+    plain = make_data.generate(tmp_path / "p", seed=0, scale=0.02, workers=1)
+    assert plain["sentences"] is None

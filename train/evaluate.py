@@ -9,6 +9,9 @@ Metrics (all our own measurements on synthetic, held-out voices and sentences):
   digits or words), and for yes/no references the answer's first word matches. An estimate ("About 97."
   beats per minute) counts when the answer's first number is within 4 % of it, the tolerance of the
   MIREX tempo-estimation metric (Accuracy 1).
+- Everyday-speech WER: the same WER on fixed everyday sentences outside the template grammar
+  (``OPEN_EVAL_SENTENCES``, written by us, never in any training set), spoken in held-out voices.
+  It measures dictation of words the templates do not have.
 - Gender accuracy: "Is the speaker male or female?", same rule.
 - Story following rate: the official storytelling prompt; an answer counts as a story when it has at
   least 40 words and 3 sentences and is not a copy of the clip's transcript or caption (fewer than
@@ -35,6 +38,39 @@ from train.tasks import describe
 from train.trainer import load_annotations
 
 STORY_PROMPT = "Based on the audio, write a story in detail. Your story should be highly related to the audio."
+# Everyday sentences for the out-of-domain ASR row; ``train.sentences`` refuses to train on any of them.
+OPEN_EVAL_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Please remember to water the plants before you leave for the airport.",
+    "The museum opens at nine and closes early on public holidays.",
+    "My grandmother grew tomatoes and peppers in her small garden.",
+    "We should paint the kitchen a lighter color this summer.",
+    "The doctor said I need to drink more water and sleep longer.",
+    "Can you explain why the sky looks orange at sunset?",
+    "Our team finished the project two days ahead of schedule.",
+    "The library will be closed next Monday for repairs.",
+    "He forgot his umbrella and walked home in the pouring rain.",
+    "I think the soup needs a little more salt and pepper.",
+    "She plays the violin in a small orchestra every weekend.",
+    "Could you please speak a bit more slowly?",
+    "The children built a sandcastle next to the old lighthouse.",
+    "Turn left at the bakery and the hotel is on your right.",
+    "My brother is afraid of spiders but he loves snakes.",
+    "The printer on the second floor is out of paper again.",
+    "We watched the fireworks from the roof of our building.",
+    "How much does a return ticket to the coast cost?",
+    "The farmer sold fresh milk and honey at the village fair.",
+    "Nobody noticed that the clock in the hall had stopped.",
+    "I left my reading glasses somewhere in the car.",
+    "The weather forecast says it will snow tomorrow night.",
+    "They are planning a surprise party for their teacher.",
+    "This bridge was built more than a hundred years ago.",
+    "Would you like to join us for lunch on Friday?",
+    "The baby finally fell asleep after a long walk in the park.",
+    "A strong wind knocked over the fence behind the school.",
+    "Please switch off your phones during the performance.",
+    "The new bicycle lane makes my ride to work much safer.",
+]
 NUMBERS = {str(i): w for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
 
 
@@ -119,6 +155,16 @@ def select(rows: list[dict], task: str, n: int) -> list[dict]:
     return picked[:: max(1, len(picked) // n)][:n]
 
 
+def open_eval_clips(n: int) -> list[np.ndarray]:
+    """``OPEN_EVAL_SENTENCES[:n]``, each in one of the held-out voices (deterministic)."""
+    from train import synth
+
+    held_out = synth.voices("eval")
+    rng = np.random.default_rng(0)
+    return [synth.speech(text, rng, voice=held_out[i % len(held_out)])[0]
+            for i, text in enumerate(OPEN_EVAL_SENTENCES[:n])]
+
+
 def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], stories: list[dict], scales: list[float],
                         sizes: dict, log=print) -> dict:
     """The weights at `ckpt`, reported under the name `variant`."""
@@ -133,6 +179,8 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
         return [cache[r["path"]] for r in sel]
 
     asr = select(rows, "asr", sizes["asr"])
+    open_refs = OPEN_EVAL_SENTENCES[: sizes.get("open", 0)]
+    open_tokens = [model.encode_audio(w, output_attentions=False).embeds for w in open_eval_clips(len(open_refs))]
     qa = select(rows, "QA", sizes["qa"])
     gender = select(rows, "gender_recognition", sizes["gender"])
     story_rows = stories[: sizes["story"]]
@@ -145,6 +193,10 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
         hyp = generate(model, tokens_for(asr), [r["prompt"] for r in asr], scale, 48)
         entry["asr_wer"] = wer([r["text"] for r in asr], hyp)
         entry["asr_examples"] = [{"ref": r["text"], "hyp": h} for r, h in list(zip(asr, hyp))[:3]]
+        if open_refs:
+            hyp = generate(model, open_tokens, [asr[0]["prompt"]] * len(open_refs), scale, 48)
+            entry["open_asr_wer"] = wer(open_refs, hyp)
+            entry["open_asr_examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(open_refs, hyp))[:3]]
         hyp = generate(model, tokens_for(qa), [r["prompt"] for r in qa], scale, 16)
         entry["attribute_accuracy"] = float(np.mean([answer_correct(r["text"], h) for r, h in zip(qa, hyp)]))
         hyp = generate(model, tokens_for(gender), [r["prompt"] for r in gender], scale, 8)
@@ -155,7 +207,7 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
         entry["perplexity"] = {t: perplexity(model, tokens_for(sel), [r["prompt"] if t != "story" else STORY_PROMPT for r in sel],
                                              [r["text"] for r in sel], scale) for t, sel in ppl_tasks.items()}
         entry["seconds"] = round(time.perf_counter() - t0, 1)
-        log(f"[{variant} @ {scale:g}] WER {entry['asr_wer']:.3f} attr {entry['attribute_accuracy']:.3f} "
+        log(f"[{variant} @ {scale:g}] WER {entry['asr_wer']:.3f} everyday {entry.get('open_asr_wer', float('nan')):.3f} attr {entry['attribute_accuracy']:.3f} "
             f"gender {entry['gender_accuracy']:.3f} story {entry['story_following_rate']:.2f} ({entry['seconds']} s)")
         result[f"{scale:g}"] = entry
     return result
@@ -192,12 +244,13 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = ["| checkpoint | LoRA scale | ASR WER ↓ | attribute acc ↑ | gender acc ↑ | story rate ↑ | PPL asr | PPL caption | PPL music | PPL story |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | LoRA scale | ASR WER ↓ | everyday WER ↓ | attribute acc ↑ | gender acc ↑ | story rate ↑ | PPL asr | PPL caption | PPL music | PPL story |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, per_scale in results["checkpoints"].items():
         for s, e in per_scale.items():
             p = e["perplexity"]
-            lines.append(f"| {variant} | {s} | {e['asr_wer'] * 100:.1f} % | {e['attribute_accuracy'] * 100:.1f} % | "
+            everyday = f"{e['open_asr_wer'] * 100:.1f} %" if "open_asr_wer" in e else "–"
+            lines.append(f"| {variant} | {s} | {e['asr_wer'] * 100:.1f} % | {everyday} | {e['attribute_accuracy'] * 100:.1f} % | "
                          f"{e['gender_accuracy'] * 100:.1f} % | {e['story_following_rate'] * 100:.0f} % | {p['asr']:.2f} | "
                          f"{p['audiocaption']:.2f} | {p['music_description']:.2f} | {p['story']:.2f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -223,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ASSETS / "eval"))
     ap.add_argument("--scales", default="0,1,2,3,4")
     ap.add_argument("--asr", type=int, default=40)
+    ap.add_argument("--open", type=int, default=len(OPEN_EVAL_SENTENCES),
+                    help="everyday sentences outside the template grammar for the out-of-domain WER (0 = skip)")
     ap.add_argument("--qa", type=int, default=60)
     ap.add_argument("--gender", type=int, default=20)
     ap.add_argument("--story", type=int, default=12)
@@ -240,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     rows = load_annotations(data / "eval.json")
     scales = [float(s) for s in args.scales.split(",")]
-    sizes = {"asr": args.asr, "qa": args.qa, "gender": args.gender, "story": args.story, "ppl": args.ppl}
+    sizes = {"asr": args.asr, "open": args.open, "qa": args.qa, "gender": args.gender, "story": args.story, "ppl": args.ppl}
     stories = story_references(data, rows, max(args.story, args.ppl))
     results = {"sizes": sizes, "checkpoints": {}}
     chosen = chosen or {v: CHECKPOINTS[v] for v in ("instruction", "activation") if CHECKPOINTS[v].is_file()}

@@ -1,6 +1,7 @@
 """Generate the synthetic SALMONN training / evaluation set in one command.
 
     python -m train.make_data --out data --seed 0 [--scale 1.0] [--workers 2]
+                              [--sentences data/sentences.json --open-share 0.5]
 
 Writes (paths inside the JSON files are relative to the --out folder; use
 ``load_annotation`` to get absolute ones):
@@ -13,7 +14,9 @@ Writes (paths inside the JSON files are relative to the --out folder; use
     <out>/meta.json                     seed, scale and counts
 
 Each clip has its own random generator seeded from (seed, split, index), so the
-output is identical for a given seed whatever the number of worker processes.
+output is identical for a given seed whatever the number of worker processes. ``--sentences`` (a corpus
+written by ``python -m train.sentences``) makes a share of the spoken sentences open-vocabulary ones;
+without it the output is what it always was for that seed.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ import numpy as np
 import soundfile as sf
 
 from train import synth, tasks
+from train.sentences import load_sentences
 
 TRAIN_CLIPS, EVAL_CLIPS = 3000, 300
 CLIP_TYPES = {"speech": 0.30, "sound": 0.22, "music": 0.18, "speech_audio": 0.15, "co_reasoning": 0.15}
 SPLIT_CODE = {"train": 0, "eval": 1}
 MAX_SECONDS = 30.0
+# Open-vocabulary sentences (train/eval split), set by ``generate`` before the workers fork.
+_OPEN: dict = {"corpus": None, "share": 0.0}
 # Co-reasoning backgrounds favour sounds with countable / directional answers (the harder questions).
 _W = np.array([2.0 if k in synth.COUNTABLE or k == "sweep" else 1.0 for k in synth.SOUND_KINDS])
 COREASON_KIND_P = _W / _W.sum()
@@ -57,7 +63,7 @@ def synth_clip(spec: dict) -> tuple[np.ndarray, dict]:
     rng = np.random.default_rng([spec["seed"], SPLIT_CODE[split], spec["index"]])
     labels: dict = {"type": t}
     if t == "speech":
-        x, labels["speech"] = synth.speech(synth.sentence_for(split, rng), rng, split=split)
+        x, labels["speech"] = synth.speech(synth.sentence_for(split, rng, **_OPEN), rng, split=split)
         x = synth.pad(x, rng, 0.1, 0.6)
     elif t == "sound":
         x, labels["sound"] = synth.sound(rng)
@@ -73,7 +79,7 @@ def synth_clip(spec: dict) -> tuple[np.ndarray, dict]:
             labels["question"] = synth.spoken_question(labels["sound"], split, rng)
             text = labels["question"]["text"]
         else:
-            text = synth.sentence_for(split, rng)
+            text = synth.sentence_for(split, rng, **_OPEN)
         sp, labels["speech"] = synth.speech(text, rng, split=split)
         if t != "co_reasoning":
             bg, labels["sound"] = synth.background_for(rng, source, len(sp) / synth.SR)
@@ -121,8 +127,10 @@ def load_annotation(json_path: str | Path) -> list[dict]:
     return rows
 
 
-def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2) -> dict:
+def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2, sentences: str | None = None,
+             open_share: float = 0.5) -> dict:
     """Generate everything under ``out``; returns the counts written to meta.json."""
+    _OPEN.update(corpus=load_sentences(sentences) if sentences else None, share=open_share if sentences else 0.0)
     n_train = max(len(CLIP_TYPES), round(TRAIN_CLIPS * scale))
     n_eval = max(len(CLIP_TYPES), round(EVAL_CLIPS * scale))
     specs = plan("train", n_train, seed) + plan("eval", n_eval, seed)
@@ -149,7 +157,12 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2) -> 
     def task_counts(rs, keep=lambda task: True):
         return dict(sorted(Counter(e["task"] for r in rs for e in r["examples"] if keep(e["task"])).items()))
 
-    meta = {"seed": seed, "scale": scale, "clips": {"train": len(train), "eval": len(evals)},
+    corpus = {s for side in (_OPEN["corpus"] or {}).values() for s in side}
+    open_used = sum(1 for r in records if r["labels"]["type"] in ("speech", "speech_audio")
+                    and r["labels"]["speech"]["text"] in corpus)
+    meta = {"seed": seed, "scale": scale,
+            "sentences": {"corpus": sentences, "open_share": _OPEN["share"], "open_clips": open_used} if sentences else None,
+            "clips": {"train": len(train), "eval": len(evals)},
             "clip_types": {s: dict(sorted(Counter(r["type"] for r in rs).items())) for s, rs in
                            (("train", train), ("eval", evals))},
             "hours": {s: round(sum(r["duration"] for r in rs) / 3600, 3) for s, rs in (("train", train), ("eval", evals))},
@@ -165,11 +178,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="1.0 = 3000 train + 300 eval clips")
     ap.add_argument("--workers", type=int, default=2, help="parallel processes (output does not depend on it)")
+    ap.add_argument("--sentences", default=None, help="open-vocabulary sentence corpus (python -m train.sentences)")
+    ap.add_argument("--open-share", type=float, default=0.5, help="share of spoken sentences taken from --sentences")
     args = ap.parse_args(argv)
     if args.scale <= 0:
         ap.error("--scale must be > 0")
+    if args.sentences and not Path(args.sentences).is_file():
+        ap.error(f"--sentences {args.sentences}: no such file (write it with python -m train.sentences)")
+    if not 0.0 <= args.open_share <= 1.0:
+        ap.error("--open-share must be between 0 and 1")
     start = time.time()
-    meta = generate(Path(args.out), args.seed, args.scale, max(1, args.workers))
+    meta = generate(Path(args.out), args.seed, args.scale, max(1, args.workers), args.sentences, args.open_share)
     print(json.dumps(meta, indent=1))
     print(f"generated in {time.time() - start:.1f} s with {args.workers} worker(s) -> {args.out}", file=sys.stderr)
     return meta

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         + "".join(f" Stages 0-2 also used the {m.get('clips', {}).get('train', '?')} training clips "
                   f"({m.get('hours', {}).get('train', '?')} h) of `{folder}` (`make_data` seed {m.get('seed', '?')}; "
                   "same held-out voices and sentences, so no overlap with the evaluation set)."
+                  + (f" {m['sentences']['open_clips']} of its spoken sentences are open-vocabulary ones the LLM "
+                     "wrote itself (`python -m train.sentences`), outside the template grammar; the everyday "
+                     "sentences of the evaluation are barred from that corpus." if m.get("sentences") else "")
                   for folder, m in log.get("extra_data", {}).items()),
         "",
         "**Training** (`python -m train.recipe`, 2 CPU cores, frozen LLM in bfloat16; official optimiser and "

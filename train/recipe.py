@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage2-lr", type=float, default=5e-4, help="peak LR of stage 2 (cosine to a tenth)")
     ap.add_argument("--stage3-lr", type=float, default=2e-4)
     ap.add_argument("--stage3-batch", type=int, default=4)
+    ap.add_argument("--stage2-example-mean", action=argparse.BooleanOptionalAction, default=False,
+                    help="stage 2 averages the LM loss per example: under the token mean a one-word answer to an "
+                         "attribute question weighs a fifth of a transcript, and the model answered them by prior")
     ap.add_argument("--stage3-example-mean", action=argparse.BooleanOptionalAction, default=True,
                     help="stage 3 averages the LM loss per example, so the short replayed answers weigh as much "
                          "as the long stories (the token mean gives the stories nearly all the weight)")
@@ -231,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
     s2 = TrainConfig(steps=args.stage2_steps, batch_size=args.batch_size, init_lr=args.stage2_lr, min_lr=args.stage2_lr / 10,
                      warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed + 1, log_every=10, save_every=50,
-                     ctc_weight=args.ctc_weight, feature_masking=args.feature_masking)
+                     ctc_weight=args.ctc_weight, feature_masking=args.feature_masking,
+                     example_mean=args.stage2_example_mean)
     if not (runs / "stage2" / "latest.safetensors").exists() and (runs / "stage1" / "latest.safetensors").exists():
         load_checkpoint(model, runs / "stage1" / "latest.safetensors")
     stage2_rows = [r for r in stage2 for _ in range(args.stage2_asr_repeat if r["task"] == "asr" else 1)]

@@ -691,8 +691,12 @@ def sentence_split(text: str) -> str:
     return "eval" if stable_hash(text) % 10 == 0 else "train"
 
 
-def sentence_for(split: str, rng: np.random.Generator) -> str:
-    """A sentence belonging to ``split`` (rejection sampling on the hash split)."""
+def sentence_for(split: str, rng: np.random.Generator, corpus: dict[str, list[str]] | None = None,
+                 share: float = 0.0) -> str:
+    """A sentence belonging to ``split`` (rejection sampling on the hash split). With a ``corpus``
+    (``train.sentences.load_sentences``), a ``share`` of them come from its open-vocabulary sentences."""
+    if corpus and corpus.get(split) and rng.random() < share:
+        return str(rng.choice(corpus[split]))
     while True:
         text = sentence(rng)
         if sentence_split(text) == split:

@@ -1,0 +1,148 @@
+"""Open-vocabulary sentences for the speech clips, written offline by the bundled LLM itself.
+
+The template grammar in ``synth`` has ~540 words, so a model trained only on it answers any speech
+with a plausible template sentence (94 % WER on everyday sentences outside it). SmolLM2, run as a
+plain text model (LoRA off), writes short everyday sentences on many topics; we keep only those that
+espeak-ng reads exactly as written (letters and simple punctuation, no digits or symbols) and cache
+them as JSON in the data folder:
+
+    python -m train.sentences --out data/sentences.json [--n 3000] [--seed 0]
+
+Which sentences are held out is decided by ``synth.sentence_split`` (a content hash), as for the
+templates, and the fixed everyday sentences of the out-of-domain ASR evaluation
+(``OPEN_EVAL_SENTENCES``) are never kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from train.synth import sentence_split
+
+TOPICS = [
+    "cooking dinner", "a visit to the doctor", "the weather", "a football match", "school homework",
+    "shopping for clothes", "a train journey", "a birthday party", "gardening", "a job interview",
+    "moving house", "a family holiday", "learning to swim", "fixing a bicycle", "a rainy afternoon",
+    "the news", "a new phone", "a museum visit", "walking the dog", "a wedding", "the dentist",
+    "a science lesson", "a camping trip", "baking bread", "a traffic jam", "a lost wallet", "the library",
+    "a thunderstorm", "a piano lesson", "cleaning the house", "a coffee shop", "an airport", "a hospital",
+    "a farm", "the beach", "a mountain hike", "a history class", "a restaurant", "a broken computer",
+    "a neighbour", "a concert", "winter mornings", "a summer evening", "a long meeting", "a new job",
+    "an old friend", "a football coach", "the supermarket", "a bus driver", "painting a room",
+    "a school trip", "a cat", "a horse", "the ocean", "a small village", "a busy city", "a bakery",
+    "a fire drill", "a power cut", "a hotel room", "a map", "a letter from grandma", "a game of chess",
+    "a marathon", "a cold", "a recipe", "the garden fence", "a flat tyre", "an exam", "a holiday photo",
+    "a river", "a forest", "the stars at night", "a radio show", "a podcast", "a television series",
+    "a kitchen accident", "a surprise visit", "a lecture", "a phone call", "a delivery", "a storm at sea",
+    "the first day of school", "a car repair", "a music festival", "the post office", "the bank",
+    "a parking ticket", "a picnic", "a bookshop", "a science fair", "an elevator", "a snowy road",
+    "a noisy neighbour", "a quiet morning", "a team project", "a lost key", "a broken window",
+]
+# Few-shot list items (ours): a list the model continues gives far more usable sentences than an
+# instruction, which SmolLM2-135M mostly answers with a paragraph.
+EXAMPLES = [
+    "I need to buy milk on the way home.", "Did you remember to lock the back door?",
+    "The meeting has been moved to the afternoon.", "Could you help me carry these boxes upstairs?",
+    "It has been raining since early this morning.", "My sister is learning to play the guitar.",
+    "Please close the window before you go to bed.", "We saw a beautiful rainbow over the hills.",
+    "The kitchen smells wonderful today.", "Why is the shop closed so early?",
+    "Our neighbours are painting their fence green.", "Where did you park the car last night?",
+    "The soup is too hot to eat right now.", "He always takes the bus to work.",
+    "Let me know when the package arrives.", "The children are playing in the garden.",
+]
+_KEEP = re.compile(r"^[A-Z][A-Za-z',\- ]*[a-z][.?!]$")
+_WORDS = (5, 16)
+
+
+def normalized(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z' ]+", " ", text.lower()).split())
+
+
+def clean(text: str) -> str | None:
+    """One sentence espeak-ng says exactly as written, or None."""
+    text = re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", text).strip().strip('"').strip()
+    if not _KEEP.match(text) or "--" in text or " - " in text:
+        return None
+    n = len(text.split())
+    if not _WORDS[0] <= n <= _WORDS[1] or any(w.isupper() and len(w) > 1 for w in text.split()):
+        return None
+    return text
+
+
+def candidates(answer: str) -> list[str]:
+    """The clean sentences of a continued list: its first line, then each line that starts "- "
+    (the model wanders off after the list; what follows is not kept)."""
+    out = []
+    for i, line in enumerate(answer.splitlines()):
+        line = line.strip()
+        if i and not line.startswith("- "):
+            break
+        out += re.split(r"(?<=[.?!])\s+(?=[A-Z])", line.removeprefix("- ").strip())
+    return [s for s in (clean(c) for c in out) if s]
+
+
+@torch.no_grad()
+def write_sentences(model, n: int, seed: int = 0, batch: int = 32, log=print) -> list[str]:
+    """Let the LLM (text only, LoRA off) continue lists of everyday sentences on many topics until
+    ``n`` distinct, clean ones are kept."""
+    from train.evaluate import OPEN_EVAL_SENTENCES
+
+    banned = {normalized(s) for s in OPEN_EVAL_SENTENCES + EXAMPLES}
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tok = model.tokenizer
+    base = model.llama_model.get_base_model()
+    kept: dict[str, str] = {}
+    start, asked = time.perf_counter(), 0
+    tok.padding_side = "left"
+    try:
+        while len(kept) < n:
+            texts = [f"Simple sentences that people say in everyday life, about {rng.choice(TOPICS)}:\n"
+                     + "".join(f"- {e}\n" for e in rng.sample(EXAMPLES, 3)) + "-" for _ in range(batch)]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with model.llama_model.disable_adapter():
+                out = base.generate(**enc, max_new_tokens=40, do_sample=True, temperature=0.9, top_p=0.95,
+                                    repetition_penalty=1.1, pad_token_id=tok.pad_token_id,
+                                    eos_token_id=tok.eos_token_id)
+            asked += batch
+            for ids in out[:, enc.input_ids.shape[1]:]:
+                for s in candidates(tok.decode(ids, skip_special_tokens=True)):
+                    key = normalized(s)
+                    if key not in banned:
+                        kept.setdefault(key, s)
+            log(f"  {len(kept)} sentences from {asked} lists ({time.perf_counter() - start:.0f} s)")
+    finally:
+        tok.padding_side = "right"
+    return sorted(rng.sample(sorted(kept.values()), n))
+
+
+def load_sentences(path: str | Path | None) -> dict[str, list[str]]:
+    """A cached corpus, split into train / eval by ``sentence_split``; empty lists when no path."""
+    corpus = json.loads(Path(path).read_text())["sentences"] if path else []
+    return {split: [s for s in corpus if sentence_split(s) == split] for split in ("train", "eval")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="data/sentences.json")
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from model.defaults import bundled_config
+    from model.salmonn import SALMONN
+
+    model = SALMONN.from_config(bundled_config())
+    sentences = write_sentences(model, args.n, args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"seed": args.seed, "sentences": sentences}, indent=0) + "\n")
+    print(f"wrote {len(sentences)} sentences -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
