@@ -281,7 +281,7 @@ def test_sentence_cleaner_keeps_only_what_espeak_reads_as_written():
 
 def test_open_sentences_join_the_data_split_by_content_and_never_the_everyday_eval(tmp_path):
     from train.evaluate import OPEN_EVAL_SENTENCES
-    from train.sentences import load_sentences, normalized
+    from train.sentences import normalized
 
     # The generator's ban list: the fixed out-of-domain evaluation sentences never reach training.
     assert len({normalized(s) for s in OPEN_EVAL_SENTENCES}) == len(OPEN_EVAL_SENTENCES)
@@ -289,7 +289,7 @@ def test_open_sentences_join_the_data_split_by_content_and_never_the_everyday_ev
               "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike oscar papa".split()]
     path = tmp_path / "sentences.json"
     path.write_text(json.dumps({"seed": 0, "sentences": corpus}))
-    split = load_sentences(path)
+    split = synth.load_sentences(path)
     assert split["eval"] and split["train"]  # 15 sentences: the hash puts some on each side
     assert sorted(split["train"] + split["eval"]) == sorted(corpus)
     assert all(synth.sentence_split(s) == "eval" for s in split["eval"])

@@ -34,7 +34,7 @@ from model.config import GenerateConfig
 from model.defaults import ASSETS, CHECKPOINTS, bundled_config
 from model.llm import lora_scale
 from model.salmonn import SALMONN
-from train.tasks import describe
+from train.tasks import PROMPTS, describe, full_prompt
 from train.trainer import load_annotations
 
 STORY_PROMPT = "Based on the audio, write a story in detail. Your story should be highly related to the audio."
@@ -155,19 +155,20 @@ def select(rows: list[dict], task: str, n: int) -> list[dict]:
     return picked[:: max(1, len(picked) // n)][:n]
 
 
-def open_eval_clips(n: int) -> list[np.ndarray]:
-    """``OPEN_EVAL_SENTENCES[:n]``, each in one of the held-out voices (deterministic)."""
+def open_eval_clips(n: int) -> list[tuple[str, np.ndarray]]:
+    """``OPEN_EVAL_SENTENCES[:n]`` with its audio, each in one of the held-out voices (deterministic)."""
     from train import synth
 
     held_out = synth.voices("eval")
     rng = np.random.default_rng(0)
-    return [synth.speech(text, rng, voice=held_out[i % len(held_out)])[0]
+    return [(text, synth.speech(text, rng, voice=held_out[i % len(held_out)])[0])
             for i, text in enumerate(OPEN_EVAL_SENTENCES[:n])]
 
 
 def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], stories: list[dict], scales: list[float],
-                        sizes: dict, log=print) -> dict:
-    """The weights at `ckpt`, reported under the name `variant`."""
+                        sizes: dict, everyday: list[tuple[str, np.ndarray]] = (), log=print) -> dict:
+    """The weights at `ckpt`, reported under the name `variant`; `everyday` is (sentence, audio) pairs
+    for the out-of-domain WER (``open_eval_clips``)."""
     model = SALMONN.from_config(bundled_config(ckpt))
     cache: dict[str, torch.Tensor] = {}
 
@@ -179,8 +180,8 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
         return [cache[r["path"]] for r in sel]
 
     asr = select(rows, "asr", sizes["asr"])
-    open_refs = OPEN_EVAL_SENTENCES[: sizes.get("open", 0)]
-    open_tokens = [model.encode_audio(w, output_attentions=False).embeds for w in open_eval_clips(len(open_refs))]
+    open_refs = [text for text, _ in everyday]
+    open_tokens = [model.encode_audio(wav, output_attentions=False).embeds for _, wav in everyday]
     qa = select(rows, "QA", sizes["qa"])
     gender = select(rows, "gender_recognition", sizes["gender"])
     story_rows = stories[: sizes["story"]]
@@ -194,7 +195,7 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
         entry["asr_wer"] = wer([r["text"] for r in asr], hyp)
         entry["asr_examples"] = [{"ref": r["text"], "hyp": h} for r, h in list(zip(asr, hyp))[:3]]
         if open_refs:
-            hyp = generate(model, open_tokens, [asr[0]["prompt"]] * len(open_refs), scale, 48)
+            hyp = generate(model, open_tokens, [full_prompt(PROMPTS["asr"][0])] * len(open_refs), scale, 48)
             entry["open_asr_wer"] = wer(open_refs, hyp)
             entry["open_asr_examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(open_refs, hyp))[:3]]
         hyp = generate(model, tokens_for(qa), [r["prompt"] for r in qa], scale, 16)
@@ -299,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     stories = story_references(data, rows, max(args.story, args.ppl))
     results = {"sizes": sizes, "checkpoints": {}}
     chosen = chosen or {v: CHECKPOINTS[v] for v in ("instruction", "activation") if CHECKPOINTS[v].is_file()}
+    everyday = open_eval_clips(args.open)    # synthesized once for all checkpoints
     for name, path in chosen.items():
-        results["checkpoints"][name] = evaluate_checkpoint(name, path, rows, stories, scales, sizes)
+        results["checkpoints"][name] = evaluate_checkpoint(name, path, rows, stories, scales, sizes, everyday)
     write_report(results, Path(args.out), scales)
     print((Path(args.out) / "results.md").read_text())
     return 0

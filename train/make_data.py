@@ -34,7 +34,6 @@ import numpy as np
 import soundfile as sf
 
 from train import synth, tasks
-from train.sentences import load_sentences
 
 TRAIN_CLIPS, EVAL_CLIPS = 3000, 300
 CLIP_TYPES = {"speech": 0.30, "sound": 0.22, "music": 0.18, "speech_audio": 0.15, "co_reasoning": 0.15}
@@ -130,7 +129,7 @@ def load_annotation(json_path: str | Path) -> list[dict]:
 def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2, sentences: str | None = None,
              open_share: float = 0.5) -> dict:
     """Generate everything under ``out``; returns the counts written to meta.json."""
-    _OPEN.update(corpus=load_sentences(sentences) if sentences else None, share=open_share if sentences else 0.0)
+    _OPEN.update(corpus=synth.load_sentences(sentences) if sentences else None, share=open_share if sentences else 0.0)
     n_train = max(len(CLIP_TYPES), round(TRAIN_CLIPS * scale))
     n_eval = max(len(CLIP_TYPES), round(EVAL_CLIPS * scale))
     specs = plan("train", n_train, seed) + plan("eval", n_eval, seed)

@@ -26,7 +26,8 @@ import torch
 from model.checkpoint import load_checkpoint, match_weights, read_state_dict, save_checkpoint, set_trainable
 from model.defaults import CHECKPOINTS, bundled_config
 from model.salmonn import SALMONN
-from train.trainer import CTCHead, Trainer, TrainConfig, encode_clips, load_annotations
+from train.tasks import full_prompt
+from train.trainer import CTCHead, Trainer, TrainConfig, base_llm_write, encode_clips, load_annotations
 
 STORY_PROMPTS = [
     "Based on the audio, write a story in detail. Your story should be highly related to the audio.",
@@ -52,7 +53,6 @@ def build_model(llm_dtype: torch.dtype) -> SALMONN:
     return model
 
 
-@torch.no_grad()
 def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_detail: int, seed: int) -> list[dict]:
     """The LLM itself (LoRA off, text only) writes long answers from each clip's label description."""
     rng = random.Random(seed)
@@ -72,22 +72,12 @@ def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_det
         requests.append((clip, story, ask))
     texts = [tok.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True, tokenize=False)
              for _, _, ask in requests]
-    tok.padding_side = "left"
-    rows = []
-    base = model.llama_model.get_base_model()
     torch.manual_seed(seed)
-    for start in range(0, len(texts), 8):
-        batch = tok(texts[start:start + 8], return_tensors="pt", padding=True, add_special_tokens=False)
-        with model.llama_model.disable_adapter():
-            out = base.generate(**batch, max_new_tokens=180, do_sample=True, temperature=0.8, top_p=0.9,
-                                repetition_penalty=1.1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for j, ids in enumerate(out[:, batch.input_ids.shape[1]:]):
-            clip, story, _ = requests[start + j]
-            text = model.decode_text(ids.tolist())
-            prompt = rng.choice(STORY_PROMPTS if story else DETAIL_PROMPTS)
-            rows.append({"path": clip["path"], "text": text, "task": "audio_story_telling" if story else "detailed_description",
-                         "Q": "", "prompt": "<Speech><SpeechHere></Speech> " + prompt, "id": clip["id"]})
-    tok.padding_side = "right"
+    rows = []
+    for (clip, story, _), text in zip(requests, base_llm_write(model, texts, 180, temperature=0.8, top_p=0.9)):
+        prompt = rng.choice(STORY_PROMPTS if story else DETAIL_PROMPTS)
+        rows.append({"path": clip["path"], "text": text, "task": "audio_story_telling" if story else "detailed_description",
+                     "Q": "", "prompt": full_prompt(prompt), "id": clip["id"]})
     return rows
 
 

@@ -8,9 +8,9 @@ them as JSON in the data folder:
 
     python -m train.sentences --out data/sentences.json [--n 3000] [--seed 0]
 
-Which sentences are held out is decided by ``synth.sentence_split`` (a content hash), as for the
-templates, and the fixed everyday sentences of the out-of-domain ASR evaluation
-(``OPEN_EVAL_SENTENCES``) are never kept.
+Which sentences are held out is decided by ``synth.sentence_split`` (a content hash) when
+``synth.load_sentences`` reads the corpus, as for the templates; the fixed everyday sentences of the
+out-of-domain ASR evaluation (``OPEN_EVAL_SENTENCES``) are never kept.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from train.synth import sentence_split
+from train.evaluate import OPEN_EVAL_SENTENCES, words
+from train.trainer import base_llm_write
 
 TOPICS = [
     "cooking dinner", "a visit to the doctor", "the weather", "a football match", "school homework",
@@ -61,7 +62,8 @@ _WORDS = (5, 16)
 
 
 def normalized(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z' ]+", " ", text.lower()).split())
+    """Duplicate test key: the words WER compares."""
+    return " ".join(words(text))
 
 
 def clean(text: str) -> str | None:
@@ -87,45 +89,25 @@ def candidates(answer: str) -> list[str]:
     return [s for s in (clean(c) for c in out) if s]
 
 
-@torch.no_grad()
 def write_sentences(model, n: int, seed: int = 0, batch: int = 32, log=print) -> list[str]:
     """Let the LLM (text only, LoRA off) continue lists of everyday sentences on many topics until
     ``n`` distinct, clean ones are kept."""
-    from train.evaluate import OPEN_EVAL_SENTENCES
-
     banned = {normalized(s) for s in OPEN_EVAL_SENTENCES + EXAMPLES}
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    tok = model.tokenizer
-    base = model.llama_model.get_base_model()
     kept: dict[str, str] = {}
     start, asked = time.perf_counter(), 0
-    tok.padding_side = "left"
-    try:
-        while len(kept) < n:
-            texts = [f"Simple sentences that people say in everyday life, about {rng.choice(TOPICS)}:\n"
-                     + "".join(f"- {e}\n" for e in rng.sample(EXAMPLES, 3)) + "-" for _ in range(batch)]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with model.llama_model.disable_adapter():
-                out = base.generate(**enc, max_new_tokens=40, do_sample=True, temperature=0.9, top_p=0.95,
-                                    repetition_penalty=1.1, pad_token_id=tok.pad_token_id,
-                                    eos_token_id=tok.eos_token_id)
-            asked += batch
-            for ids in out[:, enc.input_ids.shape[1]:]:
-                for s in candidates(tok.decode(ids, skip_special_tokens=True)):
-                    key = normalized(s)
-                    if key not in banned:
-                        kept.setdefault(key, s)
-            log(f"  {len(kept)} sentences from {asked} lists ({time.perf_counter() - start:.0f} s)")
-    finally:
-        tok.padding_side = "right"
+    while len(kept) < n:
+        texts = [f"Simple sentences that people say in everyday life, about {rng.choice(TOPICS)}:\n"
+                 + "".join(f"- {e}\n" for e in rng.sample(EXAMPLES, 3)) + "-" for _ in range(batch)]
+        for answer in base_llm_write(model, texts, 40, temperature=0.9, top_p=0.95, batch=batch):
+            for s in candidates(answer):
+                key = normalized(s)
+                if key not in banned:
+                    kept.setdefault(key, s)
+        asked += batch
+        log(f"  {len(kept)} sentences from {asked} lists ({time.perf_counter() - start:.0f} s)")
     return sorted(rng.sample(sorted(kept.values()), n))
-
-
-def load_sentences(path: str | Path | None) -> dict[str, list[str]]:
-    """A cached corpus, split into train / eval by ``sentence_split``; empty lists when no path."""
-    corpus = json.loads(Path(path).read_text())["sentences"] if path else []
-    return {split: [s for s in corpus if sentence_split(s) == split] for split in ("train", "eval")}
 
 
 def main(argv: list[str] | None = None) -> None:

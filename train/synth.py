@@ -12,8 +12,10 @@ and the English sentence / spoken-question generators used for the speech.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 from scipy.signal import lfilter, resample_poly
@@ -691,10 +693,16 @@ def sentence_split(text: str) -> str:
     return "eval" if stable_hash(text) % 10 == 0 else "train"
 
 
+def load_sentences(path: str | Path) -> dict[str, list[str]]:
+    """A corpus written by ``python -m train.sentences``, split into train / eval by ``sentence_split``."""
+    corpus = json.loads(Path(path).read_text())["sentences"]
+    return {split: [s for s in corpus if sentence_split(s) == split] for split in ("train", "eval")}
+
+
 def sentence_for(split: str, rng: np.random.Generator, corpus: dict[str, list[str]] | None = None,
                  share: float = 0.0) -> str:
     """A sentence belonging to ``split`` (rejection sampling on the hash split). With a ``corpus``
-    (``train.sentences.load_sentences``), a ``share`` of them come from its open-vocabulary sentences."""
+    (``load_sentences``), a ``share`` of them come from its open-vocabulary sentences."""
     if corpus and corpus.get(split) and rng.random() < share:
         return str(rng.choice(corpus[split]))
     while True:

@@ -138,6 +138,27 @@ def encode_clips(model: SALMONN, paths: list[str], cache_file: Path | None = Non
     return store
 
 
+@torch.no_grad()
+def base_llm_write(model: SALMONN, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+                   batch: int = 8) -> list[str]:
+    """Sampled continuations of plain `texts` by the frozen LLM alone (LoRA off, no audio): how the LLM
+    writes its own training text (stage-3 stories, open-vocabulary sentences). Seed torch first to repeat."""
+    tok, base = model.tokenizer, model.llama_model.get_base_model()
+    side, tok.padding_side = tok.padding_side, "left"   # every row continues at the right edge
+    answers = []
+    try:
+        for start in range(0, len(texts), batch):
+            enc = tok(texts[start:start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            with model.llama_model.disable_adapter():
+                out = base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                    top_p=top_p, repetition_penalty=1.1, pad_token_id=tok.pad_token_id,
+                                    eos_token_id=tok.eos_token_id)
+            answers += [model.decode_text(ids.tolist()) for ids in out[:, enc.input_ids.shape[1]:]]
+    finally:
+        tok.padding_side = side
+    return answers
+
+
 def audio_tokens(model: SALMONN, feats: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
     """Cached encoder frames -> projected audio tokens, all windows of the batch in one Q-Former call."""
     qf = model.window_qformer
