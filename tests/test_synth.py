@@ -304,3 +304,20 @@ def test_open_sentences_join_the_data_split_by_content_and_never_the_everyday_ev
                 assert r["labels"]["speech"]["text"] in split[side]
     plain = make_data.generate(tmp_path / "p", seed=0, scale=0.02, workers=1)
     assert plain["sentences"] is None
+
+
+def test_make_data_types_gives_a_speech_only_set_and_leaves_the_default_mix_alone(tmp_path):
+    # A large speech-only set (for the cheap CTC alignment stage) must not shift the default mix.
+    default = make_data.plan("train", 3000, 0)
+    assert {t: sum(s["type"] == t for s in default) for t in make_data.CLIP_TYPES} == \
+        {"speech": 900, "sound": 660, "music": 540, "speech_audio": 450, "co_reasoning": 450}
+    mixed = make_data.plan("train", 100, 0, ["speech", "speech_audio"])
+    assert len(mixed) == 100 and {s["type"] for s in mixed} == {"speech", "speech_audio"}
+    assert sum(s["type"] == "speech" for s in mixed) == 67   # 0.30 : 0.15, renormalised
+
+    meta = make_data.main(["--out", str(tmp_path / "s"), "--scale", "0.01", "--types", "speech", "--workers", "1"])
+    assert meta["types"] == ["speech"] and set(meta["clip_types"]["train"]) == {"speech"}
+    rows = json.loads((tmp_path / "s" / "stage1_pretrain.json").read_text())["annotation"]
+    assert rows and {r["task"] for r in rows} == {"asr"}
+    with pytest.raises(SystemExit):
+        make_data.main(["--out", str(tmp_path / "x"), "--types", "speach"])

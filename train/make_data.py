@@ -46,10 +46,13 @@ _W = np.array([2.0 if k in synth.COUNTABLE or k == "sweep" else 1.0 for k in syn
 COREASON_KIND_P = _W / _W.sum()
 
 
-def plan(split: str, n: int, seed: int) -> list[dict]:
-    """Clip specs for a split: exact type proportions, shuffled deterministically."""
-    counts = {t: int(round(share * n)) for t, share in CLIP_TYPES.items()}
-    counts["speech"] += n - sum(counts.values())  # rounding leftovers
+def plan(split: str, n: int, seed: int, types: list[str] | None = None) -> list[dict]:
+    """Clip specs for a split: exact type proportions (of `types` only, renormalised, if given),
+    shuffled deterministically."""
+    shares = {t: s for t, s in CLIP_TYPES.items() if types is None or t in types}
+    total = sum(shares.values())
+    counts = {t: int(round(share / total * n)) for t, share in shares.items()}
+    counts[next(iter(counts))] += n - sum(counts.values())  # rounding leftovers
     types = [t for t, c in counts.items() for _ in range(c)]
     np.random.default_rng([seed, SPLIT_CODE[split], 99]).shuffle(types)
     return [{"split": split, "index": i, "type": t, "id": f"{split}_{i:05d}_{t}", "seed": seed}
@@ -127,12 +130,12 @@ def load_annotation(json_path: str | Path) -> list[dict]:
 
 
 def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2, sentences: str | None = None,
-             open_share: float = 0.5) -> dict:
+             open_share: float = 0.5, types: list[str] | None = None) -> dict:
     """Generate everything under ``out``; returns the counts written to meta.json."""
     _OPEN.update(corpus=synth.load_sentences(sentences) if sentences else None, share=open_share if sentences else 0.0)
     n_train = max(len(CLIP_TYPES), round(TRAIN_CLIPS * scale))
     n_eval = max(len(CLIP_TYPES), round(EVAL_CLIPS * scale))
-    specs = plan("train", n_train, seed) + plan("eval", n_eval, seed)
+    specs = plan("train", n_train, seed, types) + plan("eval", n_eval, seed, types)
     for split in SPLIT_CODE:
         folder = out / "audio" / split
         shutil.rmtree(folder, ignore_errors=True)  # no stale clips from an earlier, larger run
@@ -159,7 +162,7 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2, sen
     corpus = {s for side in (_OPEN["corpus"] or {}).values() for s in side}
     open_used = sum(1 for r in records if r["labels"]["type"] in ("speech", "speech_audio")
                     and r["labels"]["speech"]["text"] in corpus)
-    meta = {"seed": seed, "scale": scale,
+    meta = {"seed": seed, "scale": scale, "types": types,
             "sentences": {"corpus": sentences, "open_share": _OPEN["share"], "open_clips": open_used} if sentences else None,
             "clips": {"train": len(train), "eval": len(evals)},
             "clip_types": {s: dict(sorted(Counter(r["type"] for r in rs).items())) for s, rs in
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=2, help="parallel processes (output does not depend on it)")
     ap.add_argument("--sentences", default=None, help="open-vocabulary sentence corpus (python -m train.sentences)")
     ap.add_argument("--open-share", type=float, default=0.5, help="share of spoken sentences taken from --sentences")
+    ap.add_argument("--types", nargs="+", choices=list(CLIP_TYPES), default=None,
+                    help="only these clip types (e.g. speech, for a large speech set for CTC alignment)")
     args = ap.parse_args(argv)
     if args.scale <= 0:
         ap.error("--scale must be > 0")
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0.0 <= args.open_share <= 1.0:
         ap.error("--open-share must be between 0 and 1")
     start = time.time()
-    meta = generate(Path(args.out), args.seed, args.scale, max(1, args.workers), args.sentences, args.open_share)
+    meta = generate(Path(args.out), args.seed, args.scale, max(1, args.workers), args.sentences, args.open_share, args.types)
     print(json.dumps(meta, indent=1))
     print(f"generated in {time.time() - start:.1f} s with {args.workers} worker(s) -> {args.out}", file=sys.stderr)
     return meta
