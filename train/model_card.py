@@ -23,6 +23,8 @@ def stage_line(name: str, stage: dict) -> str:
     extra = f", {stage['examples']} examples" if "examples" in stage else ""
     if stage.get("asr_repeat", 1) > 1:
         extra += f", ASR rows × {stage['asr_repeat']}"
+    if stage.get("qa_repeat", 1) > 1:
+        extra += f", QA rows × {stage['qa_repeat']}"
     if stage.get("replay"):
         extra += f" + {stage['replay']} stage-2 replay"
     if w and hist and "ctc" in hist[0]:
@@ -36,7 +38,8 @@ def stage_line(name: str, stage: dict) -> str:
     if "spelled_wer" in stage:
         sw = stage["spelled_wer"]
         name += (f"; the audio tokens then spell the transcript (CTC best path, no LLM) at WER "
-                 f"{sw['train']:.0%} on training clips, {sw['held_out']:.0%} held out")
+                 f"{sw['train']:.0%} on training clips, {sw['held_out']:.0%} held out"
+                 + (f", {sw['everyday']:.0%} on everyday sentences" if "everyday" in sw else ""))
     return (f"| {name} | {cfg['steps']} × {cfg['batch_size']}{extra} | {cfg['init_lr']:g} → {cfg['min_lr']:g} | "
             f"{f'{first} → {last}' if lm else '—'} | {seconds / 60:.0f} min |")
 
