@@ -84,6 +84,9 @@ class SALMONNConfig:
     chunk_seconds: float = 30.0        # Whisper's window; longer audio is encoded chunk by chunk
     max_audio_seconds: float = 300.0   # audio beyond this is cut (and the user told)
     min_audio_seconds: float = 0.1     # shorter audio is refused as unusable
+    # Audio that starts abruptly gets quiet prepended up to this many seconds (0 = off, official). A
+    # Q-Former trained only on clips with a lead-in misreads a first word spoken at t = 0.
+    lead_in_seconds: float = 0.0
     # Keep only the windows that cover real audio (the official model always keeps 88 per chunk).
     trim_to_audio: bool = False
     device: str = "auto"               # auto = cuda if available else cpu

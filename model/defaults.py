@@ -59,6 +59,9 @@ def tiny_config(whisper_path: str | Path, llama_path: str | Path, ckpt: str | Pa
         prompt_template=first, followup_template=followup,
         add_bos=False,                 # ChatML starts with <|im_start|>, not a BOS token
         trim_to_audio=True,            # only the windows that hold audio: short clips answer fast on CPU
+        # every training clip starts with 0.1-0.6 s of quiet; speech at t = 0 lost its first word (the
+        # everyday sentences' CTC-spelled WER went 55 % -> 47 % with a 0.2 s lead-in)
+        lead_in_seconds=0.25,
     )
     return cfg.replace(**changes)
 

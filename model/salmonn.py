@@ -39,6 +39,19 @@ class AudioTokens:
     seconds: float
 
 
+def with_lead_in(wav: np.ndarray, seconds: float, quiet: float = 0.02) -> np.ndarray:
+    """`wav` with zeros prepended so that it starts with at least `seconds` of quiet (samples below
+    `quiet` x its peak); audio that already starts quietly enough is returned as it is."""
+    want = int(round(seconds * SAMPLE_RATE))
+    if want <= 0 or len(wav) == 0:
+        return wav
+    loud = np.flatnonzero(np.abs(wav) > quiet * max(float(np.abs(wav).max()), 1e-8))
+    have = int(loud[0]) if len(loud) else len(wav)
+    if have >= want:
+        return wav
+    return np.concatenate([np.zeros(want - have, dtype=wav.dtype), wav])
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -226,7 +239,10 @@ class SALMONN(nn.Module):
     def encode_audio(self, wav: np.ndarray, output_attentions: bool = True) -> AudioTokens:
         """16 kHz mono audio (already cut to the maximum) -> audio tokens for the LLM.
 
-        Audio longer than one chunk is encoded chunk by chunk; the chunks' tokens are concatenated."""
+        Audio longer than one chunk is encoded chunk by chunk; the chunks' tokens are concatenated.
+        With `cfg.lead_in_seconds`, an abrupt start is first given that much quiet; the returned
+        spectrogram and window times are then those of the audio as the model heard it."""
+        wav = with_lead_in(wav, self.cfg.lead_in_seconds)
         size = int(self.cfg.chunk_seconds * SAMPLE_RATE)
         chunks = [wav[i:i + size] for i in range(0, len(wav), size)] or [wav]
         tokens, attn, mel = self.encode_features(chunks, output_attentions=output_attentions)

@@ -52,6 +52,27 @@ def test_qformer_tokens_and_attention_probabilities():
     torch.testing.assert_close(fused[:, :, :24], qf.ln_speech(speech))
 
 
+def test_lead_in_gives_an_abrupt_start_quiet_and_leaves_a_quiet_start_alone(tiny_model, monkeypatch):
+    from model.salmonn import with_lead_in
+
+    abrupt = tone(1.0)
+    quiet_first = np.concatenate([np.zeros(8000, np.float32), tone(1.0)])
+    plain = {name: tiny_model.encode_audio(w) for name, w in (("abrupt", abrupt), ("quiet", quiet_first))}
+    padded = np.concatenate([np.zeros(4000 - 1, np.float32), abrupt])   # sin starts at 0: 1 quiet sample already
+    assert np.array_equal(with_lead_in(abrupt, 0.25), padded)
+    assert len(with_lead_in(quiet_first[6000:], 0.25)) == len(quiet_first[6000:]) + 1999   # 2001 quiet samples: topped up
+    assert with_lead_in(quiet_first, 0.25) is quiet_first and with_lead_in(np.zeros(0, np.float32), 0.25).size == 0
+
+    monkeypatch.setattr(tiny_model, "cfg", tiny_model.cfg.replace(lead_in_seconds=0.25))
+    got = tiny_model.encode_audio(abrupt)
+    assert got.seconds == pytest.approx(len(padded) / 16000) and got.seconds > plain["abrupt"].seconds
+    monkeypatch.undo()
+    assert torch.equal(got.embeds, tiny_model.encode_audio(padded).embeds)   # the model hears the padded audio
+    monkeypatch.setattr(tiny_model, "cfg", tiny_model.cfg.replace(lead_in_seconds=0.25))
+    same = tiny_model.encode_audio(quiet_first)
+    assert torch.equal(same.embeds, plain["quiet"].embeds) and same.seconds == plain["quiet"].seconds
+
+
 # ---------------------------------------------------------------- checkpoint
 def test_checkpoint_round_trip_official_layout(tiny_cfg, tiny_model, tmp_path):
     official = set(map(to_official, tiny_model.trainable_parameters()))
