@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import pytest
 import torch
 
@@ -92,6 +93,18 @@ def test_upload_shows_what_the_model_hears(client):
     assert spec_img.width == attn_img.width == int(plots.FIG_WIDTH * plots.DPI)
     assert Path(heard).is_file() and chat == []
     assert bar and bar["type"] == "matplotlib"
+
+
+def test_the_summary_says_when_an_abrupt_start_got_a_lead_in(client, pipe, monkeypatch, tmp_path):
+    # speech.wav starts speaking after 0.02 s; a model with a 0.25 s lead-in pads it, and says so
+    summary = client.predict(handle_file(EXAMPLE), "tiny-test", "all", "average", api_name="/load_audio")[1]
+    assert "quiet added" not in summary
+    wav, rate = sf.read(EXAMPLE, dtype="float32")
+    sf.write(tmp_path / "abrupt.wav", 0.9 * wav, rate)    # new audio: not in the app's or pipeline's cache
+    monkeypatch.setattr(pipe.model, "cfg", pipe.model.cfg.replace(lead_in_seconds=0.25))
+    summary = client.predict(handle_file(str(tmp_path / "abrupt.wav")), "tiny-test", "all", "average",
+                             api_name="/load_audio")[1]
+    assert "0.23 s of quiet added in front" in summary
 
 
 def test_preset_streamed_answer_and_scale_reported(client):
