@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                      save_every=args.stage3_steps, lora_only=args.stage3_lora_only,
                      example_mean=args.stage3_example_mean)
     replay = random.Random(args.seed + 3).sample(stage2, min(len(stage2), int(round(args.replay * len(act)))))
-    if not (runs / "stage3" / "latest.safetensors").exists():
-        load_checkpoint(model, runs / "stage2" / "latest.safetensors")
+    if not (runs / "stage3" / "latest.safetensors").exists() and (runs / "stage2" / "latest.safetensors").exists():
+        load_checkpoint(model, runs / "stage2" / "latest.safetensors")   # none: --stage2-steps 0, the model is as is
     card["stages"]["3_activation"] = {"config": asdict(s3), "examples": len(act), "replay": len(replay),
                                       "history": run_stage(model, "stage3", act + replay, feats, s3, runs).history}
     save_checkpoint(model, assets / CHECKPOINTS["activation"].name, metadata={"stage": "activation-tuned"})
