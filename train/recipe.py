@@ -110,34 +110,34 @@ def run_stage(model, name: str, rows: list[dict], feats: dict, cfg: TrainConfig,
 
 
 @torch.no_grad()
-def spelled_wer(model: SALMONN, trainer: Trainer, rows: list[dict], feats: dict) -> float:
-    """Word error rate of what the audio tokens spell under the CTC head (no LLM)."""
+def spelled_wer(model: SALMONN, trainer: Trainer, refs: list[str], tokens: list[torch.Tensor]) -> float:
+    """Word error rate of what audio tokens spell under the CTC head (no LLM)."""
     from train.evaluate import wer
-    from train.trainer import audio_tokens, ctc_greedy
+    from train.trainer import ctc_greedy
+
+    table = model.llama_model.get_input_embeddings().weight.float()
+    return wer(refs, [model.tokenizer.decode(ctc_greedy(trainer.ctc_head, t, table, trainer.ctc_vocab)) for t in tokens])
+
+
+@torch.no_grad()
+def cached_tokens(model: SALMONN, rows: list[dict], feats: dict) -> list[torch.Tensor]:
+    """The current Q-Former's audio tokens for rows whose encoder features are cached."""
+    from train.trainer import audio_tokens
 
     model.eval()
-    table = model.llama_model.get_input_embeddings().weight.float()
-    hyps = []
-    for i in range(0, len(rows), 32):
-        for t in audio_tokens(model, [feats[r["path"]] for r in rows[i:i + 32]]):
-            hyps.append(model.tokenizer.decode(ctc_greedy(trainer.ctc_head, t, table, trainer.ctc_vocab)))
-    return wer([r["text"] for r in rows], hyps)
+    return [t for i in range(0, len(rows), 32) for t in audio_tokens(model, [feats[r["path"]] for r in rows[i:i + 32]])]
 
 
-def everyday_clips(model: SALMONN, folder: Path) -> tuple[list[dict], dict]:
-    """The out-of-grammar evaluation sentences (train.evaluate.OPEN_EVAL_SENTENCES) as rows + encoder
-    features, to see whether the audio tokens spell open vocabulary, not just the template grammar."""
-    import soundfile as sf
-
+@torch.no_grad()
+def everyday_tokens(model: SALMONN) -> tuple[list[str], list[torch.Tensor]]:
+    """The out-of-grammar evaluation sentences (train.evaluate.OPEN_EVAL_SENTENCES) and their audio
+    tokens as the model hears them at inference: does the Q-Former spell open vocabulary, not just
+    the template grammar?"""
     from train.evaluate import OPEN_EVAL_SENTENCES, open_eval_clips
 
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (text, wav) in enumerate(open_eval_clips(len(OPEN_EVAL_SENTENCES))):
-        path = folder / f"everyday_{i:02d}.wav"
-        sf.write(path, wav, 16000, subtype="PCM_16")
-        rows.append({"path": str(path.resolve()), "text": text})
-    return rows, encode_clips(model, [r["path"] for r in rows], log=lambda _: None)
+    model.eval()
+    clips = open_eval_clips(len(OPEN_EVAL_SENTENCES))
+    return [text for text, _ in clips], [model.encode_audio(wav, output_attentions=False).embeds for _, wav in clips]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,10 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         head = trainer.ctc_head
         held_out = [r for r in load_annotations(data / "eval.json") if r["task"] == "asr"]
         eval_feats = encode_clips(model, sorted({r["path"] for r in held_out}), cache_file=runs / "features-eval-asr.pt", log=log)
-        everyday, everyday_feats = everyday_clips(model, runs / "everyday")
-        spelled = {"train": spelled_wer(model, trainer, trainer.rows[:180], feats),
-                   "held_out": spelled_wer(model, trainer, held_out, eval_feats),
-                   "everyday": spelled_wer(model, trainer, everyday, everyday_feats)}
+        seen = trainer.rows[:180]
+        spelled = {"train": spelled_wer(model, trainer, [r["text"] for r in seen], cached_tokens(model, seen, feats)),
+                   "held_out": spelled_wer(model, trainer, [r["text"] for r in held_out],
+                                           cached_tokens(model, held_out, eval_feats)),
+                   "everyday": spelled_wer(model, trainer, *everyday_tokens(model))}
         log(f"  the audio tokens spell the transcript with WER {spelled['train']:.1%} (train) / "
             f"{spelled['held_out']:.1%} (held out) / {spelled['everyday']:.1%} (everyday sentences)")
         card["stages"]["0_align"] = {"config": asdict(s0), "history": trainer.history, "spelled_wer": spelled}
