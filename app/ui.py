@@ -221,9 +221,8 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             text += f"; {pad} window(s) cover Whisper's silent padding up to the end of the 30 s chunk"
         if len(tokens.chunk_starts) > 1:
             text += f"; encoded as {len(tokens.chunk_starts)} chunks of 30 s"
-        lead = tokens.seconds - enc.audio.seconds
-        if lead > 0.005:   # the model pads an abrupt start (cfg.lead_in_seconds); the plots show it
-            text += f"; {lead:.2f} s of quiet added in front, as every training clip starts quietly"
+        if tokens.lead_in > 0.005:   # the model padded an abrupt start (cfg.lead_in_seconds); the plots show it
+            text += f"; {tokens.lead_in:.2f} s of quiet added in front, as every training clip starts quietly"
         return text + "."
 
     def load_audio(path, model_name, layer, head):

@@ -37,6 +37,7 @@ class AudioTokens:
     mel: np.ndarray                         # [n_mels, frames at 100 Hz] covering the audio
     chunk_starts: np.ndarray                # [C] seconds
     seconds: float
+    lead_in: float = 0.0                    # seconds of quiet the model put in front (cfg.lead_in_seconds)
 
 
 def with_lead_in(wav: np.ndarray, seconds: float, quiet: float = 0.02) -> np.ndarray:
@@ -45,7 +46,8 @@ def with_lead_in(wav: np.ndarray, seconds: float, quiet: float = 0.02) -> np.nda
     want = int(round(seconds * SAMPLE_RATE))
     if want <= 0 or len(wav) == 0:
         return wav
-    loud = np.flatnonzero(np.abs(wav) > quiet * max(float(np.abs(wav).max()), 1e-8))
+    level = np.abs(wav)
+    loud = np.flatnonzero(level > quiet * max(float(level.max()), 1e-8))
     have = int(loud[0]) if len(loud) else len(wav)
     if have >= want:
         return wav
@@ -241,9 +243,11 @@ class SALMONN(nn.Module):
 
         Audio longer than one chunk is encoded chunk by chunk; the chunks' tokens are concatenated.
         With `cfg.lead_in_seconds`, an abrupt start is first given that much quiet; the returned
-        spectrogram and window times are then those of the audio as the model heard it."""
-        wav = with_lead_in(wav, self.cfg.lead_in_seconds)
+        spectrogram and window times are then those of the audio as the model heard it. The lead-in
+        only uses room left in the last chunk: it never adds a chunk that would cut off the clip's end."""
         size = int(self.cfg.chunk_seconds * SAMPLE_RATE)
+        original = len(wav)
+        wav = with_lead_in(wav, min(self.cfg.lead_in_seconds, (-original % size) / SAMPLE_RATE))
         chunks = [wav[i:i + size] for i in range(0, len(wav), size)] or [wav]
         tokens, attn, mel = self.encode_features(chunks, output_attentions=output_attentions)
         n_query = self.cfg.qformer.num_query_tokens
@@ -265,6 +269,7 @@ class SALMONN(nn.Module):
             mel=np.concatenate(mel_frames, axis=1),
             chunk_starts=np.arange(len(chunks)) * self.cfg.chunk_seconds,
             seconds=len(wav) / SAMPLE_RATE,
+            lead_in=(len(wav) - original) / SAMPLE_RATE,
         )
 
     # ----------------------------------------------------------------- splicing

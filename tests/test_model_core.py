@@ -71,6 +71,10 @@ def test_lead_in_gives_an_abrupt_start_quiet_and_leaves_a_quiet_start_alone(tiny
     monkeypatch.setattr(tiny_model, "cfg", tiny_model.cfg.replace(lead_in_seconds=0.25))
     same = tiny_model.encode_audio(quiet_first)
     assert torch.equal(same.embeds, plain["quiet"].embeds) and same.seconds == plain["quiet"].seconds
+    assert got.lead_in == pytest.approx(3999 / 16000) and same.lead_in == 0.0
+    # a clip that fills its chunk gets no lead-in: padding would cut its last 0.25 s off into a new chunk
+    full = tiny_model.encode_audio(tone(tiny_model.cfg.chunk_seconds))
+    assert len(full.chunk_starts) == 1 and full.lead_in == 0.0
 
 
 # ---------------------------------------------------------------- checkpoint
