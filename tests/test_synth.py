@@ -212,6 +212,30 @@ def test_coreasoning_count_answer_uses_label():
     assert "four" not in tasks.coreason_answer(q, {**bg, "count": 2})
 
 
+def test_background_questions_ask_once_about_each_unasked_background_and_answer_from_its_labels():
+    rain = {"type": "speech_audio", "sound": {"kind": "rain"}, "speech": {"text": "Hello there.", "gender": "male"}}
+    music = {"type": "co_reasoning", "sound": {"kind": "music", "mode": "minor", "key": "D", "tempo": "fast", "bpm": 150,
+                                              "timbre": "organ", "has_drums": True}}
+    dog = {"type": "sound", "sound": {"kind": "dog_bark", "count": 3}}
+    speech = {"type": "speech", "speech": {"text": "Hi.", "gender": "female"}}
+    rows = [{"path": "a.wav", "task": "speech_audio", "labels": rain, "id": "a"},
+            {"path": "a.wav", "task": "asr", "labels": rain, "id": "a"},
+            {"path": "b.wav", "task": "co_reasoning", "labels": music, "id": "b"},
+            {"path": "c.wav", "task": "QA", "labels": dog, "id": "c"},     # already asked about
+            {"path": "c.wav", "task": "audiocaption", "labels": dog, "id": "c"},
+            {"path": "d.wav", "task": "asr", "labels": speech, "id": "d"},  # no sound in it
+            {"path": "e.wav", "task": "asr"}]                               # official row: no labels
+    extra = tasks.background_questions(rows, seed=0)
+    assert [r["path"] for r in extra] == ["a.wav", "b.wav"]
+    for r in extra:
+        snd = next(x["labels"]["sound"] for x in rows if x["path"] == r["path"])
+        possible = {pair for s in range(200) for pair in tasks.qa_pairs(snd, np.random.default_rng(s))}
+        assert r["task"] == "QA" and (r["Q"], r["text"]) in possible
+        assert r["prompt"] == tasks.full_prompt(r["Q"]) and r["id"] == r["path"][0]
+    assert tasks.background_questions(rows, seed=0) == extra       # the same seed, the same questions
+    assert tasks.background_questions([rows[-1], rows[3], rows[4]]) == []
+
+
 # --------------------------------------------------------------------------- make_data
 
 def _files(root: Path) -> dict:

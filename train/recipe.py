@@ -26,7 +26,7 @@ import torch
 from model.checkpoint import load_checkpoint, match_weights, read_state_dict, save_checkpoint, set_trainable
 from model.defaults import CHECKPOINTS, bundled_config
 from model.salmonn import SALMONN
-from train.tasks import full_prompt
+from train.tasks import background_questions, full_prompt
 from train.trainer import CTCHead, Trainer, TrainConfig, base_llm_write, encode_clips, load_annotations
 
 STORY_PROMPTS = [
@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                          "grounding of all tasks, and is a fifth of the rows")
     ap.add_argument("--stage2-qa-repeat", type=int, default=1,
                     help="stage 2 sees each sound/music question (QA) row this many times")
+    ap.add_argument("--stage2-background-qa", action=argparse.BooleanOptionalAction, default=False,
+                    help="add one question about the sound or music to every training clip that has one in the "
+                    "background but no question about it (tasks.background_questions)")
     ap.add_argument("--stage3-steps", type=int, default=160)
     ap.add_argument("--stage1-lr", type=float, default=1e-3, help="peak LR of stage 1 (cosine to a tenth)")
     ap.add_argument("--stage2-lr", type=float, default=5e-4, help="peak LR of stage 2 (cosine to a tenth)")
@@ -251,10 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (runs / "stage2" / "latest.safetensors").exists() and (runs / "stage1" / "latest.safetensors").exists():
         load_checkpoint(model, runs / "stage1" / "latest.safetensors")
     repeat = {"asr": args.stage2_asr_repeat, "QA": args.stage2_qa_repeat}
-    stage2_rows = [r for r in stage2 for _ in range(repeat.get(r["task"], 1))]
+    extra_qa = background_questions(stage2, args.seed) if args.stage2_background_qa else []
+    if extra_qa:
+        log(f"  {len(extra_qa)} questions added about background sounds")
+    stage2_rows = [r for r in stage2 + extra_qa for _ in range(repeat.get(r["task"], 1))]
     trainer = run_stage(model, "stage2", stage2_rows, feats, s2, runs, trainer.ctc_head)
     card["stages"]["2_instruct"] = {"config": asdict(s2), "history": trainer.history, "asr_repeat": args.stage2_asr_repeat,
-                                    "qa_repeat": args.stage2_qa_repeat}
+                                    "qa_repeat": args.stage2_qa_repeat,
+                                    "background_qa": len(extra_qa)}
     assets.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, assets / CHECKPOINTS["instruction"].name, metadata={"stage": "instruction-tuned"})
     log(f"saved {assets / CHECKPOINTS['instruction'].name}")

@@ -319,6 +319,28 @@ def _qa_example(pairs: list[tuple[str, str]], rng: np.random.Generator) -> dict:
     return _example("QA", full_prompt(question), answer, question)
 
 
+def background_questions(rows: list[dict], seed: int = 0) -> list[dict]:
+    """One extra QA row for each clip in `rows` that has a sound or music in it (a background under
+    speech, the sound a spoken question is about) but no question about that sound among `rows`.
+
+    Why: ``examples_for`` asks about only 30 % of speech-over-background clips (and never about a
+    co-reasoning clip's sound), while the held-out set asks about every one; without them the model
+    answers a question about the background with the transcript. Rows need make_data's ``labels``;
+    rows without them (official annotation files) add nothing.
+    """
+    rng = np.random.default_rng(seed)
+    asked = {r["path"] for r in rows if r["task"] == "QA"}
+    out, seen = [], set()
+    for r in rows:
+        snd = (r.get("labels") or {}).get("sound")
+        if not snd or r["path"] in asked or r["path"] in seen:
+            continue
+        seen.add(r["path"])
+        ex = _qa_example(qa_pairs(snd, rng), rng)
+        out.append({**{k: v for k, v in r.items() if k not in ex}, **ex})
+    return out
+
+
 def examples_for(labels: dict, rng: np.random.Generator, split: str = "train") -> list[dict]:
     """Examples for one clip: ``[{"task", "prompt", "Q", "text"}, ...]``.
 
