@@ -212,6 +212,20 @@ def test_coreasoning_count_answer_uses_label():
     assert "four" not in tasks.coreason_answer(q, {**bg, "count": 2})
 
 
+def test_sound_spelling_gives_one_word_per_counted_event_and_nothing_for_speech_or_music():
+    assert tasks.sound_spelling({"type": "sound", "sound": {"kind": "knock", "count": 3}}) == "knock knock knock"
+    assert tasks.sound_spelling({"type": "sound", "sound": {"kind": "beeps", "count": 2, "pitch": "high"}}) == "high beep beep"
+    assert tasks.sound_spelling({"type": "sound", "sound": {"kind": "sweep", "direction": "falling", "repeats": 2}}) \
+        == "falling falling"
+    assert tasks.sound_spelling({"type": "sound", "sound": {"kind": "rain"}}) == "rain"
+    assert tasks.sound_spelling({"type": "speech_audio", "sound": {"kind": "rain"}, "speech": {}}) is None
+    assert tasks.sound_spelling({"type": "music", "sound": {"kind": "music"}}) is None
+    rng = np.random.default_rng(0)
+    for kind in synth.SOUND_KINDS:   # every kind the generator makes has a spelling from its own labels
+        _, lab = synth.sound(rng, kind)
+        assert tasks.sound_spelling({"type": "sound", "sound": lab})
+
+
 def test_background_questions_ask_once_about_each_unasked_background_and_answer_from_its_labels():
     rain = {"type": "speech_audio", "sound": {"kind": "rain"}, "speech": {"text": "Hello there.", "gender": "male"}}
     music = {"type": "co_reasoning", "sound": {"kind": "music", "mode": "minor", "key": "D", "tempo": "fast", "bpm": 150,

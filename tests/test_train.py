@@ -186,6 +186,25 @@ def test_ctc_only_warmup_trains_the_qformer_without_running_the_llm(tiny_cfg, ti
         Trainer(model, rows, feats, TrainConfig(lm_weight=0.0), tmp_path / "x", log=lambda m: None)
 
 
+def test_rows_with_ctc_text_get_the_ctc_loss_toward_that_text_not_their_answer(tiny_cfg, tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = SALMONN.from_config(tiny_cfg)
+    rows = load_annotations(tiny_data)                  # audiocaption rows: no CTC by task
+    for r in rows[:4]:
+        r["ctc_text"] = "knock knock knock"
+    feats = encode_clips(model, [r["path"] for r in rows])
+    cfg = TrainConfig(steps=30, batch_size=4, init_lr=3e-3, min_lr=1e-3, warmup_start_lr=1e-4, warmup_steps=3,
+                      log_every=10, save_every=30, seed=0, ctc_weight=1.0, lm_weight=0.0)
+    trainer = Trainer(model, rows, feats, cfg, tmp_path / "spell", log=lambda m: None)
+    assert len(trainer.rows) == 4 and all(r["ctc_text"] for r in trainer.rows)
+    knock = model.tokenizer("knock knock knock", add_special_tokens=False).input_ids
+    assert trainer.ctc_targets(trainer.rows[:1]) == [knock]
+    assert trainer.targets(trainer.rows[:1])[0][:-1] != knock         # the LM still learns the caption
+    assert set(trainer.ctc_vocab.tolist()) == set(knock)
+    history = trainer.train()
+    assert history[-1]["ctc"] < history[0]["ctc"]
+
+
 def test_lora_only_stage_leaves_the_audio_side_untouched(tiny_cfg, tiny_data, tmp_path):
     torch.manual_seed(0)
     model = SALMONN.from_config(tiny_cfg)

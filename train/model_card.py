@@ -11,7 +11,7 @@ from pathlib import Path
 from model.defaults import ASSETS, CHECKPOINTS
 
 
-def stage_line(name: str, stage: dict) -> str:
+def stage_line(name: str, stage: dict, sound_spelling: bool = False) -> str:
     cfg, hist = stage["config"], stage.get("history") or []
     w = cfg.get("ctc_weight") or 0.0
     lm_w = cfg.get("lm_weight", 1.0)
@@ -25,10 +25,12 @@ def stage_line(name: str, stage: dict) -> str:
         extra += f", ASR rows × {stage['asr_repeat']}"
     if stage.get("qa_repeat", 1) > 1:
         extra += f", QA rows × {stage['qa_repeat']}"
+    if stage.get("background_qa"):
+        extra += f" + {stage['background_qa']} questions about background sounds"
     if stage.get("replay"):
         extra += f" + {stage['replay']} stage-2 replay"
     if w and hist and "ctc" in hist[0]:
-        name += f"{'' if not lm_w else f' + CTC × {w:g}'} on ASR rows (CTC {hist[0]['ctc']:.1f} → {hist[-1]['ctc']:.2f})"
+        name += f"{'' if not lm_w else f' + CTC × {w:g}'} on ASR rows{' and sound clips' if sound_spelling else ''} (CTC {hist[0]['ctc']:.1f} → {hist[-1]['ctc']:.2f})"
     if cfg.get("lora_only"):
         name += ", LoRA only (Q-Former and projection frozen)"
     if cfg.get("example_mean"):
@@ -40,6 +42,9 @@ def stage_line(name: str, stage: dict) -> str:
         name += (f"; the audio tokens then spell the transcript (CTC best path, no LLM) at WER "
                  f"{sw['train']:.0%} on training clips, {sw['held_out']:.0%} held out"
                  + (f", {sw['everyday']:.0%} on everyday sentences" if "everyday" in sw else ""))
+        if "sounds" in sw:
+            name += (f"; held-out sound clips spelled exactly (e.g. \"knock knock knock\") {sw['sounds']['exact']:.0%}, "
+                     f"event counts right {sw['sounds']['count']:.0%}")
     return (f"| {name} | {cfg['steps']} × {cfg['batch_size']}{extra} | {cfg['init_lr']:g} → {cfg['min_lr']:g} | "
             f"{f'{first} → {last}' if lm else '—'} | {seconds / 60:.0f} min |")
 
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "| stage | steps × batch | lr | LM loss (first → last logged) | time |",
         "|---|---|---|---|---|",
     ]
-    lines += [stage_line(names.get(k, k), v) for k, v in log["stages"].items() if v["config"]["steps"]]
+    lines += [stage_line(names.get(k, k), v, log.get("sound_spelling", False)) for k, v in log["stages"].items() if v["config"]["steps"]]
     init = args.init if args.init is not None else log.get("init")
     if init:
         lines += ["", f"This run continued from earlier trained weights: {init}."]

@@ -26,7 +26,7 @@ import torch
 from model.checkpoint import load_checkpoint, match_weights, read_state_dict, save_checkpoint, set_trainable
 from model.defaults import CHECKPOINTS, bundled_config
 from model.salmonn import SALMONN
-from train.tasks import background_questions, full_prompt
+from train.tasks import background_questions, full_prompt, sound_spelling
 from train.trainer import CTCHead, Trainer, TrainConfig, base_llm_write, encode_clips, load_annotations
 
 STORY_PROMPTS = [
@@ -120,6 +120,24 @@ def spelled_wer(model: SALMONN, trainer: Trainer, refs: list[str], tokens: list[
 
 
 @torch.no_grad()
+def spelled_sounds(model: SALMONN, trainer: Trainer, rows: list[dict], tokens: list[torch.Tensor]) -> dict:
+    """For sound clips (rows with make_data labels): how often their audio tokens spell the events exactly
+    under the CTC head (``tasks.sound_spelling``, e.g. "knock knock knock"), and how often the number of
+    counted events is right."""
+    from train.trainer import ctc_greedy
+
+    table = model.llama_model.get_input_embeddings().weight.float()
+    exact, count = [], []
+    for r, t in zip(rows, tokens):
+        want = sound_spelling(r["labels"]).split()
+        got = model.tokenizer.decode(ctc_greedy(trainer.ctc_head, t, table, trainer.ctc_vocab)).split()
+        exact.append(got == want)
+        if "count" in r["labels"]["sound"]:
+            count.append(got.count(want[-1]) == r["labels"]["sound"]["count"])
+    return {"exact": sum(exact) / max(1, len(exact)), "count": sum(count) / max(1, len(count)), "clips": len(rows)}
+
+
+@torch.no_grad()
 def cached_tokens(model: SALMONN, rows: list[dict], feats: dict) -> list[torch.Tensor]:
     """The current Q-Former's audio tokens for rows whose encoder features are cached."""
     from train.trainer import audio_tokens
@@ -164,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage2-background-qa", action=argparse.BooleanOptionalAction, default=False,
                     help="add one question about the sound or music to every training clip that has one in the "
                     "background but no question about it (tasks.background_questions)")
+    ap.add_argument("--sound-spelling", action=argparse.BooleanOptionalAction, default=False,
+                    help="the auxiliary CTC loss also on sound clips: their audio tokens spell the events "
+                    "(tasks.sound_spelling: 'knock knock knock', 'rising rising', 'rain'), as speech tokens spell words")
     ap.add_argument("--stage3-steps", type=int, default=160)
     ap.add_argument("--stage1-lr", type=float, default=1e-3, help="peak LR of stage 1 (cosine to a tenth)")
     ap.add_argument("--stage2-lr", type=float, default=5e-4, help="peak LR of stage 2 (cosine to a tenth)")
@@ -213,13 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     for extra in map(Path, args.extra_data):
         stage1 += load_annotations(extra / "stage1_pretrain.json")
         stage2 += load_annotations(extra / "stage2_instruct.json")
+    if args.sound_spelling:
+        for r in stage1 + stage2:
+            spelled = sound_spelling(r.get("labels") or {})
+            if spelled:
+                r["ctc_text"] = spelled
     log("caching frozen-encoder features")
     feats = encode_clips(model, sorted({r["path"] for r in stage2}), cache_file=runs / "features-train.pt", log=log)
 
     def meta(folder: Path) -> dict:
         return json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
 
-    card: dict = {"init": args.init, "ctc_head": args.ctc_head, "stages": {}, "data": meta(data),
+    card: dict = {"init": args.init, "ctc_head": args.ctc_head, "sound_spelling": args.sound_spelling, "stages": {}, "data": meta(data),
                   "extra_data": {e: meta(Path(e)) for e in args.extra_data}}
     head = None
     if args.ctc_head:
@@ -240,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
                    "everyday": spelled_wer(model, trainer, *everyday_tokens(model))}
         log(f"  the audio tokens spell the transcript with WER {spelled['train']:.1%} (train) / "
             f"{spelled['held_out']:.1%} (held out) / {spelled['everyday']:.1%} (everyday sentences)")
+        if args.sound_spelling:   # one audiocaption row per held-out sound clip
+            sounds = [r for r in load_annotations(data / "eval.json") if r["task"] == "audiocaption"]
+            sound_feats = encode_clips(model, sorted({r["path"] for r in sounds}), cache_file=runs / "features-eval-sound.pt", log=log)
+            spelled["sounds"] = spelled_sounds(model, trainer, sounds, cached_tokens(model, sounds, sound_feats))
+            log(f"  held-out sound clips spelled exactly: {spelled['sounds']['exact']:.1%}, "
+                f"event counts right: {spelled['sounds']['count']:.1%}")
         card["stages"]["0_align"] = {"config": asdict(s0), "history": trainer.history, "spelled_wer": spelled}
     s1 = TrainConfig(steps=args.stage1_steps, batch_size=args.batch_size, init_lr=args.stage1_lr, min_lr=args.stage1_lr / 10,
                      warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed, log_every=10, save_every=50,

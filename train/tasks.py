@@ -319,6 +319,27 @@ def _qa_example(pairs: list[tuple[str, str]], rng: np.random.Generator) -> dict:
     return _example("QA", full_prompt(question), answer, question)
 
 
+def sound_spelling(labels: dict) -> str | None:
+    """What a sound clip's audio tokens should spell under the auxiliary CTC loss, as a transcript
+    does for speech: one word per counted event ("high beep beep beep", "knock knock"), per sweep
+    ("rising rising"), else the sound's name. None for clips with speech or music in them.
+
+    Why: the LLM reads audio tokens most easily when they look like its own word embeddings; the CTC
+    loss makes each knock or beep a token of its own, so counting them is counting words."""
+    if labels.get("type") != "sound":
+        return None
+    s = labels["sound"]
+    kind = s["kind"]
+    if kind in UNIT:
+        events = " ".join([UNIT[kind][0]] * s["count"])
+        return f"{s['pitch']} {events}" if kind == "beeps" else events
+    if kind == "sweep":
+        return " ".join([s["direction"]] * s["repeats"])
+    if kind == "alarm":
+        return f"{s['pattern']} alarm"
+    return {"bird": "birds"}.get(kind, kind)
+
+
 def background_questions(rows: list[dict], seed: int = 0) -> list[dict]:
     """One extra QA row for each clip in `rows` that has a sound or music in it (a background under
     speech, the sound a spoken question is about) but no question about that sound among `rows`.

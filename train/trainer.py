@@ -267,9 +267,9 @@ class Trainer:
         if cfg.lm_weight <= 0:
             if cfg.ctc_weight <= 0:
                 raise ValueError("lm_weight 0 needs ctc_weight > 0: there would be nothing to train.")
-            rows = [r for r in rows if r["task"] in cfg.ctc_tasks]
+            rows = [r for r in rows if self.spells(r, cfg)]
             if not rows:
-                raise ValueError(f"A CTC-only warm-up needs rows of the tasks {cfg.ctc_tasks}.")
+                raise ValueError(f"A CTC-only warm-up needs rows of the tasks {cfg.ctc_tasks} (or with a ctc_text).")
         self.model, self.rows, self.feats, self.cfg = model, rows, feats, cfg
         self.out = Path(out_dir)
         self.prompts = prompts
@@ -281,8 +281,8 @@ class Trainer:
         # The CTC head is a training-only helper: kept in the trainer state, not the checkpoint; a
         # later stage may take over an earlier stage's head.
         self.ctc_head = ctc_head or CTCHead.for_model(model)
-        ctc_rows = [r for r in rows if r["task"] in cfg.ctc_tasks] if cfg.ctc_weight > 0 else []
-        self.ctc_vocab = torch.tensor(sorted({i for ids in self.targets(ctc_rows) for i in ids[:-1]}), dtype=torch.long)
+        ctc_rows = [r for r in rows if self.spells(r, cfg)] if cfg.ctc_weight > 0 else []
+        self.ctc_vocab = torch.tensor(sorted({i for ids in self.ctc_targets(ctc_rows) for i in ids}), dtype=torch.long)
         if cfg.ctc_weight > 0:
             groups.append({"params": list(self.ctc_head.parameters()), "weight_decay": 0.0})
         self.opt = torch.optim.AdamW(groups, lr=cfg.init_lr, betas=(0.9, 0.999))
@@ -292,13 +292,22 @@ class Trainer:
     def batch(self) -> list[dict]:
         return [self.rows[self.rng.randrange(len(self.rows))] for _ in range(self.cfg.batch_size)]
 
+    @staticmethod
+    def spells(row: dict, cfg: TrainConfig) -> bool:
+        """Whether the CTC loss applies to `row`: a ctc_tasks row (its answer is the transcript), or a row
+        that says what its audio tokens should spell (``ctc_text``, e.g. "knock knock knock")."""
+        return row["task"] in cfg.ctc_tasks or bool(row.get("ctc_text"))
+
+    def _ids(self, text: str) -> list[int]:
+        return self.model.tokenizer(text.strip(), add_special_tokens=False).input_ids[: self.cfg.max_txt_len - 1]
+
     def targets(self, rows: list[dict]) -> list[list[int]]:
-        tok = self.model.tokenizer
-        out = []
-        for r in rows:
-            ids = tok(r["text"].strip(), add_special_tokens=False).input_ids[: self.cfg.max_txt_len - 1]
-            out.append(ids + [tok.eos_token_id])
-        return out
+        """LM targets: the answer's token ids and end-of-sequence."""
+        return [self._ids(r["text"]) + [self.model.tokenizer.eos_token_id] for r in rows]
+
+    def ctc_targets(self, rows: list[dict]) -> list[list[int]]:
+        """CTC targets: the row's ``ctc_text`` if it has one, else its answer (a transcript)."""
+        return [self._ids(r.get("ctc_text") or r["text"]) for r in rows]
 
     def features(self, row: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         speech, audio = self.feats[row["path"]]
@@ -316,10 +325,10 @@ class Trainer:
         if cfg.lm_weight > 0:
             texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
             lm = m.loss(tokens, texts, targets, per_example=cfg.example_mean)
-        picked = [i for i, r in enumerate(rows) if r["task"] in cfg.ctc_tasks]
+        picked = [i for i, r in enumerate(rows) if self.spells(r, cfg)]
         if cfg.ctc_weight <= 0 or not picked:
             return lm, None
-        ctc = ctc_alignment_loss(self.ctc_head, [tokens[i] for i in picked], [targets[i][:-1] for i in picked],
+        ctc = ctc_alignment_loss(self.ctc_head, [tokens[i] for i in picked], self.ctc_targets([rows[i] for i in picked]),
                                  m.llama_model.get_input_embeddings().weight, self.ctc_vocab)
         return lm, ctc
 
