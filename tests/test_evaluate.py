@@ -57,3 +57,6 @@ def test_evaluation_command_reports_everyday_wer_for_a_checkpoint(tmp_path):
         entry = result[scale]
         assert 0.0 <= entry["open_asr_wer"] and [e["ref"] for e in entry["open_asr_examples"]] == evaluate.OPEN_EVAL_SENTENCES[:2]
     assert "everyday WER" in (out / "results.md").read_text() and (out / "results.png").is_file()
+    by_kind = result["4"]["attribute_by_kind"]
+    assert sum(c["asked"] for c in by_kind.values()) == 2 and "other" not in by_kind
+    assert "Attribute questions by kind, LoRA scale 4" in (out / "results.md").read_text()

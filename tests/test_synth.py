@@ -226,6 +226,16 @@ def test_sound_spelling_gives_one_word_per_counted_event_and_nothing_for_speech_
         assert tasks.sound_spelling({"type": "sound", "sound": lab})
 
 
+def test_every_question_the_generator_asks_has_a_kind_for_the_per_kind_report():
+    rng = np.random.default_rng(0)
+    labels = [synth.sound(rng, kind)[1] for kind in synth.SOUND_KINDS for _ in range(3)]
+    labels += [synth.music(rng)[1] for _ in range(5)]
+    asked = {q for lab in labels for s in range(20) for q, _ in tasks.qa_pairs(lab, np.random.default_rng(s))}
+    assert all(tasks.question_kind(q) != "other" for q in asked)
+    assert {tasks.question_kind(q) for q in asked} == set(tasks.QUESTIONS)
+    assert tasks.question_kind("What is the meaning of life?") == "other"
+
+
 def test_background_questions_ask_once_about_each_unasked_background_and_answer_from_its_labels():
     rain = {"type": "speech_audio", "sound": {"kind": "rain"}, "speech": {"text": "Hello there.", "gender": "male"}}
     music = {"type": "co_reasoning", "sound": {"kind": "music", "mode": "minor", "key": "D", "tempo": "fast", "bpm": 150,

@@ -34,7 +34,7 @@ from model.config import GenerateConfig
 from model.defaults import ASSETS, CHECKPOINTS, bundled_config
 from model.llm import lora_scale
 from model.salmonn import SALMONN
-from train.tasks import PROMPTS, describe, full_prompt
+from train.tasks import PROMPTS, QUESTIONS, describe, full_prompt, question_kind
 from train.trainer import load_annotations
 
 STORY_PROMPT = "Based on the audio, write a story in detail. Your story should be highly related to the audio."
@@ -199,7 +199,9 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
             entry["open_asr_wer"] = wer(open_refs, hyp)
             entry["open_asr_examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(open_refs, hyp))[:3]]
         hyp = generate(model, tokens_for(qa), [r["prompt"] for r in qa], scale, 16)
-        entry["attribute_accuracy"] = float(np.mean([answer_correct(r["text"], h) for r, h in zip(qa, hyp)]))
+        correct = [answer_correct(r["text"], h) for r, h in zip(qa, hyp)]
+        entry["attribute_accuracy"] = float(np.mean(correct))
+        entry["attribute_by_kind"] = attribute_by_kind(qa, correct)
         hyp = generate(model, tokens_for(gender), [r["prompt"] for r in gender], scale, 8)
         entry["gender_accuracy"] = float(np.mean([answer_correct(r["text"], h) for r, h in zip(gender, hyp)]))
         hyp = generate(model, tokens_for(story_rows), [STORY_PROMPT] * len(story_rows), scale, 120)
@@ -212,6 +214,16 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
             f"gender {entry['gender_accuracy']:.3f} story {entry['story_following_rate']:.2f} ({entry['seconds']} s)")
         result[f"{scale:g}"] = entry
     return result
+
+
+def attribute_by_kind(rows: list[dict], correct: list[bool]) -> dict:
+    """{question kind: {"correct", "asked"}} in ``tasks.QUESTIONS`` order: which attributes the model
+    hears (instrument, drums) and which it does not (key, counts)."""
+    by: dict[str, list[bool]] = {}
+    for r, ok in zip(rows, correct):
+        by.setdefault(question_kind(r.get("Q", "")), []).append(bool(ok))
+    order = list(QUESTIONS) + ["other"]
+    return {k: {"correct": sum(by[k]), "asked": len(by[k])} for k in sorted(by, key=order.index)}
 
 
 def story_references(data: Path, rows: list[dict], n: int, seed: int = 0) -> list[dict]:
@@ -254,6 +266,15 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
             lines.append(f"| {variant} | {s} | {e['asr_wer'] * 100:.1f} % | {everyday} | {e['attribute_accuracy'] * 100:.1f} % | "
                          f"{e['gender_accuracy'] * 100:.1f} % | {e['story_following_rate'] * 100:.0f} % | {p['asr']:.2f} | "
                          f"{p['audiocaption']:.2f} | {p['music_description']:.2f} | {p['story']:.2f} |")
+    top = f"{max(scales):g}"
+    names = [n for n, per in results["checkpoints"].items() if "attribute_by_kind" in per.get(top, {})]
+    if names:
+        kinds = list(dict.fromkeys(k for n in names for k in results["checkpoints"][n][top]["attribute_by_kind"]))
+        lines += ["", f"Attribute questions by kind, LoRA scale {top} (correct / asked):", "",
+                  "| question kind | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for k in kinds:
+            cells = [results["checkpoints"][n][top]["attribute_by_kind"].get(k) for n in names]
+            lines.append(f"| {k} | " + " | ".join(f"{c['correct']}/{c['asked']}" if c else "–" for c in cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     panels = [("asr_wer", "ASR WER"), ("attribute_accuracy", "attribute accuracy"),
@@ -279,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--asr", type=int, default=40)
     ap.add_argument("--open", type=int, default=len(OPEN_EVAL_SENTENCES),
                     help="everyday sentences outside the template grammar for the out-of-domain WER (0 = skip)")
-    ap.add_argument("--qa", type=int, default=60)
+    ap.add_argument("--qa", type=int, default=1000, help="attribute questions (default: all held-out ones)")
     ap.add_argument("--gender", type=int, default=20)
     ap.add_argument("--story", type=int, default=12)
     ap.add_argument("--ppl", type=int, default=12)

@@ -196,6 +196,29 @@ IS_IT_Q = {"rain": "Is this the sound of rain?", "wind": "Is this the sound of w
            "knock": "Is someone knocking?", "clap": "Is someone clapping?"}
 
 
+# Every short question, by what it asks (the evaluation reports accuracy per kind).
+QUESTIONS = {
+    "sound kind": ["What kind of sound is this?", "What sound do you hear?", "What is making this sound?"],
+    "is it ...?": list(IS_IT_Q.values()),
+    "count": [q for qs in COUNT_Q.values() for q in qs],
+    "beep pitch": ["Is the beep low, medium or high in pitch?", "What is the pitch of the beeps: low, medium or high?"],
+    "sweep direction": ["Is the pitch rising or falling?", "Is the tone rising or falling in pitch?"],
+    "alarm pattern": ["Is the alarm two-tone, pulsing or continuous?"],
+    "major/minor": ["Is the music in a major or minor key?", "Is this music major or minor?"],
+    "key": ["What key is the music in?"],
+    "tempo": ["Is the tempo slow, medium or fast?", "How fast is the music: slow, medium or fast?"],
+    "BPM": ["About how many beats per minute is the music?"],
+    "instrument": ["What instrument is playing?", "Which instrument plays the music?"],
+    "drums": ["Are there drums in the music?", "Does the music have drums?"],
+}
+_KIND_OF = {q: kind for kind, qs in QUESTIONS.items() for q in qs}
+
+
+def question_kind(question: str) -> str:
+    """What a short question asks about (a key of QUESTIONS), or "other"."""
+    return _KIND_OF.get(question.strip(), "other")
+
+
 def yes_no(flag: bool) -> str:
     return "Yes." if flag else "No."
 
@@ -203,18 +226,18 @@ def yes_no(flag: bool) -> str:
 def sound_qa(s: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
     """Candidate (question, short answer) pairs about a sound event."""
     kind = s["kind"]
-    qa = [(str(rng.choice(["What kind of sound is this?", "What sound do you hear?", "What is making this sound?"])),
+    qa = [(str(rng.choice(QUESTIONS["sound kind"])),
            SOUND_NAME[kind])]
     if kind in COUNT_Q:
         qa += [(str(rng.choice(COUNT_Q[kind])), COUNT_WORDS[s["count"]].capitalize() + ".")] * 2
     if kind == "beeps":
-        qa.append((str(rng.choice(["Is the beep low, medium or high in pitch?", "What is the pitch of the beeps: low, medium or high?"])),
+        qa.append((str(rng.choice(QUESTIONS["beep pitch"])),
                    s["pitch"].capitalize() + "."))
     if kind == "sweep":
-        qa += [(str(rng.choice(["Is the pitch rising or falling?", "Is the tone rising or falling in pitch?"])),
+        qa += [(str(rng.choice(QUESTIONS["sweep direction"])),
                 s["direction"].capitalize() + ".")] * 2
     if kind == "alarm":
-        qa.append(("Is the alarm two-tone, pulsing or continuous?", s["pattern"].capitalize() + "."))
+        qa.append((QUESTIONS["alarm pattern"][0], s["pattern"].capitalize() + "."))
     # yes/no about a sound kind: half the time the true one, so "yes" is as common as "no"
     target = kind if rng.random() < 0.5 and kind in IS_IT_Q else str(rng.choice([k for k in IS_IT_Q if k != kind]))
     qa.append((IS_IT_Q[target], yes_no(target == kind)))
@@ -224,15 +247,15 @@ def sound_qa(s: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
 def music_qa(m: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
     """Candidate (question, short answer) pairs about a music clip."""
     return [
-        (str(rng.choice(["Is the music in a major or minor key?", "Is this music major or minor?"])),
+        (str(rng.choice(QUESTIONS["major/minor"])),
          m["mode"].capitalize() + "."),
-        ("What key is the music in?", f"{m['key']} {m['mode']}."),
-        (str(rng.choice(["Is the tempo slow, medium or fast?", "How fast is the music: slow, medium or fast?"])),
+        (QUESTIONS["key"][0], f"{m['key']} {m['mode']}."),
+        (str(rng.choice(QUESTIONS["tempo"])),
          m["tempo"].capitalize() + "."),
-        ("About how many beats per minute is the music?", f"About {m['bpm']}."),
-        (str(rng.choice(["What instrument is playing?", "Which instrument plays the music?"])),
+        (QUESTIONS["BPM"][0], f"About {m['bpm']}."),
+        (str(rng.choice(QUESTIONS["instrument"])),
          INSTRUMENT_SHORT[m["timbre"]]),
-        (str(rng.choice(["Are there drums in the music?", "Does the music have drums?"])), yes_no(m["has_drums"])),
+        (str(rng.choice(QUESTIONS["drums"])), yes_no(m["has_drums"])),
     ]
 
 
