@@ -205,6 +205,27 @@ def test_rows_with_ctc_text_get_the_ctc_loss_toward_that_text_not_their_answer(t
     assert history[-1]["ctc"] < history[0]["ctc"]
 
 
+def test_spelled_sounds_scores_exact_spellings_and_event_counts(tiny_model):
+    from types import SimpleNamespace
+
+    from train.recipe import spelled_sounds
+    from train.trainer import CTCHead
+
+    head = CTCHead.for_model(tiny_model)
+    emb = tiny_model.llama_model.get_input_embeddings().weight.detach().float()
+
+    def spelling(text):   # audio tokens that spell `text` under the head: each token's embedding, then a blank
+        ids = tiny_model.tokenizer(text, add_special_tokens=False).input_ids
+        return torch.stack([v for i in ids for v in (emb[i], head.blank.detach().float())])
+
+    knock3 = {"type": "sound", "sound": {"kind": "knock", "count": 3}}
+    rain = {"type": "sound", "sound": {"kind": "rain"}}
+    rows = [{"labels": knock3}, {"labels": knock3}, {"labels": rain}]
+    tokens = [spelling("knock knock knock"), spelling("knock knock"), spelling("rain")]
+    trainer = SimpleNamespace(ctc_head=head, ctc_vocab=None)
+    assert spelled_sounds(tiny_model, trainer, rows, tokens) == {"exact": 2 / 3, "count": 0.5, "clips": 3}
+
+
 def test_lora_only_stage_leaves_the_audio_side_untouched(tiny_cfg, tiny_data, tmp_path):
     torch.manual_seed(0)
     model = SALMONN.from_config(tiny_cfg)
