@@ -110,27 +110,28 @@ def run_stage(model, name: str, rows: list[dict], feats: dict, cfg: TrainConfig,
 
 
 @torch.no_grad()
-def spelled_wer(model: SALMONN, trainer: Trainer, refs: list[str], tokens: list[torch.Tensor]) -> float:
-    """Word error rate of what audio tokens spell under the CTC head (no LLM)."""
-    from train.evaluate import wer
+def spell_out(model: SALMONN, trainer: Trainer, tokens: list[torch.Tensor]) -> list[str]:
+    """What each clip's audio tokens spell under the trainer's CTC head (best path, no LLM)."""
     from train.trainer import ctc_greedy
 
     table = model.llama_model.get_input_embeddings().weight.float()
-    return wer(refs, [model.tokenizer.decode(ctc_greedy(trainer.ctc_head, t, table, trainer.ctc_vocab)) for t in tokens])
+    return [model.tokenizer.decode(ctc_greedy(trainer.ctc_head, t, table, trainer.ctc_vocab)) for t in tokens]
 
 
-@torch.no_grad()
+def spelled_wer(model: SALMONN, trainer: Trainer, refs: list[str], tokens: list[torch.Tensor]) -> float:
+    """Word error rate of what audio tokens spell under the CTC head (no LLM)."""
+    from train.evaluate import wer
+
+    return wer(refs, spell_out(model, trainer, tokens))
+
+
 def spelled_sounds(model: SALMONN, trainer: Trainer, rows: list[dict], tokens: list[torch.Tensor]) -> dict:
     """For sound clips (rows with make_data labels): how often their audio tokens spell the events exactly
     under the CTC head (``tasks.sound_spelling``, e.g. "knock knock knock"), and how often the number of
     counted events is right."""
-    from train.trainer import ctc_greedy
-
-    table = model.llama_model.get_input_embeddings().weight.float()
     exact, count = [], []
-    for r, t in zip(rows, tokens):
-        want = sound_spelling(r["labels"]).split()
-        got = model.tokenizer.decode(ctc_greedy(trainer.ctc_head, t, table, trainer.ctc_vocab)).split()
+    for r, text in zip(rows, spell_out(model, trainer, tokens)):
+        want, got = sound_spelling(r["labels"]).split(), text.split()
         exact.append(got == want)
         if "count" in r["labels"]["sound"]:
             count.append(got.count(want[-1]) == r["labels"]["sound"]["count"])
@@ -257,19 +258,20 @@ def main(argv: list[str] | None = None) -> int:
                          ctc_weight=1.0, lm_weight=0.0, feature_masking=args.feature_masking)
         trainer = run_stage(model, "stage0", stage1, feats, s0, runs, head)
         head = trainer.ctc_head
-        held_out = [r for r in load_annotations(data / "eval.json") if r["task"] == "asr"]
-        eval_feats = encode_clips(model, sorted({r["path"] for r in held_out}), cache_file=runs / "features-eval-asr.pt", log=log)
-        seen = trainer.rows[:180]
+        eval_rows = load_annotations(data / "eval.json")
+        held_out = [r for r in eval_rows if r["task"] == "asr"]
+        # one audiocaption row per held-out sound clip, for what their tokens spell with --sound-spelling
+        sounds = [r for r in eval_rows if r["task"] == "audiocaption"] if args.sound_spelling else []
+        eval_feats = encode_clips(model, sorted({r["path"] for r in held_out + sounds}), cache_file=runs / "features-eval.pt", log=log)
+        seen = [r for r in trainer.rows if not r.get("ctc_text")][:180]   # transcripts, not spelled sounds
         spelled = {"train": spelled_wer(model, trainer, [r["text"] for r in seen], cached_tokens(model, seen, feats)),
                    "held_out": spelled_wer(model, trainer, [r["text"] for r in held_out],
                                            cached_tokens(model, held_out, eval_feats)),
                    "everyday": spelled_wer(model, trainer, *everyday_tokens(model))}
         log(f"  the audio tokens spell the transcript with WER {spelled['train']:.1%} (train) / "
             f"{spelled['held_out']:.1%} (held out) / {spelled['everyday']:.1%} (everyday sentences)")
-        if args.sound_spelling:   # one audiocaption row per held-out sound clip
-            sounds = [r for r in load_annotations(data / "eval.json") if r["task"] == "audiocaption"]
-            sound_feats = encode_clips(model, sorted({r["path"] for r in sounds}), cache_file=runs / "features-eval-sound.pt", log=log)
-            spelled["sounds"] = spelled_sounds(model, trainer, sounds, cached_tokens(model, sounds, sound_feats))
+        if sounds:
+            spelled["sounds"] = spelled_sounds(model, trainer, sounds, cached_tokens(model, sounds, eval_feats))
             log(f"  held-out sound clips spelled exactly: {spelled['sounds']['exact']:.1%}, "
                 f"event counts right: {spelled['sounds']['count']:.1%}")
         card["stages"]["0_align"] = {"config": asdict(s0), "history": trainer.history, "spelled_wer": spelled}

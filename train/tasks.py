@@ -381,7 +381,7 @@ def background_questions(rows: list[dict], seed: int = 0) -> list[dict]:
             continue
         seen.add(r["path"])
         ex = _qa_example(qa_pairs(snd, rng), rng)
-        out.append({**{k: v for k, v in r.items() if k not in ex}, **ex})
+        out.append({**{k: r[k] for k in ("path", "labels", "id") if k in r}, **ex})
     return out
 
 

@@ -320,11 +320,10 @@ class Trainer:
         is a CTC task)."""
         m, cfg = self.model, self.cfg
         tokens = audio_tokens(m, [self.features(r) for r in rows])
-        targets = self.targets(rows)
         lm = None
         if cfg.lm_weight > 0:
             texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
-            lm = m.loss(tokens, texts, targets, per_example=cfg.example_mean)
+            lm = m.loss(tokens, texts, self.targets(rows), per_example=cfg.example_mean)
         picked = [i for i, r in enumerate(rows) if self.spells(r, cfg)]
         if cfg.ctc_weight <= 0 or not picked:
             return lm, None
