@@ -38,6 +38,9 @@ class Preset:
     example: str                 # file name in assets/examples/ that suits it
     source: str = "ours"         # "official" | "ours"
     scale_factor: float = 1.0    # suggested LoRA scale as a fraction of the trained scale
+    # Suggested beams: tasks with one right answer (a transcript) gain from beam search, as the official
+    # SALMONN decodes (4 beams); open-ended answers stream greedily.
+    beams: int = 1
 
     @property
     def label(self) -> str:
@@ -46,24 +49,31 @@ class Preset:
     @property
     def note(self) -> str:
         wording = "official SALMONN wording" if self.source == "official" else "our wording (no official prompt known)"
-        return f"**{LEVELS[self.level]}** ({wording}). {SCALE_NOTES[self.level]}"
+        decoding = (f" Suggested decoding: {self.beams} beams (one right answer; beam search finds it more "
+                    "often than greedy decoding, but the answer appears only when complete)." if self.beams > 1 else "")
+        return f"**{LEVELS[self.level]}** ({wording}). {SCALE_NOTES[self.level]}{decoding}"
+
+    def suggested(self, trained: float) -> tuple[float, int]:
+        """(LoRA scale, beams) the preset suggests for a model trained at scale `trained`."""
+        return round(trained * self.scale_factor, 1), self.beams
 
 
 PRESETS: list[Preset] = [
     # Level 1: trained during instruction tuning.
     Preset("asr", 1, "Speech recognition", "Recognize the speech and give me the transcription.",
-           "speech.wav", "official"),
+           "speech.wav", "official", beams=4),
     Preset("en2zh", 1, "Translation En→Zh", "Listen to the speech and translate it into Chinese.",
            "speech.wav", "official"),
     Preset("aac", 1, "Audio captioning", "Please describe the audio.", "rain_beeps.wav", "official"),
     Preset("phones", 1, "Phone recognition", "Recognize the phonemes in the speech and write them out.",
-           "speech.wav"),
+           "speech.wav", beams=4),
     Preset("emotion", 1, "Emotion recognition", "Describe the emotion of the speaker in one word.",
            "speech.wav", "official"),
     Preset("music", 1, "Music captioning", "Listen to this music clip and describe the music.",
            "melody.wav", "official"),
     Preset("overlap", 1, "Overlapped-speech recognition",
-           "Two people are speaking at the same time. Recognize the speech of each speaker.", "overlap.wav"),
+           "Two people are speaking at the same time. Recognize the speech of each speaker.", "overlap.wav",
+           beams=4),
     Preset("speaker", 1, "Speaker verification",
            "Are the first and the second utterance spoken by the same speaker? Answer yes or no.",
            "two_speakers.wav"),

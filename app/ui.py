@@ -371,10 +371,9 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             return gr.skip(), ""
         return preset.prompt, preset.note
 
-    def suggested_scale(label):
+    def suggested_settings(label):
         preset = presets.PRESETS_BY_LABEL.get(label)
-        factor = preset.scale_factor if preset else 1.0
-        return round(trained * factor, 1)
+        return preset.suggested(trained) if preset else (round(trained, 1), 1)
 
     # -------------------------------------------------------------- scale lab
     def run_lab(path, prompt, scales_text, beams, sample, temperature, top_p, top_k, rep, max_new, seed):
@@ -434,7 +433,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                     scale = gr.Slider(0, round(2 * trained, 1), value=trained, step=0.1, label="LoRA scale",
                                       info=f"trained scale = {trained:g}; 0 = LoRA off. Applied instantly, no reload.",
                                       elem_id="lora-scale")
-                    scale_hint = gr.Button("Use the preset's suggested scale", size="sm")
+                    scale_hint = gr.Button("Use the preset's suggested scale and beams", size="sm")
                     with gr.Accordion("Decoding", open=False):
                         beams = gr.Slider(1, 10, value=1, step=1, label="Beams",
                                           info=f"1 streams the answer; >1 = beam search (official default "
@@ -544,7 +543,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                        trigger_mode="always_last")
 
         preset_dd.change(apply_preset, preset_dd, [question, preset_note], api_name="preset", queue=False)
-        scale_hint.click(suggested_scale, preset_dd, scale, api_visibility="private", queue=False)
+        scale_hint.click(suggested_settings, preset_dd, [scale, beams], api_name="suggested", queue=False)
 
         chat_in = [question, history, audio_in, model_pick, scale] + dec
         chat_out = [chatbot, history, question, prompt_sent, details]

@@ -107,10 +107,15 @@ def test_the_summary_says_when_an_abrupt_start_got_a_lead_in(client, pipe, monke
     assert "0.23 s of quiet added in front" in summary
 
 
-def test_preset_streamed_answer_and_scale_reported(client):
+def test_preset_streamed_answer_and_scale_reported(client, pipe):
     client.predict(handle_file(EXAMPLE), "tiny-test", "all", "average", api_name="/load_audio")
     prompt, note = client.predict(presets.PRESETS_BY_KEY["asr"].label, api_name="/preset")
     assert prompt == "Recognize the speech and give me the transcription." and "Level 1" in note
+    assert "4 beams" in note
+    # the suggestion button: transcription at the trained scale with 4 beams; a story at half scale, greedy
+    trained = pipe.trained_scale
+    assert client.predict(presets.PRESETS_BY_KEY["asr"].label, api_name="/suggested") == (trained, 4)
+    assert client.predict(presets.PRESETS_BY_KEY["story"].label, api_name="/suggested") == (round(trained / 2, 1), 1)
 
     updates, (chat, _, sent, details) = ask(client, prompt, scale=1.3)
     assert len(updates) >= 3, "the answer should arrive as a stream of partial updates"

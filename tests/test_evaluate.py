@@ -60,3 +60,23 @@ def test_evaluation_command_reports_everyday_wer_for_a_checkpoint(tmp_path):
     by_kind = result["4"]["attribute_by_kind"]
     assert sum(c["asked"] for c in by_kind.values()) == 2 and "other" not in by_kind
     assert "Attribute questions by kind, LoRA scale 4" in (out / "results.md").read_text()
+    # beam search (default 4 beams) only at the largest scale, reported beside greedy
+    assert "beams" not in result["0"] and result["4"]["beams"]["beams"] == 4
+    assert 0.0 <= result["4"]["beams"]["asr_wer"] and 0.0 <= result["4"]["beams"]["open_asr_wer"]
+    assert "| default | 4 beams |" in (out / "results.md").read_text()
+
+
+def test_batched_beam_search_answers_as_each_row_alone():
+    """The evaluation's beam search runs left-padded batches; padding must not change any row's answer."""
+    from model.defaults import CHECKPOINTS, bundled_config
+    from model.salmonn import SALMONN
+    from train import evaluate, synth
+
+    model = SALMONN.from_config(bundled_config(CHECKPOINTS["activation"]))
+    clips = evaluate.open_eval_clips(3)
+    tokens = [model.encode_audio(wav[: len(wav) // k], output_attentions=False).embeds for k, (_, wav) in zip((1, 2, 3), clips)]
+    assert len({t.shape[0] for t in tokens}) == 3          # three lengths: real padding in the batch
+    prompts = ["Recognize the speech and give me the transcription."] * 3
+    batched = evaluate.generate(model, tokens, prompts, 4.0, 12, beams=3)
+    alone = [evaluate.generate(model, [t], [p], 4.0, 12, beams=3)[0] for t, p in zip(tokens, prompts)]
+    assert batched == alone and all(batched)

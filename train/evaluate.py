@@ -9,6 +9,9 @@ Metrics (all our own measurements on synthetic, held-out voices and sentences):
   digits or words), and for yes/no references the answer's first word matches. An estimate ("About 97."
   beats per minute) counts when the answer's first number is within 4 % of it, the tolerance of the
   MIREX tempo-estimation metric (Accuracy 1).
+- ASR with beam search: the same two WERs at the trained (largest) scale with ``--asr-beams`` beams
+  (default 4, the official SALMONN decoding); every other number uses greedy decoding, the app's
+  default for SALMONN-tiny because it streams.
 - Everyday-speech WER: the same WER on fixed everyday sentences outside the template grammar
   (``OPEN_EVAL_SENTENCES``, written by us, never in any training set), spoken in held-out voices.
   It measures dictation of words the templates do not have.
@@ -117,16 +120,20 @@ def is_story(answer: str, references: list[str]) -> bool:
 
 @torch.no_grad()
 def generate(model: SALMONN, tokens: list[torch.Tensor], prompts: list[str], scale: float, max_new: int,
-             batch: int = 16) -> list[str]:
-    """Greedy answers for many (audio, prompt) rows, in batches, all at one LoRA scale."""
-    gen = GenerateConfig(max_new_tokens=max_new, num_beams=1, repetition_penalty=model.cfg.generate.repetition_penalty)
+             batch: int = 16, beams: int = 1) -> list[str]:
+    """Answers for many (audio, prompt) rows, in batches, all at one LoRA scale: greedy, or beam search
+    with `beams` beams (transformers' generate on the left-padded batch)."""
+    gen = GenerateConfig(max_new_tokens=max_new, num_beams=beams, repetition_penalty=model.cfg.generate.repetition_penalty)
     out = []
     for i in range(0, len(prompts), batch):
         texts = [model.prompt.conversation([p]) for p in prompts[i:i + batch]]
         embeds, mask, _ = model.assemble(tokens[i:i + batch], texts)
-        rows = [[] for _ in texts]
-        done = [False] * len(texts)
         with lora_scale(model.llama_model, scale):
+            if beams > 1:
+                out += [model.decode_text(ids) for ids in model.beam_search(embeds, mask, gen).tolist()]
+                continue
+            rows = [[] for _ in texts]
+            done = [False] * len(texts)
             for step in model.decode_steps(embeds, mask, gen):
                 for r, tok in enumerate(step.tolist()):
                     if not done[r]:
@@ -166,9 +173,10 @@ def open_eval_clips(n: int) -> list[tuple[str, np.ndarray]]:
 
 
 def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], stories: list[dict], scales: list[float],
-                        sizes: dict, everyday: list[tuple[str, np.ndarray]] = (), log=print) -> dict:
+                        sizes: dict, everyday: list[tuple[str, np.ndarray]] = (), log=print, asr_beams: int = 1) -> dict:
     """The weights at `ckpt`, reported under the name `variant`; `everyday` is (sentence, audio) pairs
-    for the out-of-domain WER (``open_eval_clips``)."""
+    for the out-of-domain WER (``open_eval_clips``). With `asr_beams` > 1 both WERs are also measured
+    with beam search at the largest scale."""
     model = SALMONN.from_config(bundled_config(ckpt))
     cache: dict[str, torch.Tensor] = {}
 
@@ -198,6 +206,16 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
             hyp = generate(model, open_tokens, [full_prompt(PROMPTS["asr"][0])] * len(open_refs), scale, 48)
             entry["open_asr_wer"] = wer(open_refs, hyp)
             entry["open_asr_examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(open_refs, hyp))[:3]]
+        if asr_beams > 1 and scale == max(scales):
+            t1 = time.perf_counter()
+            hyp = generate(model, tokens_for(asr), [r["prompt"] for r in asr], scale, 48, beams=asr_beams)
+            entry["beams"] = {"beams": asr_beams, "asr_wer": wer([r["text"] for r in asr], hyp),
+                              "asr_examples": [{"ref": r["text"], "hyp": h} for r, h in list(zip(asr, hyp))[:3]]}
+            if open_refs:
+                hyp = generate(model, open_tokens, [full_prompt(PROMPTS["asr"][0])] * len(open_refs), scale, 48,
+                               beams=asr_beams)
+                entry["beams"]["open_asr_wer"] = wer(open_refs, hyp)
+            entry["beams"]["seconds"] = round(time.perf_counter() - t1, 1)
         hyp = generate(model, tokens_for(qa), [r["prompt"] for r in qa], scale, 16)
         correct = [answer_correct(r["text"], h) for r, h in zip(qa, hyp)]
         entry["attribute_accuracy"] = float(np.mean(correct))
@@ -211,7 +229,8 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
                                              [r["text"] for r in sel], scale) for t, sel in ppl_tasks.items()}
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         log(f"[{variant} @ {scale:g}] WER {entry['asr_wer']:.3f} everyday {entry.get('open_asr_wer', float('nan')):.3f} attr {entry['attribute_accuracy']:.3f} "
-            f"gender {entry['gender_accuracy']:.3f} story {entry['story_following_rate']:.2f} ({entry['seconds']} s)")
+            f"gender {entry['gender_accuracy']:.3f} story {entry['story_following_rate']:.2f} ({entry['seconds']} s)"
+            + (f"; {asr_beams} beams: WER {entry['beams']['asr_wer']:.3f}" if "beams" in entry else ""))
         result[f"{scale:g}"] = entry
     return result
 
@@ -275,6 +294,15 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
         for k in kinds:
             cells = [results["checkpoints"][n][top]["attribute_by_kind"].get(k) for n in names]
             lines.append(f"| {k} | " + " | ".join(f"{c['correct']}/{c['asked']}" if c else "–" for c in cells) + " |")
+    beamed = [(n, per[top]["beams"]) for n, per in results["checkpoints"].items() if "beams" in per.get(top, {})]
+    if beamed:
+        lines += ["", f"ASR at LoRA scale {top} by decoding (greedy above; beam search as the official SALMONN decodes):", "",
+                  "| checkpoint | decoding | ASR WER ↓ | everyday WER ↓ |", "|---|---|---|---|"]
+        for n, b in beamed:
+            greedy = results["checkpoints"][n][top]
+            for label, e in (("greedy", greedy), (f"{b['beams']} beams", b)):
+                everyday = f"{e['open_asr_wer'] * 100:.1f} %" if "open_asr_wer" in e else "–"
+                lines.append(f"| {n} | {label} | {e['asr_wer'] * 100:.1f} % | {everyday} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     panels = [("asr_wer", "ASR WER"), ("attribute_accuracy", "attribute accuracy"),
@@ -301,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--open", type=int, default=len(OPEN_EVAL_SENTENCES),
                     help="everyday sentences outside the template grammar for the out-of-domain WER (0 = skip)")
     ap.add_argument("--qa", type=int, default=1000, help="attribute questions (default: all held-out ones)")
+    ap.add_argument("--asr-beams", type=int, default=4,
+                    help="also measure both WERs with this many beams at the largest scale (1 = greedy only)")
     ap.add_argument("--gender", type=int, default=20)
     ap.add_argument("--story", type=int, default=12)
     ap.add_argument("--ppl", type=int, default=12)
@@ -323,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = chosen or {v: CHECKPOINTS[v] for v in ("instruction", "activation") if CHECKPOINTS[v].is_file()}
     everyday = open_eval_clips(args.open)    # synthesized once for all checkpoints
     for name, path in chosen.items():
-        results["checkpoints"][name] = evaluate_checkpoint(name, path, rows, stories, scales, sizes, everyday)
+        results["checkpoints"][name] = evaluate_checkpoint(name, path, rows, stories, scales, sizes, everyday,
+                                                                asr_beams=args.asr_beams)
     write_report(results, Path(args.out), scales)
     print((Path(args.out) / "results.md").read_text())
     return 0
