@@ -369,3 +369,27 @@ def test_make_data_types_gives_a_speech_only_set_and_leaves_the_default_mix_alon
     assert rows and {r["task"] for r in rows} == {"asr"}
     with pytest.raises(SystemExit):
         make_data.main(["--out", str(tmp_path / "x"), "--types", "speach"])
+
+
+def test_more_voices_widen_only_the_training_voices(tmp_path):
+    """`make_data --more-voices`: training speech comes from a larger pool of espeak-ng variants (each
+    renders differently), while the held-out voices, and so the evaluation clips, stay exactly the same."""
+    base, more = set(synth.voices("train")), set(synth.voices("train", more=True))
+    assert base < more and not more & set(synth.voices("eval"))
+    assert synth.voices("eval", more=True) == synth.voices("eval")
+    extra = synth.EXTRA_MALE_VARIANTS + synth.EXTRA_FEMALE_VARIANTS
+    assert not set(extra) & set(synth.MALE_VARIANTS + synth.FEMALE_VARIANTS + list(synth.HELDOUT_VARIANTS))
+    assert synth.variant_gender("steph2") == "female" and synth.variant_gender("quincy") == "male"
+    a = synth.espeak("Turn on the lights.", "en-us+quincy", 160, 50)
+    b = synth.espeak("Turn on the lights.", "en-us+m1", 160, 50)
+    assert len(a) and (len(a) != len(b) or not np.array_equal(a, b))
+
+    plain, wide = tmp_path / "plain", tmp_path / "wide"
+    make_data.main(["--out", str(plain), "--seed", "3", "--scale", "0.02", "--workers", "1", "--types", "speech"])
+    make_data.main(["--out", str(wide), "--seed", "3", "--scale", "0.02", "--workers", "1", "--types", "speech",
+                    "--more-voices"])
+    assert (plain / "eval.json").read_bytes() == (wide / "eval.json").read_bytes()
+    assert _files(plain / "audio" / "eval") == _files(wide / "audio" / "eval")
+    voices = {r["labels"]["speech"]["voice"] for r in json.loads((wide / "stage1_pretrain.json").read_text())["annotation"]}
+    assert voices <= more and any(v.split("+")[1] in extra for v in voices)
+    assert json.loads((wide / "meta.json").read_text())["more_voices"] is True

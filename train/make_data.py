@@ -41,6 +41,8 @@ SPLIT_CODE = {"train": 0, "eval": 1}
 MAX_SECONDS = 30.0
 # Open-vocabulary sentences (train/eval split), set by ``generate`` before the workers fork.
 _OPEN: dict = {"corpus": None, "share": 0.0}
+# The larger training voice pool (``synth.voices(more=True)``), also set before the workers fork.
+_VOICES: dict = {"more": False}
 # Co-reasoning backgrounds favour sounds with countable / directional answers (the harder questions).
 _W = np.array([2.0 if k in synth.COUNTABLE or k == "sweep" else 1.0 for k in synth.SOUND_KINDS])
 COREASON_KIND_P = _W / _W.sum()
@@ -65,7 +67,8 @@ def synth_clip(spec: dict) -> tuple[np.ndarray, dict]:
     rng = np.random.default_rng([spec["seed"], SPLIT_CODE[split], spec["index"]])
     labels: dict = {"type": t}
     if t == "speech":
-        x, labels["speech"] = synth.speech(synth.sentence_for(split, rng, **_OPEN), rng, split=split)
+        x, labels["speech"] = synth.speech(synth.sentence_for(split, rng, **_OPEN), rng, split=split,
+                                           more_voices=_VOICES["more"])
         x = synth.pad(x, rng, 0.1, 0.6)
     elif t == "sound":
         x, labels["sound"] = synth.sound(rng)
@@ -82,7 +85,7 @@ def synth_clip(spec: dict) -> tuple[np.ndarray, dict]:
             text = labels["question"]["text"]
         else:
             text = synth.sentence_for(split, rng, **_OPEN)
-        sp, labels["speech"] = synth.speech(text, rng, split=split)
+        sp, labels["speech"] = synth.speech(text, rng, split=split, more_voices=_VOICES["more"])
         if t != "co_reasoning":
             bg, labels["sound"] = synth.background_for(rng, source, len(sp) / synth.SR)
         sp = synth.pad(sp, rng, 0.2, 0.6)  # background is audible before/after the speech
@@ -130,9 +133,10 @@ def load_annotation(json_path: str | Path) -> list[dict]:
 
 
 def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2, sentences: str | None = None,
-             open_share: float = 0.5, types: list[str] | None = None) -> dict:
+             open_share: float = 0.5, types: list[str] | None = None, more_voices: bool = False) -> dict:
     """Generate everything under ``out``; returns the counts written to meta.json."""
     _OPEN.update(corpus=synth.load_sentences(sentences) if sentences else None, share=open_share if sentences else 0.0)
+    _VOICES.update(more=more_voices)
     n_train = max(len(CLIP_TYPES), round(TRAIN_CLIPS * scale))
     n_eval = max(len(CLIP_TYPES), round(EVAL_CLIPS * scale))
     specs = plan("train", n_train, seed, types) + plan("eval", n_eval, seed, types)
@@ -162,7 +166,7 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2, sen
     corpus = {s for side in (_OPEN["corpus"] or {}).values() for s in side}
     open_used = sum(1 for r in records if r["labels"]["type"] in ("speech", "speech_audio")
                     and r["labels"]["speech"]["text"] in corpus)
-    meta = {"seed": seed, "scale": scale, "types": types,
+    meta = {"seed": seed, "scale": scale, "types": types, "more_voices": more_voices,
             "sentences": {"corpus": sentences, "open_share": _OPEN["share"], "open_clips": open_used} if sentences else None,
             "clips": {"train": len(train), "eval": len(evals)},
             "clip_types": {s: dict(sorted(Counter(r["type"] for r in rs).items())) for s, rs in
@@ -184,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--open-share", type=float, default=0.5, help="share of spoken sentences taken from --sentences")
     ap.add_argument("--types", nargs="+", choices=list(CLIP_TYPES), default=None,
                     help="only these clip types (e.g. speech, for a large speech set for CTC alignment)")
+    ap.add_argument("--more-voices", action="store_true",
+                    help=f"speak training clips in {len(synth.EXTRA_MALE_VARIANTS) + len(synth.EXTRA_FEMALE_VARIANTS)} "
+                         "more espeak-ng voice variants (the held-out voices stay the same)")
     args = ap.parse_args(argv)
     if args.scale <= 0:
         ap.error("--scale must be > 0")
@@ -192,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0.0 <= args.open_share <= 1.0:
         ap.error("--open-share must be between 0 and 1")
     start = time.time()
-    meta = generate(Path(args.out), args.seed, args.scale, max(1, args.workers), args.sentences, args.open_share, args.types)
+    meta = generate(Path(args.out), args.seed, args.scale, max(1, args.workers), args.sentences, args.open_share, args.types,
+                    args.more_voices)
     print(json.dumps(meta, indent=1))
     print(f"generated in {time.time() - start:.1f} s with {args.workers} worker(s) -> {args.out}", file=sys.stderr)
     return meta

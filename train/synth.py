@@ -130,6 +130,13 @@ MALE_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8",
                  "Andy", "Lee", "Denis", "Hugo", "michel", "travis", "victor", "sandro"]
 FEMALE_VARIANTS = ["f1", "f2", "f3", "f4", "f5",
                    "Alicia", "Andrea", "Annie", "anika", "belinda", "linda", "steph", "grandma"]
+# More espeak-ng variants, for training only (``make_data --more-voices``): a new voice costs held-out
+# ASR about as much as a new sentence, and the base pool has 25 variants (21 after the held-out ones).
+# Genders by the variant file's pitch range (most of these files do not say).
+EXTRA_MALE_VARIANTS = ["adam", "benjamin", "caleb", "david", "ed", "edward", "gustave", "iven", "john", "max",
+                       "paul", "quincy", "rob", "robert", "Michael", "Mike", "Gene", "Jacky", "norbert", "grandpa",
+                       "Diogo", "Henrique", "Marco", "antonio", "miguel", "pedro", "marcelo", "pablo"]
+EXTRA_FEMALE_VARIANTS = ["aunty", "steph2", "steph3", "shelby"]
 # Evaluation voices use a held-out accent or a held-out speaker variant, so
 # no evaluation voice (accent+variant) is ever heard in training.
 HELDOUT_ACCENTS = {"en-gb-x-gbcwmd"}
@@ -137,14 +144,16 @@ HELDOUT_VARIANTS = {"m3", "travis", "f4", "Annie"}
 
 
 def variant_gender(variant: str) -> str:
-    return "female" if variant in FEMALE_VARIANTS else "male"
+    return "female" if variant in FEMALE_VARIANTS or variant in EXTRA_FEMALE_VARIANTS else "male"
 
 
-def voices(split: str, gender: str | None = None) -> list[str]:
-    """espeak-ng voice names ``accent+variant`` available to ``split`` ('train' or 'eval')."""
+def voices(split: str, gender: str | None = None, more: bool = False) -> list[str]:
+    """espeak-ng voice names ``accent+variant`` available to ``split`` ('train' or 'eval'); `more` adds
+    the extra variants to the training voices (the held-out voices never change)."""
     out = []
+    extra = EXTRA_MALE_VARIANTS + EXTRA_FEMALE_VARIANTS if more and split == "train" else []
     for accent in ACCENTS:
-        for variant in MALE_VARIANTS + FEMALE_VARIANTS:
+        for variant in MALE_VARIANTS + FEMALE_VARIANTS + extra:
             held = accent in HELDOUT_ACCENTS or variant in HELDOUT_VARIANTS
             if held != (split == "eval"):
                 continue
@@ -179,11 +188,12 @@ def rate_label(rate: int) -> str:
 
 
 def speech(text: str, rng: np.random.Generator, voice: str | None = None, split: str = "train",
-           rate: int | None = None, pitch: int | None = None) -> tuple[np.ndarray, dict]:
-    """Speak ``text``; voice/rate/pitch are drawn from ``rng`` unless given."""
+           rate: int | None = None, pitch: int | None = None, more_voices: bool = False) -> tuple[np.ndarray, dict]:
+    """Speak ``text``; voice/rate/pitch are drawn from ``rng`` unless given (`more_voices`: from the
+    larger training pool, ``voices(..., more=True)``)."""
     if voice is None:
         gender = str(rng.choice(["male", "female"]))
-        voice = str(rng.choice(voices(split, gender)))
+        voice = str(rng.choice(voices(split, gender, more_voices)))
     accent, variant = voice.split("+")
     rate = int(rng.integers(125, 206)) if rate is None else rate
     pitch = int(rng.integers(30, 71)) if pitch is None else pitch
