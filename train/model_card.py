@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from model.defaults import ASSETS, CHECKPOINTS
+from train import synth
 
 
 def stage_line(name: str, stage: dict, sound_spelling: bool = False) -> str:
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = weights["speech_query_tokens"].shape[1]
     n_params = sum(t.numel() for t in weights.values()) / 1e6
     data = log.get("data", {})
+    extra_voices = len(synth.EXTRA_MALE_VARIANTS) + len(synth.EXTRA_FEMALE_VARIANTS)
     names = {"0_align": "0 alignment warm-up (CTC only, no LLM)", "1_pretrain": "1 pre-training (ASR, captions)", "2_instruct": "2 instruction tuning (all tasks)",
              "3_activation": "3 activation tuning (stories, descriptions)"}
     lines = [
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         + "".join(f" Stages 0-2 also used the {m.get('clips', {}).get('train', '?')} training clips "
                   f"({m.get('hours', {}).get('train', '?')} h) of `{folder}` (`make_data` seed {m.get('seed', '?')}; "
                   "same held-out voices and sentences, so no overlap with the evaluation set)."
+                  + (f" Only {', '.join(m['types'])} clips." if m.get("types") else "")
+                  + (f" Its speech also uses {extra_voices} more espeak-ng voice variants (`--more-voices`; never "
+                     "the held-out ones)." if m.get("more_voices") else "")
                   + (f" {m['sentences']['open_clips']} of its spoken sentences are open-vocabulary ones the LLM "
                      "wrote itself (`python -m train.sentences`), outside the template grammar; the everyday "
                      "sentences of the evaluation are barred from that corpus." if m.get("sentences") else "")
