@@ -436,8 +436,8 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                     scale_hint = gr.Button("Use the preset's suggested scale and beams", size="sm")
                     with gr.Accordion("Decoding", open=False):
                         beams = gr.Slider(1, 10, value=1, step=1, label="Beams",
-                                          info=f"1 streams the answer; >1 = beam search (official default "
-                                               f"{gen0.num_beams}), shown when complete")
+                                          info="1 streams the answer; >1 = beam search, shown when complete "
+                                               "(the official SALMONN decodes with 4)")
                         sample = gr.Checkbox(value=gen0.do_sample, label="Sampling (off = greedy / beam)")
                         temperature = gr.Slider(0.1, 2.0, value=gen0.temperature, step=0.05, label="Temperature",
                                                 info="used when sampling")

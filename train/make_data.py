@@ -2,6 +2,7 @@
 
     python -m train.make_data --out data --seed 0 [--scale 1.0] [--workers 2]
                               [--sentences data/sentences.json --open-share 0.5]
+                              [--types speech speech_audio] [--more-voices]
 
 Writes (paths inside the JSON files are relative to the --out folder; use
 ``load_annotation`` to get absolute ones):
@@ -16,7 +17,8 @@ Writes (paths inside the JSON files are relative to the --out folder; use
 Each clip has its own random generator seeded from (seed, split, index), so the
 output is identical for a given seed whatever the number of worker processes. ``--sentences`` (a corpus
 written by ``python -m train.sentences``) makes a share of the spoken sentences open-vocabulary ones;
-without it the output is what it always was for that seed.
+without it the output is what it always was for that seed. ``--more-voices`` speaks the training clips in
+a larger pool of espeak-ng variants; the held-out clips are the same either way.
 """
 
 from __future__ import annotations
