@@ -195,27 +195,27 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
     story_rows = stories[: sizes["story"]]
     ppl_tasks = {t: select(rows, t, sizes["ppl"]) for t in ("asr", "audiocaption", "music_description", "QA", "speech_audio")}
     ppl_tasks["story"] = stories[: sizes["ppl"]]
+    asr_prompt = full_prompt(PROMPTS["asr"][0])
+
+    def transcribe(scale: float, beams: int = 1) -> dict:
+        """Held-out and everyday WER at one scale, with three examples of each."""
+        hyp = generate(model, tokens_for(asr), [r["prompt"] for r in asr], scale, 48, beams=beams)
+        out = {"asr_wer": wer([r["text"] for r in asr], hyp),
+               "asr_examples": [{"ref": r["text"], "hyp": h} for r, h in list(zip(asr, hyp))[:3]]}
+        if open_refs:
+            hyp = generate(model, open_tokens, [asr_prompt] * len(open_refs), scale, 48, beams=beams)
+            out["open_asr_wer"] = wer(open_refs, hyp)
+            out["open_asr_examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(open_refs, hyp))[:3]]
+        return out
+
     result = {}
     for scale in scales:
         t0 = time.perf_counter()
-        entry: dict = {}
-        hyp = generate(model, tokens_for(asr), [r["prompt"] for r in asr], scale, 48)
-        entry["asr_wer"] = wer([r["text"] for r in asr], hyp)
-        entry["asr_examples"] = [{"ref": r["text"], "hyp": h} for r, h in list(zip(asr, hyp))[:3]]
-        if open_refs:
-            hyp = generate(model, open_tokens, [full_prompt(PROMPTS["asr"][0])] * len(open_refs), scale, 48)
-            entry["open_asr_wer"] = wer(open_refs, hyp)
-            entry["open_asr_examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(open_refs, hyp))[:3]]
+        entry: dict = transcribe(scale)
         if asr_beams > 1 and scale == max(scales):
             t1 = time.perf_counter()
-            hyp = generate(model, tokens_for(asr), [r["prompt"] for r in asr], scale, 48, beams=asr_beams)
-            entry["beams"] = {"beams": asr_beams, "asr_wer": wer([r["text"] for r in asr], hyp),
-                              "asr_examples": [{"ref": r["text"], "hyp": h} for r, h in list(zip(asr, hyp))[:3]]}
-            if open_refs:
-                hyp = generate(model, open_tokens, [full_prompt(PROMPTS["asr"][0])] * len(open_refs), scale, 48,
-                               beams=asr_beams)
-                entry["beams"]["open_asr_wer"] = wer(open_refs, hyp)
-            entry["beams"]["seconds"] = round(time.perf_counter() - t1, 1)
+            entry["beams"] = {"beams": asr_beams, **transcribe(scale, asr_beams),
+                              "seconds": round(time.perf_counter() - t1, 1)}
         hyp = generate(model, tokens_for(qa), [r["prompt"] for r in qa], scale, 16)
         correct = [answer_correct(r["text"], h) for r, h in zip(qa, hyp)]
         entry["attribute_accuracy"] = float(np.mean(correct))
