@@ -393,3 +393,29 @@ def test_more_voices_widen_only_the_training_voices(tmp_path):
     voices = {r["labels"]["speech"]["voice"] for r in json.loads((wide / "stage1_pretrain.json").read_text())["annotation"]}
     assert voices <= more and any(v.split("+")[1] in extra for v in voices)
     assert json.loads((wide / "meta.json").read_text())["more_voices"] is True
+
+
+def test_speed_perturbation_makes_new_training_voices_and_leaves_held_out_clips_alone(tmp_path):
+    """`make_data --speed-perturb W`: training speech is played 1-W..1+W times as fast (tempo, pitch and
+    formants together, as Kaldi's speed perturbation), its rate label follows, and held-out clips stay
+    byte-identical."""
+    rng = np.random.default_rng(0)
+    x, plain = synth.speech("Turn on the lights in the kitchen.", rng, voice="en-us+m1", rate=160, pitch=50)
+    y, fast = synth.speech("Turn on the lights in the kitchen.", rng, voice="en-us+m1", rate=160, pitch=50, speed=1.1)
+    assert abs(len(x) / len(y) - 1.1) < 0.01
+    assert fast["rate"] == 176 and fast["speed"] == 1.1 and "speed" not in plain
+
+    ref, pert = tmp_path / "ref", tmp_path / "pert"
+    make_data.main(["--out", str(ref), "--seed", "3", "--scale", "0.02", "--workers", "1", "--types", "speech"])
+    make_data.main(["--out", str(pert), "--seed", "3", "--scale", "0.02", "--workers", "1", "--types", "speech",
+                    "--speed-perturb", "0.1"])
+    assert (ref / "eval.json").read_bytes() == (pert / "eval.json").read_bytes()
+    assert _files(ref / "audio" / "eval") == _files(pert / "audio" / "eval")
+    speech = [json.loads(line)["labels"]["speech"] for line in (pert / "clips.jsonl").read_text().splitlines()
+              if json.loads(line)["split"] == "train"]
+    speeds = [s.get("speed", 1.0) for s in speech]
+    assert all(0.9 <= v <= 1.1 and abs(v * 50 - round(v * 50)) < 1e-9 for v in speeds) and len(set(speeds)) > 3
+    assert all(s["rate_label"] == synth.rate_label(s["rate"]) for s in speech)
+    assert json.loads((pert / "meta.json").read_text())["speed_perturb"] == 0.1
+    with pytest.raises(SystemExit):
+        make_data.main(["--out", str(tmp_path / "bad"), "--speed-perturb", "0.5"])

@@ -44,7 +44,7 @@ MAX_SECONDS = 30.0
 # Open-vocabulary sentences (train/eval split), set by ``generate`` before the workers fork.
 _OPEN: dict = {"corpus": None, "share": 0.0}
 # The larger training voice pool (``synth.voices(more=True)``), also set before the workers fork.
-_VOICES: dict = {"more": False}
+_VOICES: dict = {"more": False, "perturb": 0.0}
 # Co-reasoning backgrounds favour sounds with countable / directional answers (the harder questions).
 _W = np.array([2.0 if k in synth.COUNTABLE or k == "sweep" else 1.0 for k in synth.SOUND_KINDS])
 COREASON_KIND_P = _W / _W.sum()
@@ -63,6 +63,15 @@ def plan(split: str, n: int, seed: int, types: list[str] | None = None) -> list[
             for i, t in enumerate(types)]
 
 
+def speed_for(split: str, rng: np.random.Generator) -> float:
+    """A speed-perturbation factor for training speech (``--speed-perturb``), on a 0.02 grid; 1.0, with
+    no draw from `rng`, for held-out clips or without the flag, so their output never changes."""
+    width = _VOICES["perturb"]
+    if split != "train" or width <= 0:
+        return 1.0
+    return round(float(rng.uniform(1 - width, 1 + width)) * 50) / 50
+
+
 def synth_clip(spec: dict) -> tuple[np.ndarray, dict]:
     """Audio and labels for one clip spec (pure function of the spec)."""
     split, t = spec["split"], spec["type"]
@@ -70,7 +79,7 @@ def synth_clip(spec: dict) -> tuple[np.ndarray, dict]:
     labels: dict = {"type": t}
     if t == "speech":
         x, labels["speech"] = synth.speech(synth.sentence_for(split, rng, **_OPEN), rng, split=split,
-                                           more_voices=_VOICES["more"])
+                                           more_voices=_VOICES["more"], speed=speed_for(split, rng))
         x = synth.pad(x, rng, 0.1, 0.6)
     elif t == "sound":
         x, labels["sound"] = synth.sound(rng)
@@ -87,7 +96,8 @@ def synth_clip(spec: dict) -> tuple[np.ndarray, dict]:
             text = labels["question"]["text"]
         else:
             text = synth.sentence_for(split, rng, **_OPEN)
-        sp, labels["speech"] = synth.speech(text, rng, split=split, more_voices=_VOICES["more"])
+        sp, labels["speech"] = synth.speech(text, rng, split=split, more_voices=_VOICES["more"],
+                                            speed=speed_for(split, rng))
         if t != "co_reasoning":
             bg, labels["sound"] = synth.background_for(rng, source, len(sp) / synth.SR)
         sp = synth.pad(sp, rng, 0.2, 0.6)  # background is audible before/after the speech
@@ -135,10 +145,11 @@ def load_annotation(json_path: str | Path) -> list[dict]:
 
 
 def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2, sentences: str | None = None,
-             open_share: float = 0.5, types: list[str] | None = None, more_voices: bool = False) -> dict:
+             open_share: float = 0.5, types: list[str] | None = None, more_voices: bool = False,
+             speed_perturb: float = 0.0) -> dict:
     """Generate everything under ``out``; returns the counts written to meta.json."""
     _OPEN.update(corpus=synth.load_sentences(sentences) if sentences else None, share=open_share if sentences else 0.0)
-    _VOICES.update(more=more_voices)
+    _VOICES.update(more=more_voices, perturb=speed_perturb)
     n_train = max(len(CLIP_TYPES), round(TRAIN_CLIPS * scale))
     n_eval = max(len(CLIP_TYPES), round(EVAL_CLIPS * scale))
     specs = plan("train", n_train, seed, types) + plan("eval", n_eval, seed, types)
@@ -168,7 +179,7 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2, sen
     corpus = {s for side in (_OPEN["corpus"] or {}).values() for s in side}
     open_used = sum(1 for r in records if r["labels"]["type"] in ("speech", "speech_audio")
                     and r["labels"]["speech"]["text"] in corpus)
-    meta = {"seed": seed, "scale": scale, "types": types, "more_voices": more_voices,
+    meta = {"seed": seed, "scale": scale, "types": types, "more_voices": more_voices, "speed_perturb": speed_perturb,
             "sentences": {"corpus": sentences, "open_share": _OPEN["share"], "open_clips": open_used} if sentences else None,
             "clips": {"train": len(train), "eval": len(evals)},
             "clip_types": {s: dict(sorted(Counter(r["type"] for r in rs).items())) for s, rs in
@@ -193,16 +204,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--more-voices", action="store_true",
                     help=f"speak training clips in {len(synth.EXTRA_MALE_VARIANTS) + len(synth.EXTRA_FEMALE_VARIANTS)} "
                          "more espeak-ng voice variants (the held-out voices stay the same)")
+    ap.add_argument("--speed-perturb", type=float, default=0.0, metavar="W",
+                    help="speed-perturb training speech by a factor in [1-W, 1+W], e.g. 0.1: new vocal-tract "
+                         "lengths, i.e. more voices (held-out clips are never perturbed)")
     args = ap.parse_args(argv)
     if args.scale <= 0:
         ap.error("--scale must be > 0")
     if args.sentences and not Path(args.sentences).is_file():
         ap.error(f"--sentences {args.sentences}: no such file (write it with python -m train.sentences)")
+    if not 0.0 <= args.speed_perturb <= 0.3:
+        ap.error("--speed-perturb must be between 0 and 0.3")
     if not 0.0 <= args.open_share <= 1.0:
         ap.error("--open-share must be between 0 and 1")
     start = time.time()
     meta = generate(Path(args.out), args.seed, args.scale, max(1, args.workers), args.sentences, args.open_share, args.types,
-                    args.more_voices)
+                    args.more_voices, args.speed_perturb)
     print(json.dumps(meta, indent=1))
     print(f"generated in {time.time() - start:.1f} s with {args.workers} worker(s) -> {args.out}", file=sys.stderr)
     return meta

@@ -187,10 +187,20 @@ def rate_label(rate: int) -> str:
     return "slow" if rate < 145 else "fast" if rate > 185 else "normal"
 
 
+def speed_perturb(x: np.ndarray, factor: float) -> np.ndarray:
+    """Play ``x`` ``factor`` times faster (resampling, as Kaldi's speed perturbation): tempo, pitch and
+    formants move together, like a speaker with a shorter (>1) or longer (<1) vocal tract."""
+    up = 50  # factors on a 0.02 grid keep the polyphase filter short
+    down = int(round(factor * up))
+    return resample_poly(x, up, down).astype(np.float32) if down != up else x
+
+
 def speech(text: str, rng: np.random.Generator, voice: str | None = None, split: str = "train",
-           rate: int | None = None, pitch: int | None = None, more_voices: bool = False) -> tuple[np.ndarray, dict]:
+           rate: int | None = None, pitch: int | None = None, more_voices: bool = False,
+           speed: float = 1.0) -> tuple[np.ndarray, dict]:
     """Speak ``text``; voice/rate/pitch are drawn from ``rng`` unless given (`more_voices`: from the
-    larger training pool, ``voices(..., more=True)``)."""
+    larger training pool, ``voices(..., more=True)``); `speed` != 1 speed-perturbs the rendering and the
+    rate label follows it."""
     if voice is None:
         gender = str(rng.choice(["male", "female"]))
         voice = str(rng.choice(voices(split, gender, more_voices)))
@@ -198,9 +208,13 @@ def speech(text: str, rng: np.random.Generator, voice: str | None = None, split:
     rate = int(rng.integers(125, 206)) if rate is None else rate
     pitch = int(rng.integers(30, 71)) if pitch is None else pitch
     x = trim_silence(espeak(text, voice, rate, pitch))
+    if speed != 1.0:
+        x, rate = speed_perturb(x, speed), int(round(rate * speed))
     x = normalize(x, 0.9)
     labels = {"text": text, "voice": voice, "accent": ACCENTS[accent], "gender": variant_gender(variant),
               "rate": rate, "rate_label": rate_label(rate), "pitch": pitch, "duration": seconds(x)}
+    if speed != 1.0:
+        labels["speed"] = speed
     return x, labels
 
 
