@@ -60,10 +60,13 @@ def test_evaluation_command_reports_everyday_wer_for_a_checkpoint(tmp_path):
     by_kind = result["4"]["attribute_by_kind"]
     assert sum(c["asked"] for c in by_kind.values()) == 2 and "other" not in by_kind
     assert "Attribute questions by kind, LoRA scale 4" in (out / "results.md").read_text()
-    # beam search (default 4 beams) only at the largest scale, reported beside greedy
-    assert "beams" not in result["0"] and result["4"]["beams"]["beams"] == 4
-    assert 0.0 <= result["4"]["beams"]["asr_wer"] and 0.0 <= result["4"]["beams"]["open_asr_wer"]
-    assert "| default | 4 beams |" in (out / "results.md").read_text()
+    # at the largest scale only: greedy and beam search (default 4 beams) on all held-out ASR clips
+    decoding = result["4"]["decoding"]
+    assert "decoding" not in result["0"] and decoding["clips"] == sum(r["task"] == "asr" for r in rows)
+    assert len(decoding["greedy"]["asr_examples"]) == min(3, decoding["clips"]) and decoding["beams"]["beams"] == 4
+    assert 0.0 <= decoding["beams"]["asr_wer"] and 0.0 <= decoding["beams"]["open_asr_wer"]
+    report = (out / "results.md").read_text()
+    assert f"on {decoding['clips']} held-out ASR clips" in report and "| default | 4 beams |" in report
 
 
 def test_batched_beam_search_answers_as_each_row_alone():

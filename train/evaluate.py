@@ -9,9 +9,10 @@ Metrics (all our own measurements on synthetic, held-out voices and sentences):
   digits or words), and for yes/no references the answer's first word matches. An estimate ("About 97."
   beats per minute) counts when the answer's first number is within 4 % of it, the tolerance of the
   MIREX tempo-estimation metric (Accuracy 1).
-- ASR with beam search: the same two WERs at the trained (largest) scale with ``--asr-beams`` beams
-  (default 4, the official SALMONN decoding); every other number uses greedy decoding, the app's
-  default for SALMONN-tiny because it streams.
+- ASR by decoding: at the trained (largest) scale the two WERs are measured again on all held-out ASR
+  clips (``--asr-decoding``; the scale sweep asks ``--asr`` of them, a noisier sample), greedy and with
+  ``--asr-beams`` beams (default 4, the official SALMONN decoding); every other number uses greedy
+  decoding, the app's default for SALMONN-tiny because it streams.
 - Everyday-speech WER: the same WER on fixed everyday sentences outside the template grammar
   (``OPEN_EVAL_SENTENCES``, written by us, never in any training set), spoken in held-out voices.
   It measures dictation of words the templates do not have.
@@ -175,8 +176,9 @@ def open_eval_clips(n: int) -> list[tuple[str, np.ndarray]]:
 def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], stories: list[dict], scales: list[float],
                         sizes: dict, everyday: list[tuple[str, np.ndarray]] = (), log=print, asr_beams: int = 1) -> dict:
     """The weights at `ckpt`, reported under the name `variant`; `everyday` is (sentence, audio) pairs
-    for the out-of-domain WER (``open_eval_clips``). With `asr_beams` > 1 both WERs are also measured
-    with beam search at the largest scale."""
+    for the out-of-domain WER (``open_eval_clips``). At the largest scale both WERs are measured again
+    on ``sizes["asr_decoding"]`` held-out clips (a larger, less noisy sample than the sweep's), greedy
+    and, with `asr_beams` > 1, with beam search."""
     model = SALMONN.from_config(bundled_config(ckpt))
     cache: dict[str, torch.Tensor] = {}
 
@@ -188,6 +190,7 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
         return [cache[r["path"]] for r in sel]
 
     asr = select(rows, "asr", sizes["asr"])
+    asr_decoding = select(rows, "asr", sizes.get("asr_decoding", sizes["asr"]))
     open_refs = [text for text, _ in everyday]
     open_tokens = [model.encode_audio(wav, output_attentions=False).embeds for _, wav in everyday]
     qa = select(rows, "QA", sizes["qa"])
@@ -197,11 +200,11 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
     ppl_tasks["story"] = stories[: sizes["ppl"]]
     asr_prompt = full_prompt(PROMPTS["asr"][0])
 
-    def transcribe(scale: float, beams: int = 1) -> dict:
-        """Held-out and everyday WER at one scale, with three examples of each."""
-        hyp = generate(model, tokens_for(asr), [r["prompt"] for r in asr], scale, 48, beams=beams)
-        out = {"asr_wer": wer([r["text"] for r in asr], hyp),
-               "asr_examples": [{"ref": r["text"], "hyp": h} for r, h in list(zip(asr, hyp))[:3]]}
+    def transcribe(scale: float, beams: int = 1, clips: list[dict] = asr) -> dict:
+        """Held-out (`clips`) and everyday WER at one scale, with three examples of each."""
+        hyp = generate(model, tokens_for(clips), [r["prompt"] for r in clips], scale, 48, beams=beams)
+        out = {"asr_wer": wer([r["text"] for r in clips], hyp),
+               "asr_examples": [{"ref": r["text"], "hyp": h} for r, h in list(zip(clips, hyp))[:3]]}
         if open_refs:
             hyp = generate(model, open_tokens, [asr_prompt] * len(open_refs), scale, 48, beams=beams)
             out["open_asr_wer"] = wer(open_refs, hyp)
@@ -212,10 +215,13 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
     for scale in scales:
         t0 = time.perf_counter()
         entry: dict = transcribe(scale)
-        if asr_beams > 1 and scale == max(scales):
+        if scale == max(scales):
             t1 = time.perf_counter()
-            entry["beams"] = {"beams": asr_beams, **transcribe(scale, asr_beams),
-                              "seconds": round(time.perf_counter() - t1, 1)}
+            greedy = entry if asr_decoding == asr else transcribe(scale, 1, asr_decoding)
+            entry["decoding"] = {"clips": len(asr_decoding), "greedy": {k: v for k, v in greedy.items() if k != "decoding"}}
+            if asr_beams > 1:
+                entry["decoding"]["beams"] = {"beams": asr_beams, **transcribe(scale, asr_beams, asr_decoding)}
+            entry["decoding"]["seconds"] = round(time.perf_counter() - t1, 1)
         hyp = generate(model, tokens_for(qa), [r["prompt"] for r in qa], scale, 16)
         correct = [answer_correct(r["text"], h) for r, h in zip(qa, hyp)]
         entry["attribute_accuracy"] = float(np.mean(correct))
@@ -230,7 +236,9 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         log(f"[{variant} @ {scale:g}] WER {entry['asr_wer']:.3f} everyday {entry.get('open_asr_wer', float('nan')):.3f} attr {entry['attribute_accuracy']:.3f} "
             f"gender {entry['gender_accuracy']:.3f} story {entry['story_following_rate']:.2f} ({entry['seconds']} s)"
-            + (f"; {asr_beams} beams: WER {entry['beams']['asr_wer']:.3f}" if "beams" in entry else ""))
+            + (f"; {entry['decoding']['clips']} clips: greedy WER {entry['decoding']['greedy']['asr_wer']:.3f}"
+               if "decoding" in entry else "")
+            + (f", {asr_beams} beams {entry['decoding']['beams']['asr_wer']:.3f}" if "beams" in entry.get("decoding", {}) else ""))
         result[f"{scale:g}"] = entry
     return result
 
@@ -294,13 +302,14 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
         for k in kinds:
             cells = [results["checkpoints"][n][top]["attribute_by_kind"].get(k) for n in names]
             lines.append(f"| {k} | " + " | ".join(f"{c['correct']}/{c['asked']}" if c else "–" for c in cells) + " |")
-    beamed = [(n, per[top]["beams"]) for n, per in results["checkpoints"].items() if "beams" in per.get(top, {})]
-    if beamed:
-        lines += ["", f"ASR at LoRA scale {top} by decoding (greedy above; beam search as the official SALMONN decodes):", "",
+    decoded = [(n, per[top]["decoding"]) for n, per in results["checkpoints"].items() if "decoding" in per.get(top, {})]
+    if decoded:
+        clips = sorted({d["clips"] for _, d in decoded})
+        lines += ["", f"ASR at LoRA scale {top} on {' / '.join(map(str, clips))} held-out ASR clips, by decoding "
+                  "(greedy as the app streams; beam search as the official SALMONN decodes):", "",
                   "| checkpoint | decoding | ASR WER ↓ | everyday WER ↓ |", "|---|---|---|---|"]
-        for n, b in beamed:
-            greedy = results["checkpoints"][n][top]
-            for label, e in (("greedy", greedy), (f"{b['beams']} beams", b)):
+        for n, d in decoded:
+            for label, e in [("greedy", d["greedy"])] + ([(f"{d['beams']['beams']} beams", d["beams"])] if "beams" in d else []):
                 everyday = f"{e['open_asr_wer'] * 100:.1f} %" if "open_asr_wer" in e else "–"
                 lines.append(f"| {n} | {label} | {e['asr_wer'] * 100:.1f} % | {everyday} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -325,12 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="data")
     ap.add_argument("--out", default=str(ASSETS / "eval"))
     ap.add_argument("--scales", default="0,1,2,3,4")
-    ap.add_argument("--asr", type=int, default=40)
+    ap.add_argument("--asr", type=int, default=40, help="held-out ASR clips at every scale")
+    ap.add_argument("--asr-decoding", type=int, default=1000,
+                    help="held-out ASR clips for the greedy / beam-search table at the largest scale (default: all)")
     ap.add_argument("--open", type=int, default=len(OPEN_EVAL_SENTENCES),
                     help="everyday sentences outside the template grammar for the out-of-domain WER (0 = skip)")
     ap.add_argument("--qa", type=int, default=1000, help="attribute questions (default: all held-out ones)")
     ap.add_argument("--asr-beams", type=int, default=4,
-                    help="also measure both WERs with this many beams at the largest scale (1 = greedy only)")
+                    help="beams for that table (1 = greedy only)")
     ap.add_argument("--gender", type=int, default=20)
     ap.add_argument("--story", type=int, default=12)
     ap.add_argument("--ppl", type=int, default=12)
@@ -347,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     rows = load_annotations(data / "eval.json")
     scales = [float(s) for s in args.scales.split(",")]
-    sizes = {"asr": args.asr, "open": args.open, "qa": args.qa, "gender": args.gender, "story": args.story, "ppl": args.ppl}
+    sizes = {"asr": args.asr, "asr_decoding": args.asr_decoding, "open": args.open, "qa": args.qa, "gender": args.gender, "story": args.story, "ppl": args.ppl}
     stories = story_references(data, rows, max(args.story, args.ppl))
     results = {"sizes": sizes, "checkpoints": {}}
     chosen = chosen or {v: CHECKPOINTS[v] for v in ("instruction", "activation") if CHECKPOINTS[v].is_file()}
