@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" Only {', '.join(m['types'])} clips." if m.get("types") else "")
                   + (f" Its speech also uses {extra_voices} more espeak-ng voice variants (`--more-voices`; never "
                      "the held-out ones)." if m.get("more_voices") else "")
+                  + (f" Its training speech is speed-perturbed by a factor of {1 - m['speed_perturb']:g} to "
+                     f"{1 + m['speed_perturb']:g} (`--speed-perturb`; tempo, pitch and formants together)."
+                     if m.get("speed_perturb") else "")
                   + (f" {m['sentences']['open_clips']} of its spoken sentences are open-vocabulary ones the LLM "
                      "wrote itself (`python -m train.sentences`), outside the template grammar; the everyday "
                      "sentences of the evaluation are barred from that corpus." if m.get("sentences") else "")
