@@ -11,7 +11,6 @@ sentence, which led to ``make_data --more-voices`` and ``--speed-perturb``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,10 @@ def split_wer(model, data: Path, n: int = 40, scale: float = 4.0) -> dict[str, f
     """WER per cell (``CELLS``) on up to `n` clips each, from the annotations under `data`."""
     from model.audio import prepare_audio
     from train.evaluate import generate, wer
+    from train.trainer import load_annotations
 
     def rows(name: str) -> list[dict]:
-        return [r for r in json.loads((data / name).read_text())["annotation"] if r["task"] == "asr"]
+        return [r for r in load_annotations(data / name) if r["task"] == "asr"]
 
     train = [r for r in rows("stage2_instruct.json") if r["labels"]["type"] == "speech"]   # clean clips only
     held = rows("eval.json")   # only their sentences are used, spoken clean
@@ -52,7 +52,7 @@ def split_wer(model, data: Path, n: int = 40, scale: float = 4.0) -> dict[str, f
             out.append(synth.pad(x, rng))
         return out
 
-    result = {CELLS[0]: measure([r["text"] for r in seen], [prepare_audio(str(data / r["path"])).wav for r in seen])}
+    result = {CELLS[0]: measure([r["text"] for r in seen], [prepare_audio(r["path"]).wav for r in seen])}
     for cell, (sent, voice) in zip(CELLS[1:], [("train", "train"), ("train", "eval"), ("eval", "train"), ("eval", "eval")]):
         result[cell] = measure(sentences[sent], spoken(sentences[sent], voice))
     return result
