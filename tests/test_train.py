@@ -148,6 +148,30 @@ def test_ctc_greedy_reads_back_the_spelled_transcript_within_a_vocabulary():
     assert torch.isfinite(good) and float(good) < 0.5 * float(bad)
 
 
+def test_a_fresh_ctc_head_fitted_alone_finds_the_blank_the_audio_tokens_already_use():
+    # a continued run whose earlier head is lost: the Q-Former's tokens already spell transcripts
+    # with some blank direction; fitting the head alone must find it, so stage 2 starts aligned
+    from train.trainer import CTCHead, ctc_greedy, fit_ctc_head
+
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randn(50, 16, generator=gen)
+    blank = torch.randn(16, generator=gen)
+    targets, tokens = [], []
+    for _ in range(24):
+        words = torch.randint(0, 50, (4,), generator=gen).tolist()
+        seq = [v for w in words for v in (table[w], table[w], blank)]
+        targets.append(words)
+        tokens.append(torch.stack(seq) + 0.05 * torch.randn(len(seq), 16, generator=gen))
+    torch.manual_seed(3)
+    head = CTCHead(16)
+    assert not all(ctc_greedy(head, t, table) == w for t, w in zip(tokens, targets))   # a random blank
+    before, after = fit_ctc_head(head, tokens, targets, table, steps=150, lr=0.05, batch_size=8)
+    assert after < 0.3 * before
+    cos = torch.nn.functional.cosine_similarity(head.blank.detach(), blank, dim=0)
+    assert float(cos) > 0.6     # it only has to out-score the words, not match exactly
+    assert all(ctc_greedy(head, t, table) == w for t, w in zip(tokens, targets))
+
+
 def test_masked_features_keep_shape_and_change_with_the_generator():
     from train.trainer import mask_features
 

@@ -27,7 +27,8 @@ from model.checkpoint import load_checkpoint, match_weights, read_state_dict, sa
 from model.defaults import CHECKPOINTS, bundled_config
 from model.salmonn import SALMONN
 from train.tasks import background_questions, full_prompt, sound_spelling
-from train.trainer import CTCHead, Trainer, TrainConfig, base_llm_write, encode_clips, load_annotations
+from train.trainer import (CTCHead, Trainer, TrainConfig, base_llm_write, encode_clips, fit_ctc_head,
+                           load_annotations)
 
 STORY_PROMPTS = [
     "Based on the audio, write a story in detail. Your story should be highly related to the audio.",
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                     "checkpoint, to continue training it) instead of from scratch; --stage1-steps 0 skips to stage 2")
     ap.add_argument("--ctc-head", default="", help="with --init: take over the CTC head kept in an earlier run's "
                     "trainer state (e.g. runs/stage2/latest_state.pt) instead of starting a fresh one")
+    ap.add_argument("--ctc-head-fit", type=int, default=300,
+                    help="with --init and no --ctc-head: first fit a fresh CTC head alone (this many steps) to the "
+                         "initial weights' audio tokens, so its random blank does not pull on the trained Q-Former")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     data, runs, assets = Path(args.data), Path(args.runs), Path(args.assets)
@@ -252,6 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.ctc_head:
         head = CTCHead.for_model(model, args.ctc_head)
         log(f"CTC head taken over from {args.ctc_head}")
+    elif args.init and args.ctc_head_fit and args.ctc_weight > 0:
+        head = CTCHead.for_model(model)
+        rows = [r for r in stage2 if Trainer.spells(r, TrainConfig())]
+        rows = random.Random(args.seed + 5).sample(rows, min(len(rows), 1024))
+        targets = [model.tokenizer((r.get("ctc_text") or r["text"]).strip(), add_special_tokens=False).input_ids[:95]
+                   for r in rows]
+        before, after = fit_ctc_head(head, cached_tokens(model, rows, feats), targets,
+                                     model.llama_model.get_input_embeddings().weight, steps=args.ctc_head_fit,
+                                     seed=args.seed)
+        log(f"CTC head fitted to the initial weights' audio tokens ({len(rows)} clips): loss {before:.3f} -> {after:.3f}")
+        card["ctc_head_fit"] = {"clips": len(rows), "steps": args.ctc_head_fit, "loss_before": before, "loss_after": after}
     if args.align_steps:
         s0 = TrainConfig(steps=args.align_steps, batch_size=32, init_lr=args.align_lr, min_lr=0.0, warmup_start_lr=1e-5,
                          warmup_steps=50, max_txt_len=96, seed=args.seed + 4, log_every=50, save_every=250,

@@ -245,6 +245,36 @@ def ctc_greedy(head: CTCHead, tokens: torch.Tensor, embeddings: torch.Tensor,
     return out
 
 
+def fit_ctc_head(head: CTCHead, tokens: list[torch.Tensor], targets: list[list[int]], embeddings: torch.Tensor,
+                 steps: int = 200, lr: float = 0.02, batch_size: int = 64,
+                 seed: int = 0) -> tuple[float, float]:
+    """Fit only the CTC head (blank direction and scale) to fixed audio tokens; returns the CTC loss
+    before and after on all of them.
+
+    For a continued run whose earlier head is lost: a fresh head's random blank would make the first
+    stage-2 steps pull the trained Q-Former toward it. The head has one vector and one scalar, so a
+    few hundred steps on tokens computed once (no LLM, no Q-Former gradient) recover it."""
+    vocab = torch.tensor(sorted({i for t in targets for i in t}), dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+
+    def loss_on(idx: list[int]) -> torch.Tensor:
+        return ctc_alignment_loss(head, [tokens[i] for i in idx], [targets[i] for i in idx], embeddings, vocab)
+
+    everything = list(range(len(tokens)))
+    with torch.no_grad():
+        before = float(loss_on(everything))
+    for _ in range(steps):
+        idx = torch.randint(0, len(tokens), (min(batch_size, len(tokens)),), generator=gen).tolist()
+        loss = loss_on(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(loss_on(everything))
+    return before, after
+
+
 def mask_features(speech: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
     """SpecAugment-style masks on cached encoder frames [T, C]: 2 time bands (up to 6 x strength
     frames) and 2 channel bands (up to 48 x strength) set to the clip's mean frame, plus Gaussian noise
