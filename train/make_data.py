@@ -2,10 +2,10 @@
 
     python -m train.make_data --out data --seed 0 [--scale 1.0] [--workers 2]
                               [--sentences data/sentences.json --open-share 0.5]
-                              [--types speech speech_audio] [--more-voices]
+                              [--types speech speech_audio] [--more-voices] [--speed-perturb 0.1]
 
 Writes (paths inside the JSON files are relative to the --out folder; use
-``load_annotation`` to get absolute ones):
+``train.trainer.load_annotations`` to get absolute ones):
 
     <out>/audio/{train,eval}/<id>.wav   16 kHz mono PCM16
     <out>/stage1_pretrain.json          asr + audiocaption + music_description (train clips)
@@ -133,15 +133,6 @@ def annotation(records: list[dict], keep=lambda task: True) -> dict:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-
-
-def load_annotation(json_path: str | Path) -> list[dict]:
-    """Read an annotation file and make each entry's ``path`` absolute."""
-    json_path = Path(json_path)
-    rows = json.loads(json_path.read_text())["annotation"]
-    for r in rows:
-        r["path"] = str((json_path.parent / r["path"]).resolve())
-    return rows
 
 
 def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2, sentences: str | None = None,
