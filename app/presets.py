@@ -50,7 +50,7 @@ class Preset:
     def note(self) -> str:
         wording = "official SALMONN wording" if self.source == "official" else "our wording (no official prompt known)"
         decoding = (f" Suggested decoding: {self.beams} beams (one right answer; beam search finds it more "
-                    "often than greedy decoding, but the answer appears only when complete)." if self.beams > 1 else "")
+                    "often than greedy decoding; its words appear once the beams agree on them)." if self.beams > 1 else "")
         return f"**{LEVELS[self.level]}** ({wording}). {SCALE_NOTES[self.level]}{decoding}"
 
     def suggested(self, trained: float) -> tuple[float, int]:

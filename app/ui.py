@@ -292,7 +292,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                                         {"role": "assistant", "content": f"⚠️ {text}"}], history, gr.skip(), \
                 gr.skip(), gr.skip()
             return
-        waiting = "…" if gen.num_beams == 1 else "… (beam search: the answer appears when it is complete)"
+        waiting = "…" if gen.num_beams == 1 else "… (beam search: words appear once every beam that could win agrees)"
         shown = _messages(history) + [{"role": "user", "content": echo}, {"role": "assistant", "content": waiting}]
         yield shown, history, "", sent, gr.skip()
         session = _session(request)
@@ -436,7 +436,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                     scale_hint = gr.Button("Use the preset's suggested scale and beams", size="sm")
                     with gr.Accordion("Decoding", open=False):
                         beams = gr.Slider(1, 10, value=1, step=1, label="Beams",
-                                          info="1 streams the answer; >1 = beam search, shown when complete "
+                                          info="1 streams each token; >1 = beam search, streamed as the beams agree "
                                                "(the official SALMONN decodes with 4)")
                         sample = gr.Checkbox(value=gen0.do_sample, label="Sampling (off = greedy / beam)")
                         temperature = gr.Slider(0.1, 2.0, value=gen0.temperature, step=0.05, label="Temperature",

@@ -439,11 +439,7 @@ class Pipeline:
             timings = {"encode_s": round(time.perf_counter() - t0, 4), "audio_cached": cached}
             with use_lora_scale(m.llama_model, scale), torch.no_grad():
                 if gen.num_beams > 1:
-                    ids = m.beam_search(embeds, mask, gen, stop=stop)[0].tolist()
-                    answer = m.decode_text(ids)
-                    timings["total_s"] = round(time.perf_counter() - t0, 4)
-                    yield StreamEvent(delta=answer, text=answer, done=True,
-                                      answer=Answer(answer, text, scale, len(ids), stop.is_set(), timings))
+                    yield from self._stream_beams(embeds, mask, gen, stop, text, scale, timings, t0)
                     return
                 row = self._row_ids(enc, text)
                 past, reused = self._reusable(enc, [row], [scale])
@@ -483,6 +479,50 @@ class Pipeline:
                 stopped = bool(stop is not None and stop.is_set())
                 yield StreamEvent(delta=final[len(shown):] if final.startswith(shown) else "", text=final, done=True,
                                   answer=Answer(final, text, scale, len(ids), stopped, timings))
+
+    def _stream_beams(self, embeds, mask, gen: GenerateConfig, stop, text: str, scale: float, timings: dict,
+                      t0: float) -> Iterator[StreamEvent]:
+        """Beam search, streaming the part of the answer every beam that could still win agrees on.
+
+        transformers' generate blocks, so it runs on a helper thread (this thread holds the model's lock
+        and only waits), and its `AgreedPrefix` observer hands each longer agreed prefix over a queue."""
+        m = self.model
+        found: queue.Queue = queue.Queue()
+        finished = object()
+
+        def search():
+            try:
+                with use_lora_scale(m.llama_model, scale), torch.no_grad():
+                    found.put(("ids", m.beam_search(embeds, mask, gen, stop=stop, on_prefix=found.put)[0].tolist()))
+            except BaseException as err:  # noqa: BLE001 - raised again on the streaming thread
+                found.put(("error", err))
+            finally:
+                found.put(finished)
+
+        helper = threading.Thread(target=search, name="salmonn-beams", daemon=True)
+        helper.start()
+        shown, result, t_first = "", None, None
+        try:
+            while (item := found.get()) is not finished:
+                if isinstance(item, tuple):
+                    result = item
+                    continue
+                now = m.decode_text(item)
+                if now.endswith("\ufffd") or len(now) <= len(shown) or not now.startswith(shown):
+                    continue
+                t_first = t_first or time.perf_counter() - t0
+                delta, shown = now[len(shown):], now
+                yield StreamEvent(delta=delta, text=shown)
+        finally:
+            helper.join()      # the model is ours (the lock) until the search has really ended
+        if result is None or result[0] == "error":
+            raise result[1] if result else RuntimeError("beam search ended without an answer")
+        ids = result[1]
+        answer = m.decode_text(ids)
+        total = time.perf_counter() - t0
+        timings.update(total_s=round(total, 4), first_text_s=round(t_first or total, 4))
+        yield StreamEvent(delta=answer[len(shown):] if answer.startswith(shown) else answer, text=answer, done=True,
+                          answer=Answer(answer, text, scale, len(ids), bool(stop.is_set()), timings))
 
     def answer(self, audio, prompt: str, **kwargs) -> Answer:
         event = None

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .audio import SAMPLE_RATE, log_mel
 from .config import GenerateConfig, SALMONNConfig
@@ -81,6 +81,64 @@ class _EventStop(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class AgreedPrefix(LogitsProcessor):
+    """Watches one beam search and reports the longest token prefix its answer is sure to start with.
+
+    Beam search cannot stream its best beam (it may lose), but every live beam extends the live
+    beams of earlier steps, so their common prefix only grows. A beam that picks EOS leaves the
+    search as a finished hypothesis that can still win, so the prefix must also agree with every
+    beam that ended. The search keeps the 2 x num_beams best (beam score + token log-prob) of all
+    beams; this observer re-adds each beam's log-probs the same way (it runs last, on the scores the
+    search uses), so it knows when an EOS made that cut. With beam sampling any token can be drawn,
+    so every beam whose EOS is possible counts as ended. Observes only: scores pass through."""
+
+    def __init__(self, num_beams: int, eos: int, sampling: bool, on_prefix: Callable[[list[int]], None]):
+        self.keep, self.eos, self.sampling, self.on_prefix = 2 * num_beams, eos, sampling, on_prefix
+        self.ended: list[list[int]] = []
+        self.agreed: list[int] = []
+        self.last: tuple[dict, torch.Tensor, torch.Tensor] | None = None   # rows -> index, beam scores, log-probs
+
+    def _beam_scores(self, rows: list[list[int]]) -> torch.Tensor | None:
+        """Each live beam's score: its parent's score plus the log-prob of its last token (None if a
+        parent is unknown, e.g. the processor joined late)."""
+        if self.last is None:          # first step: one real beam, the copies start at -1e9 as in generate
+            return torch.tensor([0.0] + [-1e9] * (len(rows) - 1))
+        index, scores, logp = self.last
+        out = []
+        for row in rows:
+            i = index.get(tuple(row[:-1])) if row else None
+            if i is None:
+                return None
+            out.append(float(scores[i]) + float(logp[i, row[-1]]))
+        return torch.tensor(out)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = input_ids.tolist()
+        possible = torch.isfinite(scores[:, self.eos])
+        beam = None if self.sampling else self._beam_scores(rows)
+        if beam is None:
+            ends = possible
+        else:
+            total = beam.to(scores.device, scores.dtype)[:, None] + scores
+            cut = total.flatten().topk(min(self.keep, total.numel())).values[-1]
+            ends = possible & (total[:, self.eos] >= cut - 1e-4)      # a hair early on ties: never late
+            index: dict[tuple, int] = {}
+            for i in sorted(range(len(rows)), key=lambda i: -float(beam[i])):   # equal rows (the first step):
+                index.setdefault(tuple(rows[i]), i)                              # the real beam, not a copy
+            self.last = (index, beam, scores.detach().float().cpu().clone())
+        self.ended += [rows[i] for i in ends.nonzero().flatten().tolist()]
+        agreed = rows[0]
+        for row in rows[1:] + self.ended:
+            n = 0
+            while n < min(len(agreed), len(row)) and agreed[n] == row[n]:
+                n += 1
+            agreed = agreed[:n]
+        if len(agreed) > len(self.agreed):
+            self.agreed = agreed
+            self.on_prefix(list(agreed))
+        return scores
 
 
 class SALMONN(nn.Module):
@@ -491,9 +549,12 @@ class SALMONN(nn.Module):
                 record["fed"] = fed
 
     @torch.no_grad()
-    def beam_search(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateConfig, stop=None) -> torch.Tensor:
+    def beam_search(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateConfig, stop=None,
+                    on_prefix: Callable[[list[int]], None] | None = None) -> torch.Tensor:
         """Beam search (optionally beam-sample) through transformers' generate; returns new tokens [B, T].
-        `stop` (anything with is_set()) ends the search after the current step, with the best beam so far."""
+        `stop` (anything with is_set()) ends the search after the current step, with the best beam so far.
+        `on_prefix` (one row only) is called with each longer token prefix the answer is sure to start
+        with (`AgreedPrefix`), so the answer can be shown while the beams still search."""
         vocab = self.llama_model.get_output_embeddings().weight.shape[0]
         kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=gen.max_new_tokens,
                       num_beams=gen.num_beams, do_sample=gen.do_sample, min_new_tokens=gen.min_length,
@@ -509,6 +570,11 @@ class SALMONN(nn.Module):
             kwargs["suppress_tokens"] = banned
         if stop is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_EventStop(stop)])
+        if on_prefix is not None:
+            if embeds.shape[0] != 1:
+                raise ValueError("on_prefix follows one beam search: give one row.")
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [AgreedPrefix(gen.num_beams, self.tokenizer.eos_token_id, gen.do_sample, on_prefix)])
         return self.llama_model.generate(**kwargs)
 
     def decode_text(self, ids: Sequence[int]) -> str:

@@ -315,6 +315,63 @@ def test_beam_search_and_sampling_are_wired(tiny_pipeline):
     assert a.text == b.text      # seeded sampling is reproducible
 
 
+def test_agreed_prefix_reports_what_every_beam_that_can_still_win_starts_with():
+    from model.salmonn import AgreedPrefix
+
+    def logp(row0: dict, row1: dict) -> torch.Tensor:
+        s = torch.full((2, 10), -20.0)
+        for r, d in enumerate((row0, row1)):
+            for tok, v in d.items():
+                s[r, tok] = v
+        return s
+
+    def run(eos_after_5: float) -> list[list[int]]:
+        got: list[list[int]] = []
+        watch = AgreedPrefix(num_beams=2, eos=0, sampling=False, on_prefix=got.append)
+        watch(torch.zeros((2, 0), dtype=torch.long), logp({7: -0.1, 5: -1.0, 6: -3.0, 8: -3.0}, {}))
+        # beams [7] (score -0.1) and [5] (-1.0); [7] goes on with 3 or 4; [5] may end here
+        watch(torch.tensor([[7], [5]]), logp({3: -0.1, 4: -0.2, 1: -3.0, 2: -3.0}, {0: eos_after_5, 9: -9.0}))
+        watch(torch.tensor([[7, 3], [7, 4]]), logp({1: -0.1, 2: -0.5}, {1: -0.1, 2: -0.5}))
+        watch(torch.tensor([[7, 3, 1], [7, 4, 1]]), logp({2: -0.1}, {2: -0.1}))
+        return got
+
+    # "[5] then EOS" scores -1.5, among the 4 best candidates: a finished answer that may still win,
+    # so nothing is sure yet, even when all live beams start with 7
+    assert run(eos_after_5=-0.5) == []
+    # at -5.0 its EOS misses the cut (its row's best token all the same): the live beams' prefix counts
+    assert run(eos_after_5=-5.0) == [[7]]
+    # beam sampling may draw any possible token, EOS included
+    got: list[list[int]] = []
+    sampled = AgreedPrefix(num_beams=2, eos=0, sampling=True, on_prefix=got.append)
+    never_ends = logp({1: -0.1}, {1: -0.1})
+    never_ends[:, 0] = -float("inf")
+    sampled(torch.tensor([[7, 3], [7, 3]]), never_ends)
+    sampled(torch.tensor([[7, 3, 1], [7, 3, 2]]), logp({1: -0.1}, {1: -0.1}))
+    sampled(torch.tensor([[7, 3, 1, 5], [7, 3, 1, 5]]), logp({1: -0.1}, {1: -0.1}))
+    assert got == [[7, 3]]
+
+
+def test_beam_search_streams_only_text_the_final_answer_keeps(tiny_pipeline):
+    """Streamed beam-search text is always a prefix of the answer, which is what beam search returns
+    without streaming."""
+    m = tiny_pipeline.model
+    streamed_any = False
+    for k, prompt in enumerate(["Describe.", "What do you hear?", "Transcribe the speech.", "Tell a story."]):
+        wav = tone(1.0, freq=300 + 150 * k)
+        gen = GenerateConfig(max_new_tokens=14, num_beams=3, repetition_penalty=1.0)
+        events = list(tiny_pipeline.stream(wav, prompt, generate=gen))
+        final = events[-1]
+        assert final.done and all(not e.done for e in events[:-1])
+        assert all(final.text.startswith(e.text) for e in events)
+        assert "".join(e.delta for e in events) == final.text
+        streamed_any |= len(events) > 1
+        embeds, mask, _ = m.assemble([tiny_pipeline.encode(wav).tokens.embeds], [tiny_pipeline.prompt_text(prompt, [])])
+        with torch.no_grad():
+            plain = m.beam_search(embeds, mask, gen)[0].tolist()
+        assert final.text == m.decode_text(plain)
+    assert streamed_any
+
+
 def test_stop_event_ends_generation_early(tiny_pipeline):
     import threading
 
