@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     init = args.init if args.init is not None else log.get("init")
     if init:
         lines += ["", f"This run continued from earlier trained weights: {init}."]
+    fit = log.get("ctc_head_fit")
+    if fit:
+        lines[-1] += (f" Its CTC head (training-only, not in the checkpoint) was fitted afresh first: {fit['steps']} "
+                      f"steps on {fit['clips']} clips' audio tokens with the Q-Former frozen, CTC loss "
+                      f"{fit['loss_before']:.2f} -> {fit['loss_after']:.2f}.")
     lines += ["", f"Wall time of the last (possibly resumed) run: {log.get('seconds', 0) / 60:.0f} min.", ""]
     eval_path = Path(args.eval)
     if eval_path.is_file():
