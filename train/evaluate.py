@@ -309,7 +309,7 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
     if decoded:
         clips = sorted({d["clips"] for _, d in decoded})
         lines += ["", f"ASR at LoRA scale {top} on {' / '.join(map(str, clips))} held-out ASR clips, by decoding "
-                  "(greedy as the app streams; beam search as the official SALMONN decodes):", "",
+                  "(greedy; beam search as the official SALMONN decodes):", "",
                   "| checkpoint | decoding | ASR WER ↓ | everyday WER ↓ |", "|---|---|---|---|"]
         for n, d in decoded:
             for label, e in [("greedy", d["greedy"])] + ([(f"{d['beams']['beams']} beams", d["beams"])] if "beams" in d else []):
