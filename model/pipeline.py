@@ -489,24 +489,22 @@ class Pipeline:
         m = self.model
         found: queue.Queue = queue.Queue()
         finished = object()
+        outcome: dict = {}
 
         def search():
             try:
-                with use_lora_scale(m.llama_model, scale), torch.no_grad():
-                    found.put(("ids", m.beam_search(embeds, mask, gen, stop=stop, on_prefix=found.put)[0].tolist()))
+                with torch.no_grad():          # grad mode is per thread; the LoRA scale is the caller's
+                    outcome["ids"] = m.beam_search(embeds, mask, gen, stop=stop, on_prefix=found.put)[0].tolist()
             except BaseException as err:  # noqa: BLE001 - raised again on the streaming thread
-                found.put(("error", err))
+                outcome["error"] = err
             finally:
                 found.put(finished)
 
         helper = threading.Thread(target=search, name="salmonn-beams", daemon=True)
         helper.start()
-        shown, result, t_first = "", None, None
+        shown, t_first = "", None
         try:
             while (item := found.get()) is not finished:
-                if isinstance(item, tuple):
-                    result = item
-                    continue
                 now = m.decode_text(item)
                 if now.endswith("\ufffd") or len(now) <= len(shown) or not now.startswith(shown):
                     continue
@@ -515,9 +513,9 @@ class Pipeline:
                 yield StreamEvent(delta=delta, text=shown)
         finally:
             helper.join()      # the model is ours (the lock) until the search has really ended
-        if result is None or result[0] == "error":
-            raise result[1] if result else RuntimeError("beam search ended without an answer")
-        ids = result[1]
+        if "error" in outcome:
+            raise outcome["error"]
+        ids = outcome["ids"]
         answer = m.decode_text(ids)
         total = time.perf_counter() - t0
         timings.update(total_s=round(total, 4), first_text_s=round(t_first or total, 4))

@@ -100,34 +100,32 @@ class AgreedPrefix(LogitsProcessor):
         self.agreed: list[int] = []
         self.last: tuple[dict, torch.Tensor, torch.Tensor] | None = None   # rows -> index, beam scores, log-probs
 
-    def _beam_scores(self, rows: list[list[int]]) -> torch.Tensor | None:
+    def _beam_scores(self, rows: list[list[int]], device) -> torch.Tensor | None:
         """Each live beam's score: its parent's score plus the log-prob of its last token (None if a
         parent is unknown, e.g. the processor joined late)."""
         if self.last is None:          # first step: one real beam, the copies start at -1e9 as in generate
-            return torch.tensor([0.0] + [-1e9] * (len(rows) - 1))
+            return torch.tensor([0.0] + [-1e9] * (len(rows) - 1), device=device)
         index, scores, logp = self.last
-        out = []
-        for row in rows:
-            i = index.get(tuple(row[:-1])) if row else None
-            if i is None:
-                return None
-            out.append(float(scores[i]) + float(logp[i, row[-1]]))
-        return torch.tensor(out)
+        parents = [index.get(tuple(row[:-1])) if row else None for row in rows]
+        if None in parents:
+            return None
+        parents_t = torch.tensor(parents, device=device)
+        return scores[parents_t] + logp[parents_t, torch.tensor([row[-1] for row in rows], device=device)]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows = input_ids.tolist()
         possible = torch.isfinite(scores[:, self.eos])
-        beam = None if self.sampling else self._beam_scores(rows)
+        beam = None if self.sampling else self._beam_scores(rows, scores.device)
         if beam is None:
             ends = possible
         else:
-            total = beam.to(scores.device, scores.dtype)[:, None] + scores
+            total = beam.to(scores.dtype)[:, None] + scores
             cut = total.flatten().topk(min(self.keep, total.numel())).values[-1]
             ends = possible & (total[:, self.eos] >= cut - 1e-4)      # a hair early on ties: never late
             index: dict[tuple, int] = {}
-            for i in sorted(range(len(rows)), key=lambda i: -float(beam[i])):   # equal rows (the first step):
-                index.setdefault(tuple(rows[i]), i)                              # the real beam, not a copy
-            self.last = (index, beam, scores.detach().float().cpu().clone())
+            for i in beam.argsort(descending=True).tolist():   # equal rows (the first step): the real beam
+                index.setdefault(tuple(rows[i]), i)
+            self.last = (index, beam, scores.detach().float().clone())
         self.ended += [rows[i] for i in ends.nonzero().flatten().tolist()]
         agreed = rows[0]
         for row in rows[1:] + self.ended:

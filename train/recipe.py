@@ -27,8 +27,8 @@ from model.checkpoint import load_checkpoint, match_weights, read_state_dict, sa
 from model.defaults import CHECKPOINTS, bundled_config
 from model.salmonn import SALMONN
 from train.tasks import background_questions, full_prompt, sound_spelling
-from train.trainer import (CTCHead, Trainer, TrainConfig, base_llm_write, encode_clips, fit_ctc_head,
-                           load_annotations)
+from train.trainer import (CTCHead, Trainer, TrainConfig, base_llm_write, ctc_targets, encode_clips,
+                           fit_ctc_head, load_annotations)
 
 STORY_PROMPTS = [
     "Based on the audio, write a story in detail. Your story should be highly related to the audio.",
@@ -260,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         head = CTCHead.for_model(model)
         rows = [r for r in stage2 if Trainer.spells(r, TrainConfig())]
         rows = random.Random(args.seed + 5).sample(rows, min(len(rows), 1024))
-        targets = [model.tokenizer((r.get("ctc_text") or r["text"]).strip(), add_special_tokens=False).input_ids[:95]
-                   for r in rows]
-        before, after = fit_ctc_head(head, cached_tokens(model, rows, feats), targets,
+        before, after = fit_ctc_head(head, cached_tokens(model, rows, feats), ctc_targets(model.tokenizer, rows, 96),   # 96: the stages' max_txt_len
                                      model.llama_model.get_input_embeddings().weight, steps=args.ctc_head_fit,
                                      seed=args.seed)
         log(f"CTC head fitted to the initial weights' audio tokens ({len(rows)} clips): loss {before:.3f} -> {after:.3f}")

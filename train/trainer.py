@@ -289,6 +289,16 @@ def mask_features(speech: torch.Tensor, strength: float, gen: torch.Generator) -
     return x + 0.1 * strength * x.std() * torch.randn(x.shape, generator=gen)
 
 
+def text_ids(tokenizer, text: str, max_txt_len: int) -> list[int]:
+    """An answer's token ids, cut to leave room for end-of-sequence."""
+    return tokenizer(text.strip(), add_special_tokens=False).input_ids[: max_txt_len - 1]
+
+
+def ctc_targets(tokenizer, rows: list[dict], max_txt_len: int) -> list[list[int]]:
+    """CTC targets: the row's ``ctc_text`` if it has one, else its answer (a transcript)."""
+    return [text_ids(tokenizer, r.get("ctc_text") or r["text"], max_txt_len) for r in rows]
+
+
 # ----------------------------------------------------------------------------- training
 class Trainer:
     def __init__(self, model: SALMONN, rows: list[dict], feats: dict, cfg: TrainConfig, out_dir: str | Path,
@@ -329,15 +339,14 @@ class Trainer:
         return row["task"] in cfg.ctc_tasks or bool(row.get("ctc_text"))
 
     def _ids(self, text: str) -> list[int]:
-        return self.model.tokenizer(text.strip(), add_special_tokens=False).input_ids[: self.cfg.max_txt_len - 1]
+        return text_ids(self.model.tokenizer, text, self.cfg.max_txt_len)
 
     def targets(self, rows: list[dict]) -> list[list[int]]:
         """LM targets: the answer's token ids and end-of-sequence."""
         return [self._ids(r["text"]) + [self.model.tokenizer.eos_token_id] for r in rows]
 
     def ctc_targets(self, rows: list[dict]) -> list[list[int]]:
-        """CTC targets: the row's ``ctc_text`` if it has one, else its answer (a transcript)."""
-        return [self._ids(r.get("ctc_text") or r["text"]) for r in rows]
+        return ctc_targets(self.model.tokenizer, rows, self.cfg.max_txt_len)
 
     def features(self, row: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         speech, audio = self.feats[row["path"]]
