@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.defaults import CTC_WEIGHT
+
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
 LEVELS = {
@@ -41,6 +43,9 @@ class Preset:
     # Suggested beams: tasks with one right answer (a transcript) gain from beam search, as the official
     # SALMONN decodes (4 beams); open-ended answers stream greedily.
     beams: int = 1
+    # Suggested CTC guidance where the checkpoint has a CTC head: only where the answer is the words
+    # spoken, which is what the head spells (SALMONN-tiny; see model/ctc.py).
+    ctc_weight: float = 0.0
 
     @property
     def label(self) -> str:
@@ -51,17 +56,20 @@ class Preset:
         wording = "official SALMONN wording" if self.source == "official" else "our wording (no official prompt known)"
         decoding = (f" Suggested decoding: {self.beams} beams (one right answer; beam search finds it more "
                     "often than greedy decoding; its words appear once the beams agree on them)." if self.beams > 1 else "")
+        if self.ctc_weight:
+            decoding += (f" With a CTC head (SALMONN-tiny): CTC guidance {self.ctc_weight:g}, which keeps the "
+                         "transcript to words the audio tokens spell.")
         return f"**{LEVELS[self.level]}** ({wording}). {SCALE_NOTES[self.level]}{decoding}"
 
-    def suggested(self, trained: float) -> tuple[float, int]:
-        """(LoRA scale, beams) the preset suggests for a model trained at scale `trained`."""
-        return round(trained * self.scale_factor, 1), self.beams
+    def suggested(self, trained: float) -> tuple[float, int, float]:
+        """(LoRA scale, beams, CTC weight) the preset suggests for a model trained at scale `trained`."""
+        return round(trained * self.scale_factor, 1), self.beams, self.ctc_weight
 
 
 PRESETS: list[Preset] = [
     # Level 1: trained during instruction tuning.
     Preset("asr", 1, "Speech recognition", "Recognize the speech and give me the transcription.",
-           "speech.wav", "official", beams=4),
+           "speech.wav", "official", beams=4, ctc_weight=CTC_WEIGHT),
     Preset("en2zh", 1, "Translation En→Zh", "Listen to the speech and translate it into Chinese.",
            "speech.wav", "official"),
     Preset("aac", 1, "Audio captioning", "Please describe the audio.", "rain_beeps.wav", "official"),

@@ -16,18 +16,18 @@ from model.errors import SalmonnError, SettingsError
 
 
 def generate_config(base: GenerateConfig, *, num_beams, do_sample, temperature, top_p, top_k,
-                    repetition_penalty, max_new_tokens, seed=None) -> GenerateConfig:
+                    repetition_penalty, max_new_tokens, seed=None, ctc_weight=0.0) -> GenerateConfig:
     """UI control values -> a GenerateConfig (clamped to sane ranges; the pipeline checks the limits)."""
     try:
         return _generate_config(base, num_beams, do_sample, temperature, top_p, top_k, repetition_penalty,
-                                max_new_tokens, seed)
+                                max_new_tokens, seed, ctc_weight)
     except (TypeError, ValueError, OverflowError):
         raise SettingsError("The decoding settings must be numbers (beams, temperature, top-p, top-k, "
-                            "repetition penalty, max new tokens, seed).") from None
+                            "repetition penalty, max new tokens, seed, CTC guidance).") from None
 
 
 def _generate_config(base, num_beams, do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens,
-                     seed) -> GenerateConfig:
+                     seed, ctc_weight) -> GenerateConfig:
     return dataclasses.replace(
         base,
         num_beams=max(1, int(num_beams or 1)),
@@ -38,6 +38,7 @@ def _generate_config(base, num_beams, do_sample, temperature, top_p, top_k, repe
         repetition_penalty=max(1.0, float(repetition_penalty or 1.0)),
         max_new_tokens=max(1, int(max_new_tokens or base.max_new_tokens)),
         seed=None if seed in (None, "", -1) else int(seed),
+        ctc_weight=min(1.0, max(0.0, float(ctc_weight or 0.0))),
     )
 
 

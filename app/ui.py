@@ -110,6 +110,8 @@ def _fmt_seconds(s: float) -> str:
 
 def _answer_footer(answer, gen) -> str:
     mode = f"beam search ({gen.num_beams})" if gen.num_beams > 1 else ("sampling" if gen.do_sample else "greedy")
+    if gen.ctc_weight:
+        mode += f", CTC-guided ({gen.ctc_weight:g})"
     bits = [f"LoRA scale {answer.lora_scale:g}", mode, f"{answer.num_tokens} tokens"]
     if "total_s" in answer.timings:
         bits.append(_fmt_seconds(answer.timings["total_s"]))
@@ -188,6 +190,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
     names = list(pipes)
     trained = pipeline.trained_scale
     gen0 = pipeline.default_generate
+    guidable = any(p.has_ctc_head for p in pipes.values())     # a checkpoint with a CTC head
     layer_choices, head_choices = _layer_choices(pipeline)
     encodings = _EncodingCache()
     stops = StopRegistry()
@@ -267,12 +270,13 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         return redraw(path, model_name, layer, head, window)
 
     # -------------------------------------------------------------- chat
-    def gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed):
+    def gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc=0.0):
         return generate_config(gen0, num_beams=beams, do_sample=sample, temperature=temperature, top_p=top_p,
-                               top_k=top_k, repetition_penalty=rep, max_new_tokens=max_new, seed=seed)
+                               top_k=top_k, repetition_penalty=rep, max_new_tokens=max_new, seed=seed,
+                               ctc_weight=ctc)
 
     def respond(question, history, path, model_name, scale, beams, sample, temperature, top_p, top_k, rep,
-                max_new, seed, request: gr.Request):
+                max_new, seed, ctc=0.0, request: gr.Request = None):
         """Stream one answer. Yields (chatbot, history, prompt box, prompt sent, details)."""
         history = list(history or [])
         question = str(question or "").strip()
@@ -281,7 +285,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         try:    # the pipeline's front door checks everything before the request waits for the model
             if not path:
                 raise AudioError("Upload or record some audio first (or click one of the examples).")
-            gen = pipe.check_generate(gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed))
+            gen = pipe.check_generate(gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc))
             past = [(t["q"], t["a"]) for t in history]
             sent = pipe.prompt_text(question, past)
             pipe._scale(scale)
@@ -347,7 +351,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         yield _messages(history), history, gr.skip(), sent, details
 
     def regenerate(history, path, model_name, scale, beams, sample, temperature, top_p, top_k, rep, max_new, seed,
-                   request: gr.Request):
+                   ctc=0.0, request: gr.Request = None):
         """Ask the last question again (with the current settings), replacing its answer."""
         history = list(history or [])
         if not history:
@@ -356,7 +360,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             return
         last = history.pop()
         yield from respond(last["q"], history, path, model_name, scale, beams, sample, temperature, top_p, top_k,
-                           rep, max_new, seed, request)
+                           rep, max_new, seed, ctc, request)
 
     def stop_answer(request: gr.Request):
         stops.stop(_session(request))
@@ -373,16 +377,17 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
 
     def suggested_settings(label):
         preset = presets.PRESETS_BY_LABEL.get(label)
-        return preset.suggested(trained) if preset else (round(trained, 1), 1)
+        scale, beams, ctc = preset.suggested(trained) if preset else (round(trained, 1), 1, 0.0)
+        return scale, beams, ctc if guidable else 0.0
 
     # -------------------------------------------------------------- scale lab
-    def run_lab(path, prompt, scales_text, beams, sample, temperature, top_p, top_k, rep, max_new, seed):
+    def run_lab(path, prompt, scales_text, beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc=0.0):
         if not path:
             gr.Warning("Upload or record some audio on the Chat tab first (or click an example there).")
             return gr.skip(), gr.skip()
         try:
             scales = lab.parse_scales(scales_text, 2 * trained)
-            gen = gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed)
+            gen = gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc)
             for p in pipes.values():
                 p.check_generate(gen)
             results = gate.run(lab.compare_scales, pipes, str(path), prompt, scales, generate=gen)
@@ -433,7 +438,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                     scale = gr.Slider(0, round(2 * trained, 1), value=trained, step=0.1, label="LoRA scale",
                                       info=f"trained scale = {trained:g}; 0 = LoRA off. Applied instantly, no reload.",
                                       elem_id="lora-scale")
-                    scale_hint = gr.Button("Use the preset's suggested scale and beams", size="sm")
+                    scale_hint = gr.Button("Use the preset's suggested scale and decoding", size="sm")
                     with gr.Accordion("Decoding", open=False):
                         beams = gr.Slider(1, 10, value=1, step=1, label="Beams",
                                           info="1 streams each token; >1 = beam search, streamed as the beams agree "
@@ -450,6 +455,12 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                         max_new = gr.Slider(1, 1024, value=gen0.max_new_tokens, step=1, label="Max new tokens")
                         seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)",
                                          info="makes sampling repeatable")
+                        ctc = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="CTC guidance (transcripts only)",
+                                        interactive=guidable,
+                                        info="weighs each word by how well the audio tokens spell it (the "
+                                             "checkpoint's CTC head): fewer misheard words in a transcript; "
+                                             "any other answer would be forced toward the transcript. 0 = off"
+                                             + ("" if guidable else ". This checkpoint has no CTC head."))
                 with gr.Column(scale=3, min_width=400):
                     chatbot = gr.Chatbot(label="SALMONN", height=460, buttons=["copy"], elem_id="chatbot",
                                          placeholder="Pick an example or upload audio, then ask a question.")
@@ -522,7 +533,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             refresh = gr.Button("Refresh (memory use changes as you go)", size="sm")
 
         # ---------------------------------------------------------- wiring
-        dec = [beams, sample, temperature, top_p, top_k, rep, max_new, seed]
+        dec = [beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc]
         view_out = [spec_img, attn_img, bar, view_state, window]
         audio_in.change(load_audio, [audio_in, model_pick, layer, head],
                         [heard, audio_info, spec_img, attn_img, window, bar, view_state,
@@ -543,7 +554,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                        trigger_mode="always_last")
 
         preset_dd.change(apply_preset, preset_dd, [question, preset_note], api_name="preset", queue=False)
-        scale_hint.click(suggested_settings, preset_dd, [scale, beams], api_name="suggested", queue=False)
+        scale_hint.click(suggested_settings, preset_dd, [scale, beams, ctc], api_name="suggested", queue=False)
 
         chat_in = [question, history, audio_in, model_pick, scale] + dec
         chat_out = [chatbot, history, question, prompt_sent, details]

@@ -4,6 +4,10 @@ The official loader uses `load_state_dict(strict=False)`, which silently ignores
 partial file. We account for every key: a required key missing, an unknown key or a shape
 mismatch is an error that names it. Files are read without running pickled code
 (`torch.load(weights_only=True)` or safetensors).
+
+One optional part is ours: a CTC head (``ctc_head.blank``, ``ctc_head.log_scale``; see ``ctc.py``)
+that SALMONN-tiny checkpoints carry for CTC-guided transcription. A file without it loads as before
+and leaves the model without a head.
 """
 from __future__ import annotations
 
@@ -95,6 +99,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+CTC_PREFIX = "ctc_head."
+
+
+def _ctc_head_problems(model, head: dict[str, torch.Tensor]) -> list[str]:
+    width = model.llama_model.get_input_embeddings().weight.shape[1]
+    want = {"blank": (width,), "log_scale": ()}
+    if set(head) != set(want):
+        return [f"ctc_head: expected the keys {sorted(CTC_PREFIX + k for k in want)}, got {sorted(CTC_PREFIX + k for k in head)}"]
+    return [f"{CTC_PREFIX}{k}: checkpoint {tuple(head[k].shape)} vs model {want[k]} (the LLM's embedding width)."
+            for k in want if tuple(head[k].shape) != want[k]]
+
+
 def _explain_width(model, ours: str, expected, got) -> str:
     if "crossattention" in ours and ours.endswith(("key.weight", "value.weight")):
         speech = model.speech_encoder.dim
@@ -117,11 +133,24 @@ def load_checkpoint(model, path: str | Path) -> list[str]:
 
 
 def set_trainable(model, weights: dict[str, torch.Tensor]) -> None:
-    """Copy matched weights (ours -> tensor, as `match_weights` returns) into the model in place."""
+    """Copy matched weights (ours -> tensor, as `match_weights` returns) into the model in place.
+    A CTC head in `weights` goes into the model's head (made if it has none); weights without one
+    leave the model without a head."""
+    from .ctc import CTCHead
+
     params = model.trainable_parameters()
+    head = {k[len(CTC_PREFIX):]: v for k, v in weights.items() if k.startswith(CTC_PREFIX)}
+    if not head:
+        model.ctc_head = None
+    elif model.ctc_head is None:
+        model.ctc_head = CTCHead(head["blank"].shape[0])
     with torch.no_grad():
         for ours, tensor in weights.items():
-            params[ours].copy_(tensor)
+            if not ours.startswith(CTC_PREFIX):
+                params[ours].copy_(tensor)
+        if head:
+            for name, p in model.ctc_head.named_parameters():
+                p.copy_(head[name])
 
 
 def checkpoint_weights(model, path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -135,9 +164,12 @@ def match_weights(model, raw: dict[str, torch.Tensor], source: str | Path) -> tu
     replaces, without touching the model; and the names of ignored (known, unused) keys.
     `source` names the state dict in errors."""
     params = model.trainable_parameters()
-    ignored, unknown, mismatched, mapped = [], [], [], {}
+    ignored, unknown, mismatched, mapped, head = [], [], [], {}, {}
     for key, tensor in raw.items():
         name = key[len("module."):] if key.startswith("module.") else key
+        if name.startswith(CTC_PREFIX):
+            head[name[len(CTC_PREFIX):]] = tensor
+            continue
         if any(p.search(name) for p in _IGNORABLE):
             ignored.append(key)
             continue
@@ -152,6 +184,8 @@ def match_weights(model, raw: dict[str, torch.Tensor], source: str | Path) -> tu
             continue
         mapped[ours] = tensor
     missing = [to_official(n) for n in params if n not in mapped]
+    if head:
+        mismatched += _ctc_head_problems(model, head)
     problems = []
     if mismatched:
         problems.append("shape mismatch:\n  " + "\n  ".join(mismatched[:10]))
@@ -161,12 +195,17 @@ def match_weights(model, raw: dict[str, torch.Tensor], source: str | Path) -> tu
         problems.append(f"{len(unknown)} unknown key(s), e.g.:\n  " + "\n  ".join(unknown[:10]))
     if problems:
         raise CheckpointError(f"Checkpoint {source} does not match this model ({model.cfg.name}):\n" + "\n".join(problems))
-    return {ours: tensor.to(dtype=params[ours].dtype, device=params[ours].device) for ours, tensor in mapped.items()}, ignored
+    weights = {ours: tensor.to(dtype=params[ours].dtype, device=params[ours].device) for ours, tensor in mapped.items()}
+    weights.update({CTC_PREFIX + k: v.detach().float().cpu() for k, v in head.items()})
+    return weights, ignored
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    """The trainable weights under official key names, fp32 on CPU."""
-    return {to_official(n): p.detach().float().cpu().contiguous() for n, p in model.trainable_parameters().items()}
+    """The trainable weights under official key names, fp32 on CPU (and the CTC head, if the model has one)."""
+    state = {to_official(n): p.detach().float().cpu().contiguous() for n, p in model.trainable_parameters().items()}
+    if model.ctc_head is not None:
+        state.update({CTC_PREFIX + n: p.detach().float().cpu().contiguous() for n, p in model.ctc_head.named_parameters()})
+    return state
 
 
 def save_checkpoint(model, path: str | Path, metadata: dict | None = None) -> Path:

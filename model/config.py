@@ -63,6 +63,8 @@ class GenerateConfig:
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     seed: int | None = None
+    # ours: joint CTC / LLM decoding for transcription (0 = off); needs a checkpoint with a CTC head
+    ctc_weight: float = 0.0
 
 
 @dataclass

@@ -15,6 +15,9 @@ CHECKPOINTS = {
     "activation": ASSETS / "salmonn-tiny-activation.safetensors",    # stage 3: activation-tuned
     "instruction": ASSETS / "salmonn-tiny-instruction.safetensors",  # stage 2: instruction-tuned
 }
+# CTC guidance the transcription preset suggests for checkpoints with a CTC head (model/ctc.py):
+# chosen on a development set apart from the evaluation clips (train/ctc_head.py, MODEL_CARD).
+CTC_WEIGHT = 0.3
 
 
 def chat_templates(tokenizer, system: str | None = None) -> tuple[str, str]:

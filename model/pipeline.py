@@ -144,7 +144,13 @@ class _MemoryGuard:
 
 
 def _snapshot(model: SALMONN) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.trainable_parameters().items()}
+    """The model's own trained weights (as `set_trainable` takes them back), its CTC head included."""
+    from .checkpoint import CTC_PREFIX
+
+    weights = {name: p.detach().clone() for name, p in model.trainable_parameters().items()}
+    if model.ctc_head is not None:
+        weights.update({CTC_PREFIX + n: p.detach().clone() for n, p in model.ctc_head.named_parameters()})
+    return weights
 
 
 def _restore(model: SALMONN, weights: dict[str, torch.Tensor]) -> None:
@@ -230,6 +236,15 @@ class Pipeline:
         return self.cfg.trained_lora_scale
 
     @property
+    def has_ctc_head(self) -> bool:
+        """Whether this pipeline's checkpoint carries a CTC head (CTC-guided transcription)."""
+        if self._weights is not None:        # shared with a variant: its own weights say, not the model's now
+            from .checkpoint import CTC_PREFIX
+
+            return any(k.startswith(CTC_PREFIX) for k in self._weights)
+        return self.model.ctc_head is not None
+
+    @property
     def default_generate(self) -> GenerateConfig:
         return dataclasses.replace(self.cfg.generate)
 
@@ -248,6 +263,7 @@ class Pipeline:
             "dtype": str(m.llm_dtype).replace("torch.", "") + (" (8-bit LLM weights)" if m.cfg.load_in_8bit else ""),
             "parameters": params,
             "trainable_parameters": sum(p.numel() for p in m.trainable_parameters().values()),
+            "ctc_head": self.has_ctc_head,
             "lora": f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha:g}, trained scale {self.trained_scale:g}",
             "window": f"{m.window_qformer.window_frames} frames ({m.window_qformer.window_frames / 50:.2f} s), "
                       f"{self.cfg.qformer.num_query_tokens} token(s) per window",
@@ -350,6 +366,10 @@ class Pipeline:
         number("Top-k", gen.top_k or 0, 0, 1_000_000, integer=True)
         number("Repetition penalty", gen.repetition_penalty, 1e-3, 100)
         number("Length penalty", gen.length_penalty, -100, 100)
+        number("CTC weight", gen.ctc_weight, 0, 1)
+        if gen.ctc_weight and not self.has_ctc_head:
+            raise SettingsError("CTC weight: this checkpoint has no CTC head (SALMONN-tiny's carry one), so "
+                                "transcripts cannot be CTC-guided; set it to 0.")
         if gen.seed is not None:
             number("Seed", gen.seed, 0, 2**63 - 1, integer=True)
         return gen
@@ -437,9 +457,10 @@ class Pipeline:
             m = self.model
             embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
             timings = {"encode_s": round(time.perf_counter() - t0, 4), "audio_cached": cached}
+            guide = m.ctc_guide([enc.tokens.embeds], gen)
             with use_lora_scale(m.llama_model, scale), torch.no_grad():
                 if gen.num_beams > 1:
-                    yield from self._stream_beams(embeds, mask, gen, stop, text, scale, timings, t0)
+                    yield from self._stream_beams(embeds, mask, gen, stop, text, scale, timings, t0, guide)
                     return
                 row = self._row_ids(enc, text)
                 past, reused = self._reusable(enc, [row], [scale])
@@ -450,7 +471,7 @@ class Pipeline:
                 shown = ""
                 t_first = None
                 complete = False
-                steps = m.decode_steps(embeds[:, reused:], None, gen, stop=stop, past=past, record=record)
+                steps = m.decode_steps(embeds[:, reused:], None, gen, stop=stop, past=past, record=record, guide=guide)
                 try:
                     for step in steps:
                         tok = int(step[0])
@@ -481,7 +502,7 @@ class Pipeline:
                                   answer=Answer(final, text, scale, len(ids), stopped, timings))
 
     def _stream_beams(self, embeds, mask, gen: GenerateConfig, stop, text: str, scale: float, timings: dict,
-                      t0: float) -> Iterator[StreamEvent]:
+                      t0: float, guide=None) -> Iterator[StreamEvent]:
         """Beam search, streaming the part of the answer every beam that could still win agrees on.
 
         transformers' generate blocks, so it runs on a helper thread (this thread holds the model's lock
@@ -494,7 +515,8 @@ class Pipeline:
         def search():
             try:
                 with torch.no_grad():          # grad mode is per thread; the LoRA scale is the caller's
-                    outcome["ids"] = m.beam_search(embeds, mask, gen, stop=stop, on_prefix=found.put)[0].tolist()
+                    outcome["ids"] = m.beam_search(embeds, mask, gen, stop=stop, on_prefix=found.put,
+                                                   guide=guide)[0].tolist()
             except BaseException as err:  # noqa: BLE001 - raised again on the streaming thread
                 outcome["error"] = err
             finally:
@@ -553,7 +575,7 @@ class Pipeline:
                 for text, scale in zip(texts, scales):
                     embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
                     with use_lora_scale(m.llama_model, scale), torch.no_grad():
-                        ids = m.beam_search(embeds, mask, gen)[0].tolist()
+                        ids = m.beam_search(embeds, mask, gen, guide=m.ctc_guide([enc.tokens.embeds], gen))[0].tolist()
                     out.append(Answer(m.decode_text(ids), text, scale, len(ids)))
                 return out
             row_ids = [self._row_ids(enc, t) for t in texts]
@@ -566,7 +588,8 @@ class Pipeline:
             seen = [[] for _ in range(rows)]
             record: dict = {}
             with use_lora_scale(m.llama_model, m._scale_tensor(scales, rows)), torch.no_grad():
-                steps = m.decode_steps(embeds[:, reused:], mask, gen, past=past, record=record)
+                steps = m.decode_steps(embeds[:, reused:], mask, gen, past=past, record=record,
+                                       guide=m.ctc_guide([enc.tokens.embeds] * rows, gen))
                 try:
                     for step in steps:
                         for i, tok in enumerate(step.tolist()):

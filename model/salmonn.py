@@ -18,6 +18,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from .audio import SAMPLE_RATE, log_mel
 from .config import GenerateConfig, SALMONNConfig
+from .ctc import CTCGuide, CTCHead
 from .encoders import AudioEncoder, BEATsEncoder, SpeechEncoder
 from .errors import ConfigError
 from .llm import PromptFormat, add_lora, load_llm, lora_scale
@@ -150,6 +151,8 @@ class SALMONN(nn.Module):
         self.speech_llama_proj = nn.Linear(cfg.qformer.hidden_size, llm.config.hidden_size)
         self.llama_model = add_lora(llm, cfg.lora) if cfg.lora.enabled else llm
         self.tokenizer = tokenizer
+        # our CTC head (ctc.py) when the checkpoint carries one: CTC-guided transcription
+        self.ctc_head: CTCHead | None = None
         self.prompt = PromptFormat(tokenizer, cfg.prompt_template, add_bos=cfg.add_bos,
                                    turn_separator=cfg.turn_separator, followup_template=cfg.followup_template)
         for p in list(self.speech_encoder.parameters()) + (list(audio_encoder.parameters()) if audio_encoder else []):
@@ -451,7 +454,8 @@ class SALMONN(nn.Module):
     @torch.no_grad()
     def decode_steps(self, embeds: torch.Tensor, mask: torch.Tensor | None, gen: GenerateConfig,
                      stop: threading.Event | None = None, past: KV | None = None, record: dict | None = None,
-                     static: bool | None = None, lookahead: bool | None = None) -> Iterator[torch.Tensor]:
+                     static: bool | None = None, lookahead: bool | None = None,
+                     guide: LogitsProcessor | None = None) -> Iterator[torch.Tensor]:
         """Greedy or sampled decoding with a KV cache; yields the next token of every row each step
         (a CPU LongTensor [B]). Rows that finished keep yielding EOS. The caller sets the LoRA scale.
 
@@ -461,6 +465,7 @@ class SALMONN(nn.Module):
         (keys/values of every position fed to the LLM: the prompt, then answer tokens) and "fed" (how
         many answer tokens that covers; the last yielded token is usually not among them). `static`: None = auto (see use_static_decoding). `lookahead`:
         queue step t+1 before handing out token t (None = on CUDA, where it hides the host's work).
+        `guide`: a last logits processor (e.g. ``ctc.CTCGuide``, one row per clip).
 
         No host<->device sync inside the loop (unpadded rows; with padding transformers checks the
         mask each step): the end-of-answer bookkeeping stays on the device, and on CUDA the next step
@@ -483,6 +488,8 @@ class SALMONN(nn.Module):
             pos = torch.arange(past_len, past_len + new_len, device=device).expand(rows, -1)
         eos = self.tokenizer.eos_token_id
         procs = self._processors(gen)
+        if guide is not None:
+            procs.append(guide)
         rng = None
         if gen.do_sample and gen.seed is not None:
             rng = torch.Generator(device=device).manual_seed(gen.seed)
@@ -546,13 +553,27 @@ class SALMONN(nn.Module):
                 record["kv"] = runner.kv(past_len + new_len + fed)
                 record["fed"] = fed
 
+    def ctc_guide(self, audio: Sequence[torch.Tensor], gen: GenerateConfig) -> CTCGuide | None:
+        """Joint CTC / LLM scoring (``ctc.CTCGuide``) for answers to these clips' audio tokens, one clip
+        per row (per `gen.num_beams` rows in beam search); None when `gen.ctc_weight` is 0."""
+        if not gen.ctc_weight:
+            return None
+        if self.ctc_head is None:
+            raise ConfigError("CTC-guided decoding needs a checkpoint with a CTC head (SALMONN-tiny's carry one); "
+                              "set the CTC weight to 0.")
+        table = self.llama_model.get_input_embeddings().weight
+        return CTCGuide(self.ctc_head.frame_log_probs(audio, table), gen.num_beams, gen.ctc_weight,
+                        self.tokenizer.eos_token_id)
+
     @torch.no_grad()
     def beam_search(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateConfig, stop=None,
-                    on_prefix: Callable[[list[int]], None] | None = None) -> torch.Tensor:
+                    on_prefix: Callable[[list[int]], None] | None = None,
+                    guide: LogitsProcessor | None = None) -> torch.Tensor:
         """Beam search (optionally beam-sample) through transformers' generate; returns new tokens [B, T].
         `stop` (anything with is_set()) ends the search after the current step, with the best beam so far.
         `on_prefix` (one row only) is called with each longer token prefix the answer is sure to start
-        with (`AgreedPrefix`), so the answer can be shown while the beams still search."""
+        with (`AgreedPrefix`), so the answer can be shown while the beams still search. `guide`: a logits
+        processor run on every beam's log-probs (e.g. ``ctc.CTCGuide``), before that observer."""
         vocab = self.llama_model.get_output_embeddings().weight.shape[0]
         kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=gen.max_new_tokens,
                       num_beams=gen.num_beams, do_sample=gen.do_sample, min_new_tokens=gen.min_length,
@@ -568,11 +589,13 @@ class SALMONN(nn.Module):
             kwargs["suppress_tokens"] = banned
         if stop is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_EventStop(stop)])
+        procs = LogitsProcessorList([guide] if guide is not None else [])
         if on_prefix is not None:
             if embeds.shape[0] != 1:
                 raise ValueError("on_prefix follows one beam search: give one row.")
-            kwargs["logits_processor"] = LogitsProcessorList(
-                [AgreedPrefix(gen.num_beams, self.tokenizer.eos_token_id, gen.do_sample, on_prefix)])
+            procs.append(AgreedPrefix(gen.num_beams, self.tokenizer.eos_token_id, gen.do_sample, on_prefix))
+        if procs:
+            kwargs["logits_processor"] = procs
         return self.llama_model.generate(**kwargs)
 
     def decode_text(self, ids: Sequence[int]) -> str:

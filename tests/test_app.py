@@ -114,8 +114,8 @@ def test_preset_streamed_answer_and_scale_reported(client, pipe):
     assert "4 beams" in note
     # the suggestion button: transcription at the trained scale with 4 beams; a story at half scale, greedy
     trained = pipe.trained_scale
-    assert client.predict(presets.PRESETS_BY_KEY["asr"].label, api_name="/suggested") == (trained, 4)
-    assert client.predict(presets.PRESETS_BY_KEY["story"].label, api_name="/suggested") == (round(trained / 2, 1), 1)
+    assert client.predict(presets.PRESETS_BY_KEY["asr"].label, api_name="/suggested") == (trained, 4, 0.0)   # no CTC head: no guidance
+    assert client.predict(presets.PRESETS_BY_KEY["story"].label, api_name="/suggested") == (round(trained / 2, 1), 1, 0.0)
 
     updates, (chat, _, sent, details) = ask(client, prompt, scale=1.3)
     assert len(updates) >= 3, "the answer should arrive as a stream of partial updates"
@@ -131,7 +131,7 @@ def test_preset_streamed_answer_and_scale_reported(client, pipe):
     assert prompt in sent2 and "Say it again." in sent2
 
     # Regenerate replaces the last turn (same question, current settings); Clear empties the chat.
-    job = client.submit(handle_file(EXAMPLE), "tiny-test", 2.0, 1, False, 1.0, 0.9, 0, 1.0, 12, -1,
+    job = client.submit(handle_file(EXAMPLE), "tiny-test", 2.0, 1, False, 1.0, 0.9, 0, 1.0, 12, -1, 0.0,
                         api_name="/regenerate")
     chat3, _, sent3, details3 = job.result(timeout=60)
     assert len(chat3) == 4 and text_of(chat3[2]) == "Say it again." and details3["lora_scale"] == 2.0
@@ -179,7 +179,7 @@ def test_errors_are_messages_not_crashes(client, tmp_path):
 
 def test_scale_lab_one_answer_per_scale(client):
     html_out, raw = client.predict(handle_file(EXAMPLE), "Write a story.", "0, 1, 2, 3", 1, False, 1.0, 0.9, 0, 1.0,
-                                   16, -1, api_name="/scale_lab")
+                                   16, -1, 0.0, api_name="/scale_lab")
     answers = raw["tiny-test"]
     assert [a["lora_scale"] for a in answers] == [0.0, 1.0, 2.0, 3.0]
     assert len({a["text"] for a in answers}) > 1, "different LoRA scales should change the answer"

@@ -1,8 +1,9 @@
 """Issue 4: the shipped SALMONN-tiny checkpoints load into the default model, which listens.
 
-Held-out ASR is far from solved (see assets/MODEL_CARD.md: WER 31 % instruction-tuned, 40 % activation-tuned);
-what is tested is that the default model transcribes one bundled clip of its training domain, in a
-voice it never heard, with at most 2 word errors.
+What is tested: the default model transcribes one bundled clip of its training domain, in a voice it
+never heard, with at most 2 word errors (greedy), and the transcription preset's CTC-guided beam search
+stays within the issue's 20 % WER on held-out sentences in held-out voices (held-out numbers on the
+full evaluation set are in assets/MODEL_CARD.md).
 """
 from __future__ import annotations
 
@@ -75,3 +76,28 @@ def test_default_model_transcribes_a_clip_in_an_unseen_voice(default_pipeline):
     answer = default_pipeline.answer(clip.path, "Recognize the speech and give me the transcription.", generate=GREEDY)
     # 8 words; at most 2 wrong (the shipped weights get 7: "book" comes out as a longer word)
     assert wer([clip.transcript], [answer.text]) <= 0.25, answer.text
+
+
+def test_transcription_preset_decoding_hears_held_out_sentences_in_unseen_voices(default_pipeline):
+    """The transcription preset's decoding (4 beams, CTC-guided by the head the checkpoint carries) on
+    held-out sentences spoken in held-out voices, made here: within the issue's 20 % WER target, and
+    fewer errors than plain greedy decoding of the same clips."""
+    import numpy as np
+
+    from app.presets import PRESETS_BY_KEY
+    from train import synth
+    from train.evaluate import wer
+
+    assert default_pipeline.info()["ctc_head"]
+    preset = PRESETS_BY_KEY["asr"]
+    scale, beams, ctc = preset.suggested(default_pipeline.trained_scale)
+    assert ctc > 0 and beams > 1
+    rng = np.random.default_rng(5)
+    voices = synth.voices("eval")
+    texts = [synth.sentence_for("eval", rng) for _ in range(10)]
+    audio = [synth.pad(synth.speech(t, rng, voice=voices[i % len(voices)])[0], rng) for i, t in enumerate(texts)]
+    guided = GenerateConfig(max_new_tokens=48, num_beams=beams, repetition_penalty=1.1, ctc_weight=ctc)
+    plain = [default_pipeline.answer(a, preset.prompt, generate=GREEDY).text for a in audio]
+    heard = [default_pipeline.answer(a, preset.prompt, generate=guided, lora_scale=scale).text for a in audio]
+    assert wer(texts, heard) <= 0.2, list(zip(texts, heard))
+    assert wer(texts, heard) < wer(texts, plain)

@@ -556,7 +556,7 @@ def test_a_client_that_goes_away_mid_stream_frees_the_model(app, pipe, corpus, m
               if d.get("api_name") == "ask")
     session = uuid.uuid4().hex[:12]
     data = ["Tell a very long story.", None, {"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "tiny-test",
-            1.0, 1, False, 1.0, 0.9, 0, 1.0, 1024, -1]
+            1.0, 1, False, 1.0, 0.9, 0, 1.0, 1024, -1, 0.0]
     joined = httpx.post(f"{base}/queue/join", json={"data": data, "fn_index": fn, "session_hash": session}, timeout=10)
     assert joined.status_code == 200, joined.text
     updates = 0
@@ -704,7 +704,7 @@ def test_files_outside_the_allowed_paths_are_refused(app):
     # A hostile API call naming a server file as its audio is refused before our code sees it.
     for path in ("/etc/passwd", str(repo_file)):
         data = ["Describe.", {"path": path, "meta": {"_type": "gradio.FileData"}}, "tiny-test", 1.0, 1, False, 1.0,
-                0.9, 0, 1.0, 4, -1]
+                0.9, 0, 1.0, 4, -1, 0.0]
         event = httpx.post(f"{base}/call/ask", json={"data": data}, timeout=10).json()["event_id"]
         with httpx.stream("GET", f"{base}/call/ask/{event}", timeout=30) as stream:
             reply = "".join(stream.iter_text())

@@ -91,7 +91,8 @@ def test_training_lowers_loss_and_resumes(tiny_cfg, tiny_data, tmp_path):
 
 
 def test_ctc_alignment_loss_rewards_tokens_that_spell_the_transcript():
-    from train.trainer import CTCHead, ctc_alignment_loss
+    from model.ctc import CTCHead
+    from train.trainer import ctc_alignment_loss
 
     gen = torch.Generator().manual_seed(0)
     table = torch.randn(40, 16, generator=gen)
@@ -131,7 +132,8 @@ def test_ctc_weight_trains_the_alignment_and_resumes_its_head(tiny_cfg, tiny_dat
 
 
 def test_ctc_greedy_reads_back_the_spelled_transcript_within_a_vocabulary():
-    from train.trainer import CTCHead, ctc_alignment_loss, ctc_greedy
+    from model.ctc import CTCHead
+    from train.trainer import ctc_alignment_loss, ctc_greedy
 
     gen = torch.Generator().manual_seed(1)
     table = torch.randn(60, 16, generator=gen)
@@ -151,7 +153,8 @@ def test_ctc_greedy_reads_back_the_spelled_transcript_within_a_vocabulary():
 def test_a_fresh_ctc_head_fitted_alone_finds_the_blank_the_audio_tokens_already_use():
     # a continued run whose earlier head is lost: the Q-Former's tokens already spell transcripts
     # with some blank direction; fitting the head alone must find it, so stage 2 starts aligned
-    from train.trainer import CTCHead, ctc_greedy, fit_ctc_head
+    from model.ctc import CTCHead
+    from train.trainer import ctc_greedy, fit_ctc_head
 
     gen = torch.Generator().manual_seed(2)
     table = torch.randn(50, 16, generator=gen)
@@ -233,9 +236,9 @@ def test_spelled_sounds_scores_exact_spellings_and_event_counts(tiny_model):
     from types import SimpleNamespace
 
     from train.recipe import spelled_sounds
-    from train.trainer import CTCHead
+    from train.trainer import ctc_head_for
 
-    head = CTCHead.for_model(tiny_model)
+    head = ctc_head_for(tiny_model)
     emb = tiny_model.llama_model.get_input_embeddings().weight.detach().float()
 
     def spelling(text):   # audio tokens that spell `text` under the head: each token's embedding, then a blank

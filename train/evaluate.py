@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from model.config import GenerateConfig
-from model.defaults import ASSETS, CHECKPOINTS, bundled_config
+from model.defaults import ASSETS, CHECKPOINTS, CTC_WEIGHT, bundled_config
 from model.llm import lora_scale
 from model.salmonn import SALMONN
 from train.tasks import PROMPTS, QUESTIONS, describe, full_prompt, question_kind
@@ -121,21 +121,23 @@ def is_story(answer: str, references: list[str]) -> bool:
 
 @torch.no_grad()
 def generate(model: SALMONN, tokens: list[torch.Tensor], prompts: list[str], scale: float, max_new: int,
-             batch: int = 16, beams: int = 1) -> list[str]:
+             batch: int = 16, beams: int = 1, ctc_weight: float = 0.0) -> list[str]:
     """Answers for many (audio, prompt) rows, in batches, all at one LoRA scale: greedy, or beam search
-    with `beams` beams (transformers' generate on the left-padded batch)."""
-    gen = GenerateConfig(max_new_tokens=max_new, num_beams=beams, repetition_penalty=model.cfg.generate.repetition_penalty)
+    with `beams` beams (transformers' generate on the left-padded batch); CTC-guided with `ctc_weight`."""
+    gen = GenerateConfig(max_new_tokens=max_new, num_beams=beams, repetition_penalty=model.cfg.generate.repetition_penalty,
+                         ctc_weight=ctc_weight)
     out = []
     for i in range(0, len(prompts), batch):
         texts = [model.prompt.conversation([p]) for p in prompts[i:i + batch]]
         embeds, mask, _ = model.assemble(tokens[i:i + batch], texts)
+        guide = model.ctc_guide(tokens[i:i + batch], gen)
         with lora_scale(model.llama_model, scale):
             if beams > 1:
-                out += [model.decode_text(ids) for ids in model.beam_search(embeds, mask, gen).tolist()]
+                out += [model.decode_text(ids) for ids in model.beam_search(embeds, mask, gen, guide=guide).tolist()]
                 continue
             rows = [[] for _ in texts]
             done = [False] * len(texts)
-            for step in model.decode_steps(embeds, mask, gen):
+            for step in model.decode_steps(embeds, mask, gen, guide=guide):
                 for r, tok in enumerate(step.tolist()):
                     if not done[r]:
                         done[r] = tok == model.tokenizer.eos_token_id
@@ -174,11 +176,13 @@ def open_eval_clips(n: int) -> list[tuple[str, np.ndarray]]:
 
 
 def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], stories: list[dict], scales: list[float],
-                        sizes: dict, everyday: list[tuple[str, np.ndarray]] = (), log=print, asr_beams: int = 1) -> dict:
+                        sizes: dict, everyday: list[tuple[str, np.ndarray]] = (), log=print, asr_beams: int = 1,
+                        asr_ctc: float = 0.0) -> dict:
     """The weights at `ckpt`, reported under the name `variant`; `everyday` is (sentence, audio) pairs
     for the out-of-domain WER (``open_eval_clips``). At the largest scale both WERs are measured again
     on ``sizes["asr_decoding"]`` held-out clips (a larger, less noisy sample than the sweep's), greedy
-    and, with `asr_beams` > 1, with beam search."""
+    and, with `asr_beams` > 1, with beam search; and both again CTC-guided with weight `asr_ctc` when
+    the checkpoint carries a CTC head."""
     model = SALMONN.from_config(bundled_config(ckpt))
     cache: dict[str, torch.Tensor] = {}
 
@@ -200,13 +204,13 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
     ppl_tasks["story"] = stories[: sizes["ppl"]]
     asr_prompt = full_prompt(PROMPTS["asr"][0])
 
-    def transcribe(scale: float, beams: int = 1, clips: list[dict] = asr, everyday: bool = True) -> dict:
+    def transcribe(scale: float, beams: int = 1, clips: list[dict] = asr, everyday: bool = True, ctc: float = 0.0) -> dict:
         """Held-out (`clips`) and, with `everyday`, everyday WER at one scale, with three examples of each."""
-        hyp = generate(model, tokens_for(clips), [r["prompt"] for r in clips], scale, 48, beams=beams)
+        hyp = generate(model, tokens_for(clips), [r["prompt"] for r in clips], scale, 48, beams=beams, ctc_weight=ctc)
         out = {"asr_wer": wer([r["text"] for r in clips], hyp),
                "asr_examples": [{"ref": r["text"], "hyp": h} for r, h in list(zip(clips, hyp))[:3]]}
         if open_refs and everyday:
-            hyp = generate(model, open_tokens, [asr_prompt] * len(open_refs), scale, 48, beams=beams)
+            hyp = generate(model, open_tokens, [asr_prompt] * len(open_refs), scale, 48, beams=beams, ctc_weight=ctc)
             out["open_asr_wer"] = wer(open_refs, hyp)
             out["open_asr_examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(open_refs, hyp))[:3]]
         return out
@@ -224,6 +228,11 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
             entry["decoding"] = {"clips": len(asr_decoding), "greedy": greedy}
             if asr_beams > 1:
                 entry["decoding"]["beams"] = {"beams": asr_beams, **transcribe(scale, asr_beams, asr_decoding)}
+            if asr_ctc and model.ctc_head is not None:
+                entry["decoding"]["ctc"] = {"weight": asr_ctc, "greedy": transcribe(scale, 1, asr_decoding, ctc=asr_ctc)}
+                if asr_beams > 1:
+                    entry["decoding"]["ctc"]["beams"] = {"beams": asr_beams,
+                                                         **transcribe(scale, asr_beams, asr_decoding, ctc=asr_ctc)}
             entry["decoding"]["seconds"] = round(time.perf_counter() - t1, 1)
         hyp = generate(model, tokens_for(qa), [r["prompt"] for r in qa], scale, 16)
         correct = [answer_correct(r["text"], h) for r, h in zip(qa, hyp)]
@@ -241,7 +250,9 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
             f"gender {entry['gender_accuracy']:.3f} story {entry['story_following_rate']:.2f} ({entry['seconds']} s)"
             + (f"; {entry['decoding']['clips']} clips: greedy WER {entry['decoding']['greedy']['asr_wer']:.3f}"
                if "decoding" in entry else "")
-            + (f", {asr_beams} beams {entry['decoding']['beams']['asr_wer']:.3f}" if "beams" in entry.get("decoding", {}) else ""))
+            + (f", {asr_beams} beams {entry['decoding']['beams']['asr_wer']:.3f}" if "beams" in entry.get("decoding", {}) else "")
+            + "".join(f", {k} + CTC {asr_ctc:g} {v['asr_wer']:.3f}" for k, v in entry.get("decoding", {}).get("ctc", {}).items()
+                      if isinstance(v, dict)))
         result[f"{scale:g}"] = entry
     return result
 
@@ -309,10 +320,15 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
     if decoded:
         clips = sorted({d["clips"] for _, d in decoded})
         lines += ["", f"ASR at LoRA scale {top} on {' / '.join(map(str, clips))} held-out ASR clips, by decoding "
-                  "(greedy; beam search as the official SALMONN decodes):", "",
+                  "(greedy; beam search as the official SALMONN decodes; CTC-guided with the checkpoint's CTC head, "
+                  "as the app's transcription preset):", "",
                   "| checkpoint | decoding | ASR WER ↓ | everyday WER ↓ |", "|---|---|---|---|"]
         for n, d in decoded:
-            for label, e in [("greedy", d["greedy"])] + ([(f"{d['beams']['beams']} beams", d["beams"])] if "beams" in d else []):
+            rows = [("greedy", d["greedy"])] + ([(f"{d['beams']['beams']} beams", d["beams"])] if "beams" in d else [])
+            ctc = d.get("ctc", {})
+            rows += [(f"greedy + CTC {ctc['weight']:g}", ctc["greedy"])] if ctc else []
+            rows += [(f"{ctc['beams']['beams']} beams + CTC {ctc['weight']:g}", ctc["beams"])] if "beams" in ctc else []
+            for label, e in rows:
                 everyday = f"{e['open_asr_wer'] * 100:.1f} %" if "open_asr_wer" in e else "–"
                 lines.append(f"| {n} | {label} | {e['asr_wer'] * 100:.1f} % | {everyday} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -345,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qa", type=int, default=1000, help="attribute questions (default: all held-out ones)")
     ap.add_argument("--asr-beams", type=int, default=4,
                     help="beams for that table (1 = greedy only)")
+    ap.add_argument("--asr-ctc", type=float, default=CTC_WEIGHT,
+                    help="CTC weight for that table's CTC-guided rows (checkpoints with a CTC head; 0 = skip)")
     ap.add_argument("--gender", type=int, default=20)
     ap.add_argument("--story", type=int, default=12)
     ap.add_argument("--ppl", type=int, default=12)
@@ -368,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     everyday = open_eval_clips(args.open)    # synthesized once for all checkpoints
     for name, path in chosen.items():
         results["checkpoints"][name] = evaluate_checkpoint(name, path, rows, stories, scales, sizes, everyday,
-                                                                asr_beams=args.asr_beams)
+                                                                asr_beams=args.asr_beams, asr_ctc=args.asr_ctc)
     write_report(results, Path(args.out), scales)
     print((Path(args.out) / "results.md").read_text())
     return 0

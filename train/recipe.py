@@ -27,7 +27,7 @@ from model.checkpoint import load_checkpoint, match_weights, read_state_dict, sa
 from model.defaults import CHECKPOINTS, bundled_config
 from model.salmonn import SALMONN
 from train.tasks import background_questions, full_prompt, sound_spelling
-from train.trainer import (CTCHead, Trainer, TrainConfig, base_llm_write, ctc_targets, encode_clips,
+from train.trainer import (Trainer, TrainConfig, base_llm_write, ctc_head_for, ctc_targets, encode_clips,
                            fit_ctc_head, load_annotations)
 
 STORY_PROMPTS = [
@@ -254,10 +254,13 @@ def main(argv: list[str] | None = None) -> int:
                   "extra_data": {e: meta(Path(e)) for e in args.extra_data}}
     head = None
     if args.ctc_head:
-        head = CTCHead.for_model(model, args.ctc_head)
+        head = ctc_head_for(model, args.ctc_head)
         log(f"CTC head taken over from {args.ctc_head}")
+    elif model.ctc_head is not None:
+        head = model.ctc_head
+        log(f"CTC head taken over from {args.init}")
     elif args.init and args.ctc_head_fit and args.ctc_weight > 0:
-        head = CTCHead.for_model(model)
+        head = ctc_head_for(model)
         rows = [r for r in stage2 if Trainer.spells(r, TrainConfig())]
         rows = random.Random(args.seed + 5).sample(rows, min(len(rows), 1024))
         before, after = fit_ctc_head(head, cached_tokens(model, rows, feats), ctc_targets(model.tokenizer, rows, 96),   # 96: the stages' max_txt_len

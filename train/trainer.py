@@ -21,6 +21,7 @@ import torch
 
 from model.audio import prepare_audio
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.ctc import CTCHead
 from model.llm import AUDIO_PREFIX, PLACEHOLDER
 from model.qformer import cut_windows
 from model.salmonn import SALMONN
@@ -177,31 +178,14 @@ def audio_tokens(model: SALMONN, feats: list[tuple[torch.Tensor, torch.Tensor | 
     return list(torch.split(tokens, [c * n for c in counts]))
 
 
-class CTCHead(torch.nn.Module):
-    """Scores audio tokens against the LLM's own (frozen) input embedding table, plus a blank.
-
-    Cosine similarity times a learned scale: the CTC loss then steers only the *direction* of each
-    audio token toward the embeddings of the words spoken in its window (so the frozen LLM reads it
-    like text), leaving its norm to the LM loss. Training-only: not part of the checkpoint."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.blank = torch.nn.Parameter(torch.randn(dim) * 0.02)
-        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
-
-    @classmethod
-    def for_model(cls, model: SALMONN, trainer_state: str | Path | None = None) -> "CTCHead":
-        """A head over `model`'s LLM embedding width: fresh, or the one kept in a Trainer's
-        latest_state.pt (to carry an earlier run's head into a continued run)."""
-        head = cls(model.llama_model.get_input_embeddings().weight.shape[1])
-        if trainer_state:
-            head.load_state_dict(torch.load(trainer_state, weights_only=True)["ctc_head"])
+def ctc_head_for(model: SALMONN, trainer_state: str | Path | None = None) -> CTCHead:
+    """The CTC head a run trains: the one kept in a Trainer's latest_state.pt (to carry an earlier
+    run's head into a continued run), else the model's own (its checkpoint carried one), else fresh."""
+    if trainer_state:
+        head = CTCHead(model.llama_model.get_input_embeddings().weight.shape[1])
+        head.load_state_dict(torch.load(trainer_state, weights_only=True)["ctc_head"])
         return head
-
-    def forward(self, tokens: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        table = torch.cat([embeddings.detach().float(), self.blank[None].float()])
-        cos = torch.nn.functional.normalize(tokens.float(), dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
-        return cos * self.log_scale.exp()
+    return model.ctc_head if model.ctc_head is not None else CTCHead(model.llama_model.get_input_embeddings().weight.shape[1])
 
 
 def ctc_classes(embeddings: torch.Tensor, vocab: torch.Tensor | None) -> torch.Tensor:
@@ -318,9 +302,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         groups = param_groups(model, cfg.weight_decay, cfg.lora_only)
-        # The CTC head is a training-only helper: kept in the trainer state, not the checkpoint; a
-        # later stage may take over an earlier stage's head.
-        self.ctc_head = ctc_head or CTCHead.for_model(model)
+        # A later stage may take over an earlier stage's head. A head that trains becomes the model's,
+        # so checkpoints carry it (for CTC-guided transcription and for runs that continue them).
+        self.ctc_head = ctc_head or ctc_head_for(model)
+        if cfg.ctc_weight > 0:
+            model.ctc_head = self.ctc_head
         ctc_rows = [r for r in rows if self.spells(r, cfg)] if cfg.ctc_weight > 0 else []
         self.ctc_vocab = torch.tensor(sorted({i for ids in self.ctc_targets(ctc_rows) for i in ids}), dtype=torch.long)
         if cfg.ctc_weight > 0:
@@ -433,6 +419,8 @@ class Trainer:
         if not (weights.is_file() and state.is_file()):
             return False
         load_checkpoint(self.model, weights)
+        if self.cfg.ctc_weight > 0:     # a run saved before checkpoints carried the head loads without one
+            self.model.ctc_head = self.ctc_head
         saved = torch.load(state, weights_only=True)
         self.opt.load_state_dict(saved["optimizer"])
         self.step = int(saved["step"])
