@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--ctc-weight", type=float, default=None,
+                        help="CTC-guided transcription, 0-1 (checkpoints with a CTC head, e.g. SALMONN-tiny's: 0.3)")
     parser.add_argument("--show-prompt", action="store_true", help="print the exact text sent to the LLM")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
 
         pipe = Pipeline.from_config(cfg, progress=lambda msg: print(f"[load] {msg}", file=sys.stderr))
         gen: GenerateConfig = pipe.default_generate
-        for name in ("num_beams", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        for name in ("num_beams", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                     "ctc_weight"):
             value = getattr(args, name)
             if value is not None:
                 setattr(gen, name, value)
         if args.do_sample:
             gen.do_sample = True
+        pipe.check_generate(gen)
         audio = pipe.prepare(args.audio)
         print(f"[audio] {audio.describe()}", file=sys.stderr)
         final = None

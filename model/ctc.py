@@ -112,7 +112,7 @@ class CTCGuide(LogitsProcessor):
         """(1 - weight) x LLM log-prob + weight x CTC gain; a token either rules out stays out (even at weight 1)."""
         llm = llm.double().cpu()
         joint = (1 - self.weight) * llm.clamp(min=-1e30) + self.weight * ctc.clamp(min=-1e30)
-        return torch.where(torch.isinf(llm) | torch.isinf(ctc), -math.inf, joint).float()
+        return torch.where(torch.isfinite(llm) & torch.isfinite(ctc), joint, -math.inf).float()
 
     def _state(self, clip: int, prefix: tuple[int, ...]):
         """A prefix's forward variables: from the last step's extensions, else rebuilt label by label."""
@@ -129,8 +129,9 @@ class CTCGuide(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logp = scores.float().log_softmax(-1)
         out = torch.full_like(logp, -math.inf)
-        live = [(i, tuple(r)) for i, r in enumerate(input_ids.tolist()) if self.eos not in r]
-        for i, r in enumerate(input_ids.tolist()):
+        rows = input_ids.tolist()
+        live = [(i, tuple(r)) for i, r in enumerate(rows) if self.eos not in r]
+        for i, r in enumerate(rows):
             if self.eos in r:
                 out[i] = logp[i]
         if not live:
@@ -148,9 +149,8 @@ class CTCGuide(LogitsProcessor):
                                                labels.clamp(min=0))
         psi = torch.where(labels < 0, -math.inf, psi)
         ended = torch.logaddexp(r_n[:, -1], r_b[:, -1])                        # all of g, nothing more
-        joint = self._mix(logp[idx][torch.arange(len(live))[:, None], top.to(logp.device)], psi - psi_g[:, None])
-        rows = idx.to(out.device)[:, None].expand(-1, k)
-        out[rows, top.to(out.device)] = joint.to(out.device)
+        joint = self._mix(logp[idx].gather(1, top.to(logp.device)), psi - psi_g[:, None])
+        out[idx.to(out.device)[:, None], top.to(out.device)] = joint.to(out.device)
         out[idx.to(out.device), self.eos] = self._mix(logp[idx, self.eos], ended - psi_g).to(out.device)
         self.states = {}
         for j, (clip, (_, prefix)) in enumerate(zip(clips, live)):
