@@ -167,3 +167,46 @@ def test_pipeline_refuses_a_ctc_weight_without_a_head_and_guides_with_one(tiny_c
         assert pipe.answer(tone(1.0), "Transcribe the speech.", generate=guided).text == ""
     with pytest.raises(SettingsError, match="CTC weight"):
         pipe.answer(tone(1.0), "Transcribe the speech.", generate=GenerateConfig(ctc_weight=1.5))
+
+
+def test_ctc_head_tool_adds_the_head_to_files_that_share_a_qformer_only(tiny_cfg, tmp_path):
+    """`train.ctc_head` writes one head into several checkpoints (their other tensors and metadata
+    kept) only when they share the Q-Former and projection the head reads; its development set never
+    holds a sentence the evaluation speaks."""
+    import json
+
+    from safetensors import safe_open
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.salmonn import SALMONN
+    from tests.conftest import randomize_lora
+    from train.ctc_head import dev_rows, shared_audio_path, write_head
+
+    model = SALMONN.from_config(tiny_cfg)
+    stage2 = save_checkpoint(model, tmp_path / "stage2.safetensors", metadata={"stage": "instruction-tuned"})
+    randomize_lora(model, seed=3)                          # stage 3: LoRA only
+    stage3 = save_checkpoint(model, tmp_path / "stage3.safetensors")
+    with torch.no_grad():
+        model.speech_llama_proj.bias.add_(1.0)
+    other = save_checkpoint(model, tmp_path / "other.safetensors")
+    shared_audio_path([stage2, stage3])
+    with pytest.raises(SystemExit, match="speech_llama_proj.bias"):
+        shared_audio_path([stage2, other])
+    head = CTCHead(model.llama_model.get_input_embeddings().weight.shape[1])
+    for path in (stage2, stage3):
+        write_head(path, head, {"clips": 3})
+    fresh = SALMONN.from_config(tiny_cfg)
+    load_checkpoint(fresh, stage3)
+    assert torch.equal(fresh.ctc_head.blank, head.blank.detach())
+    assert torch.allclose(fresh.speech_llama_proj.bias, model.speech_llama_proj.bias - 1.0)
+    with safe_open(str(stage2), "pt") as fh:
+        assert fh.metadata()["stage"] == "instruction-tuned" and json.loads(fh.metadata()["ctc_head"]) == {"clips": 3}
+
+    def annotation(folder, texts):
+        folder.mkdir()
+        rows = [{"path": f"{i}.wav", "text": t, "task": "asr", "Q": ""} for i, t in enumerate(texts)]
+        (folder / "eval.json").write_text(json.dumps({"annotation": rows + [{"path": "x.wav", "text": "A dog.",
+                                                                              "task": "audiocaption", "Q": ""}]}))
+    annotation(tmp_path / "data", ["Hello there.", "Good night."])
+    annotation(tmp_path / "data2", ["Good night.", "See you soon.", "Hello again."])
+    assert [r["text"] for r in dev_rows(tmp_path / "data2", tmp_path / "data")] == ["See you soon.", "Hello again."]
