@@ -40,17 +40,58 @@ class CTCHead(nn.Module):
         return cos * self.log_scale.exp()
 
     @torch.no_grad()
-    def frame_log_probs(self, audio: Sequence[torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
-        """Per-clip audio tokens [T_i, H] -> log-probs [B, T_max, V + 1] over the whole vocabulary
-        (blank last), float64; frames past a clip's end emit blank with certainty."""
-        self.to(embeddings.device)          # 577 numbers follow the LLM's table, not the other way round
-        rows = max(t.shape[0] for t in audio)
-        out = torch.full((len(audio), rows, embeddings.shape[0] + 1), _PAD, dtype=torch.float64)
-        out[:, :, -1] = 0.0
-        for i, tokens in enumerate(audio):
-            head = self(tokens.to(embeddings.device), embeddings)
-            out[i, : tokens.shape[0]] = head.log_softmax(-1).double().cpu()
-        return out
+    def frame_log_probs(self, audio: Sequence[torch.Tensor], embeddings: torch.Tensor) -> "FrameLogProbs":
+        """Per-clip audio tokens [T_i, H] -> their frame log-probs over the vocabulary and blank."""
+        return FrameLogProbs(self, audio, embeddings)
+
+
+class DenseFrames:
+    """Frame log-probs [B, T, V + 1] (blank last) held whole: small vocabularies, tests."""
+
+    def __init__(self, log_probs: torch.Tensor):
+        self.x = log_probs.double().cpu()
+        self.blank = self.x[:, :, -1]                                        # [B, T]
+
+    def labels(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Log-probs of labels[i] [N, K] in clip rows[i] at every frame: [N, K, T]."""
+        return self.x[rows[:, None], :, labels]
+
+
+class FrameLogProbs:
+    """A CTC head's frame log-probs for B clips, computed for the labels asked.
+
+    The whole [T, vocabulary] table of a 5-minute clip (1800 audio tokens x 49k tokens) would take
+    0.7 GB in float64, yet decoding reads only the LLM's few candidate tokens per step; so only the
+    scaled unit audio tokens and each frame's log-normaliser are kept. Frames past a clip's end
+    emit blank with certainty."""
+
+    def __init__(self, head: CTCHead, audio: Sequence[torch.Tensor], embeddings: torch.Tensor, chunk: int = 256):
+        device = embeddings.device
+        head.to(device)                     # 577 numbers follow the LLM's table, not the other way round
+        self.table = nn.functional.normalize(embeddings.detach().float(), dim=-1)
+        blank = nn.functional.normalize(head.blank.detach().float(), dim=-1)
+        rows, width = max(t.shape[0] for t in audio), self.table.shape[1]
+        self.tokens = torch.zeros(len(audio), rows, width, device=device)
+        self.norm = torch.zeros(len(audio), rows, dtype=torch.float64)
+        self.blank = torch.zeros(len(audio), rows, dtype=torch.float64)
+        self.valid = torch.zeros(len(audio), rows, dtype=torch.bool)
+        for i, t in enumerate(audio):
+            unit = nn.functional.normalize(t.to(device).float(), dim=-1) * head.log_scale.exp().float()
+            self.tokens[i, : len(t)] = unit
+            for s in range(0, len(t), chunk):      # the normaliser needs every token's score, a chunk at a time
+                part = unit[s:s + chunk]
+                scores = torch.cat([part @ self.table.T, (part @ blank)[:, None]], -1)
+                norm = torch.logsumexp(scores.double(), -1).cpu()
+                self.norm[i, s:s + len(part)] = norm
+                self.blank[i, s:s + len(part)] = scores[:, -1].double().cpu() - norm
+            self.valid[i, : len(t)] = True
+
+    def labels(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Log-probs of labels[i] [N, K] in clip rows[i] at every frame: [N, K, T]."""
+        emb = self.table[labels.to(self.table.device)]                              # [N, K, H]
+        scores = torch.einsum("nth,nkh->nkt", self.tokens[rows.to(self.tokens.device)], emb).double().cpu()
+        x = scores - self.norm[rows][:, None]
+        return torch.where(self.valid[rows][:, None], x, _PAD)
 
 
 class CTCPrefixScores:
@@ -63,9 +104,9 @@ class CTCPrefixScores:
     cumulative sums (r[t] = x[t] + logaddexp(r[t-1], phi[t-1]) unrolls into a log-cumsum-exp), so a
     step scores all (prefix, candidate) pairs in a few tensor operations."""
 
-    def __init__(self, log_probs: torch.Tensor):
-        self.x = log_probs.double()                     # [B, T, V + 1]
-        self.blank_cum = self.x[:, :, -1].cumsum(-1)    # [B, T]
+    def __init__(self, frames: "FrameLogProbs | DenseFrames | torch.Tensor"):
+        self.frames = DenseFrames(frames) if isinstance(frames, torch.Tensor) else frames
+        self.blank_cum = self.frames.blank.cumsum(-1)                          # [B, T]
 
     def initial(self, row: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(r_n, r_b, psi) of the empty prefix of clip `row`."""
@@ -77,7 +118,7 @@ class CTCPrefixScores:
         """Prefixes (clip `row[i]`, forward variables r_n[i], r_b[i] [N, T], last label or -1 when
         empty) each extended by labels[i] [N, K]: returns r_n, r_b [N, K, T] and psi [N, K]."""
         rows = torch.as_tensor(list(row))
-        x = self.x[rows[:, None], :, labels].double()                         # [N, K, T]
+        x = self.frames.labels(rows, labels)                                  # [N, K, T]
         last_t = torch.as_tensor(list(last))
         either = torch.logaddexp(r_n, r_b)
         # a repeated label needs a blank between: only paths ending in blank may continue
@@ -101,10 +142,11 @@ class CTCGuide(LogitsProcessor):
     is ruled out (as ESPnet's partial scoring). Rows are matched to their prefixes by their tokens,
     so beams may be reordered freely; a row past EOS passes through untouched."""
 
-    def __init__(self, log_probs: torch.Tensor, num_beams: int, weight: float, eos: int, candidates: int = 8):
+    def __init__(self, frames: "FrameLogProbs | DenseFrames | torch.Tensor", num_beams: int, weight: float, eos: int,
+                 candidates: int = 8):
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"CTC weight must be in (0, 1], got {weight}")
-        self.scores = CTCPrefixScores(log_probs)
+        self.scores = CTCPrefixScores(frames)
         self.num_beams, self.weight, self.eos, self.k = num_beams, weight, eos, candidates
         self.states: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
 

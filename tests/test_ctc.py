@@ -97,6 +97,16 @@ def test_guided_beam_search_and_greedy_decoding_spell_the_audio_tokens(tiny_mode
     n = len(ids) + 2
     tokens = torch.stack([v for i in ids for v in (table[i], head.blank.detach().float())])
     frames = head.frame_log_probs([tokens], table)
+    # looked up per label, as the dense log-softmax over the whole table would give
+    dense = head(tokens, table).log_softmax(-1).double()
+    pick = torch.tensor([[ids[0], ids[1], 5]])
+    assert torch.allclose(frames.labels(torch.tensor([0]), pick)[0], dense[:, pick[0]].T, atol=1e-5)
+    assert torch.allclose(frames.blank[0], dense[:, -1], atol=1e-5)
+    # in a batch, a shorter clip's prefix scores are its own: its padding frames count for nothing
+    short = tokens[:6]
+    batch, alone = CTCPrefixScores(head.frame_log_probs([tokens, short], table)), CTCPrefixScores(head.frame_log_probs([short], table))
+    for prefix in [tuple(ids[:1]), tuple(ids[:3]), (ids[1],)]:
+        assert _walk(batch, 1, prefix) == pytest.approx(_walk(alone, 0, prefix), abs=1e-4)   # float32 scores
     embeds, mask, _ = m.assemble([tokens.to(m.llm_dtype)], [m.prompt.conversation(["Transcribe the speech."])])
     eos = m.tokenizer.eos_token_id
     with torch.no_grad():
@@ -153,8 +163,7 @@ def test_pipeline_refuses_a_ctc_weight_without_a_head_and_guides_with_one(tiny_c
 
     class Silence(CTCHead):
         def frame_log_probs(self, audio, embeddings):
-            frames = super().frame_log_probs(audio, embeddings)
-            frames[:] = -1.0e4
+            frames = torch.full((len(audio), max(len(t) for t in audio), embeddings.shape[0] + 1), -1.0e4)
             frames[..., -1] = 0.0
             return frames
 
