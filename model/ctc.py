@@ -34,10 +34,18 @@ class CTCHead(nn.Module):
         self.blank = nn.Parameter(torch.randn(dim) * 0.02)
         self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
 
+    def unit_table(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The scored directions [V + 1, H]: the LLM's embeddings, then the blank, all unit length."""
+        table = torch.cat([embeddings.detach().float(), self.blank[None].float().to(embeddings.device)])
+        return nn.functional.normalize(table, dim=-1)
+
+    def unit_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Audio tokens [T, H] at unit length times the scale: their dot products with `unit_table`
+        are the scores."""
+        return nn.functional.normalize(tokens.float(), dim=-1) * self.log_scale.exp().to(tokens.device)
+
     def forward(self, tokens: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        table = torch.cat([embeddings.detach().float(), self.blank[None].float()])
-        cos = nn.functional.normalize(tokens.float(), dim=-1) @ nn.functional.normalize(table, dim=-1).T
-        return cos * self.log_scale.exp()
+        return self.unit_tokens(tokens) @ self.unit_table(embeddings).T
 
     @torch.no_grad()
     def frame_log_probs(self, audio: Sequence[torch.Tensor], embeddings: torch.Tensor) -> "FrameLogProbs":
@@ -67,20 +75,18 @@ class FrameLogProbs:
 
     def __init__(self, head: CTCHead, audio: Sequence[torch.Tensor], embeddings: torch.Tensor, chunk: int = 256):
         device = embeddings.device
-        head.to(device)                     # 577 numbers follow the LLM's table, not the other way round
-        self.table = nn.functional.normalize(embeddings.detach().float(), dim=-1)
-        blank = nn.functional.normalize(head.blank.detach().float(), dim=-1)
+        self.table = head.unit_table(embeddings)                                  # [V + 1, H], blank last
         rows, width = max(t.shape[0] for t in audio), self.table.shape[1]
         self.tokens = torch.zeros(len(audio), rows, width, device=device)
         self.norm = torch.zeros(len(audio), rows, dtype=torch.float64)
         self.blank = torch.zeros(len(audio), rows, dtype=torch.float64)
         self.valid = torch.zeros(len(audio), rows, dtype=torch.bool)
         for i, t in enumerate(audio):
-            unit = nn.functional.normalize(t.to(device).float(), dim=-1) * head.log_scale.exp().float()
+            unit = head.unit_tokens(t.to(device))
             self.tokens[i, : len(t)] = unit
             for s in range(0, len(t), chunk):      # the normaliser needs every token's score, a chunk at a time
                 part = unit[s:s + chunk]
-                scores = torch.cat([part @ self.table.T, (part @ blank)[:, None]], -1)
+                scores = part @ self.table.T
                 norm = torch.logsumexp(scores.double(), -1).cpu()
                 self.norm[i, s:s + len(part)] = norm
                 self.blank[i, s:s + len(part)] = scores[:, -1].double().cpu() - norm
@@ -135,19 +141,21 @@ class CTCPrefixScores:
 
 
 class CTCGuide(LogitsProcessor):
-    """Joint CTC / LLM scores for greedy or beam search over B clips x `num_beams` rows.
+    """Joint CTC / LLM scores for greedy or beam search over B clips x `rows_per_clip` rows (the beams
+    of each clip, or several answers to one clip).
 
     Each row's next-token score becomes (1 - weight) x the LLM's log-prob + weight x the rise in the
     CTC prefix score; only the LLM's `candidates` best tokens (and EOS) are scored, every other token
     is ruled out (as ESPnet's partial scoring). Rows are matched to their prefixes by their tokens,
-    so beams may be reordered freely; a row past EOS passes through untouched."""
+    so beams may be reordered freely, and one guide serves several searches over the same clips; a
+    row past EOS passes through untouched."""
 
-    def __init__(self, frames: "FrameLogProbs | DenseFrames | torch.Tensor", num_beams: int, weight: float, eos: int,
-                 candidates: int = 8):
+    def __init__(self, frames: "FrameLogProbs | DenseFrames | torch.Tensor", rows_per_clip: int, weight: float,
+                 eos: int, candidates: int = 8):
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"CTC weight must be in (0, 1], got {weight}")
         self.scores = CTCPrefixScores(frames)
-        self.num_beams, self.weight, self.eos, self.k = num_beams, weight, eos, candidates
+        self.rows_per_clip, self.weight, self.eos, self.k = rows_per_clip, weight, eos, candidates
         self.states: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def _mix(self, llm: torch.Tensor, ctc: torch.Tensor) -> torch.Tensor:
@@ -179,7 +187,7 @@ class CTCGuide(LogitsProcessor):
         if not live:
             return out
         idx = torch.tensor([i for i, _ in live])
-        clips = [i // self.num_beams for i, _ in live]
+        clips = [i // self.rows_per_clip for i, _ in live]
         states = [self._state(c, p) for c, (_, p) in zip(clips, live)]
         r_n = torch.stack([s[0] for s in states])
         r_b = torch.stack([s[1] for s in states])

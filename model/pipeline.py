@@ -572,10 +572,11 @@ class Pipeline:
             m = self.model
             if gen.num_beams > 1:
                 out = []
+                guide = m.ctc_guide([enc.tokens.embeds], gen)      # one clip: its frames serve every search
                 for text, scale in zip(texts, scales):
                     embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
                     with use_lora_scale(m.llama_model, scale), torch.no_grad():
-                        ids = m.beam_search(embeds, mask, gen, guide=m.ctc_guide([enc.tokens.embeds], gen))[0].tolist()
+                        ids = m.beam_search(embeds, mask, gen, guide=guide)[0].tolist()
                     out.append(Answer(m.decode_text(ids), text, scale, len(ids)))
                 return out
             row_ids = [self._row_ids(enc, t) for t in texts]
@@ -589,7 +590,7 @@ class Pipeline:
             record: dict = {}
             with use_lora_scale(m.llama_model, m._scale_tensor(scales, rows)), torch.no_grad():
                 steps = m.decode_steps(embeds[:, reused:], mask, gen, past=past, record=record,
-                                       guide=m.ctc_guide([enc.tokens.embeds] * rows, gen))
+                                       guide=m.ctc_guide([enc.tokens.embeds], gen, rows_per_clip=rows))
                 try:
                     for step in steps:
                         for i, tok in enumerate(step.tolist()):

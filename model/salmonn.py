@@ -553,16 +553,18 @@ class SALMONN(nn.Module):
                 record["kv"] = runner.kv(past_len + new_len + fed)
                 record["fed"] = fed
 
-    def ctc_guide(self, audio: Sequence[torch.Tensor], gen: GenerateConfig) -> CTCGuide | None:
-        """Joint CTC / LLM scoring (``ctc.CTCGuide``) for answers to these clips' audio tokens, one clip
-        per row (per `gen.num_beams` rows in beam search); None when `gen.ctc_weight` is 0."""
+    def ctc_guide(self, audio: Sequence[torch.Tensor], gen: GenerateConfig,
+                  rows_per_clip: int | None = None) -> CTCGuide | None:
+        """Joint CTC / LLM scoring (``ctc.CTCGuide``) for answers to these clips' audio tokens: each
+        clip's `rows_per_clip` consecutive rows (default `gen.num_beams`: its beams) read its frames,
+        which are scored once. None when `gen.ctc_weight` is 0."""
         if not gen.ctc_weight:
             return None
         if self.ctc_head is None:
             raise ConfigError("CTC-guided decoding needs a checkpoint with a CTC head (SALMONN-tiny's carry one); "
                               "set the CTC weight to 0.")
         table = self.llama_model.get_input_embeddings().weight
-        return CTCGuide(self.ctc_head.frame_log_probs(audio, table), gen.num_beams, gen.ctc_weight,
+        return CTCGuide(self.ctc_head.frame_log_probs(audio, table), rows_per_clip or gen.num_beams, gen.ctc_weight,
                         self.tokenizer.eos_token_id)
 
     @torch.no_grad()
