@@ -9,6 +9,7 @@ Pipeline: waveform -> Kaldi fbank [T_f, 128] -> 16x16 patches (8 frequency patch
 gated, bucketed relative position bias -> [B, 8 * (T_f // 16), encoder_embed_dim].
 """
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -249,17 +250,21 @@ class BEATs(nn.Module):
         """
         if wav.dim() == 1:
             wav = wav.unsqueeze(0)
-        p = self.cfg.input_patch_size
         if padding_mask is None:
             fbank, frames = beats_fbank(wav), None
         else:
             fbank, frames = beats_fbank(wav, lengths=_valid_lengths(padding_mask, wav))
-        if fbank.shape[1] < p:
+        if fbank.shape[1] < self.cfg.input_patch_size:
             raise AudioError(
                 f"audio too short for BEATs: {wav.shape[-1]} samples give {fbank.shape[1]} fbank frames, "
-                f"need at least {p} (400 + {p - 1} * 160 samples at 16 kHz)"
+                f"need at least {self.cfg.input_patch_size} (400 + {self.cfg.input_patch_size - 1} * 160 samples at 16 kHz)"
             )
+        return self.encode_fbank(fbank, frames)
 
+    def encode_fbank(self, fbank: Tensor, frames: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """The encoder on normalised fbank [B, T_f, 128] (`frames`: valid frames per element, None if
+        all are): what `extract_features` does after its front end (training feeds cached fbanks here)."""
+        p = self.cfg.input_patch_size
         x = self.patch_embedding(fbank.unsqueeze(1).to(self.patch_embedding.weight.dtype))
         x = x.flatten(2).transpose(1, 2)  # [B, T_f//p * 128//p, C], time-major: band changes fastest
         x = self.layer_norm(x)
@@ -296,18 +301,46 @@ def _valid_lengths(padding_mask: Tensor, wav: Tensor) -> Tensor:
     return lengths
 
 
-def save_beats(model: BEATs, path: str) -> None:
-    """Write the official layout: {'cfg': dict, 'model': state_dict} (CPU tensors)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def save_beats(model: BEATs, path: str, metadata: dict | None = None) -> None:
+    """Write the official layout {'cfg': dict, 'model': state_dict} (CPU tensors), or, for a
+    `.safetensors` path, the same tensors with the cfg (and `metadata`) as JSON in the header."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        # the shared relative-position table is one tensor under several names: store each copy
+        header = {"beats_cfg": json.dumps(model.cfg.to_dict())}
+        header.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+        save_file({k: v.clone() for k, v in state.items()}, path, metadata=header)
+        return
     torch.save({"cfg": model.cfg.to_dict(), "model": state}, path)
 
 
+def _read_safetensors(path: str) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: say which
+        raise CheckpointError(f"could not read BEATs safetensors file {path}: {e}") from e
+    if "beats_cfg" not in header:
+        raise CheckpointError(f"{path} is not a BEATs checkpoint: its safetensors header has no 'beats_cfg' "
+                              "(written by model.beats.save_beats)")
+    return {"cfg": json.loads(header["beats_cfg"]), "model": state}
+
+
 def load_beats(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> BEATs:
-    """Load an official BEATs checkpoint strictly, with a safe (weights-only) unpickler."""
+    """Load a BEATs checkpoint strictly: an official .pt (with a safe, weights-only unpickler) or a
+    .safetensors file written by `save_beats`."""
     if not os.path.isfile(path):
         raise CheckpointError(f"BEATs checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _read_safetensors(path) if str(path).endswith(".safetensors") else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as e:  # the weights-only unpickler refuses arbitrary objects, and so do we
         raise CheckpointError(
             f"could not load BEATs checkpoint {path} as plain weights (torch.load weights_only=True): {e}"

@@ -15,6 +15,9 @@ CHECKPOINTS = {
     "activation": ASSETS / "salmonn-tiny-activation.safetensors",    # stage 3: activation-tuned
     "instruction": ASSETS / "salmonn-tiny-instruction.safetensors",  # stage 2: instruction-tuned
 }
+# SALMONN-tiny's audio encoder: our BEATs, trained on the synthetic clips' labels (train/beats_fit.py),
+# used by checkpoints whose Q-Former reads BEATs frames as well as Whisper's.
+BEATS_TINY = ASSETS / "beats-tiny.safetensors"
 # CTC guidance the transcription preset suggests for checkpoints with a CTC head (model/ctc.py):
 # chosen on a development set apart from the evaluation clips (train/ctc_head.py, MODEL_CARD).
 CTC_WEIGHT = 0.3
@@ -46,8 +49,36 @@ def chat_templates(tokenizer, system: str | None = None) -> tuple[str, str]:
     return as_template(first), as_template(followup)
 
 
+def reads_audio_stream(ckpt: str | Path) -> bool:
+    """Whether a SALMONN checkpoint's Q-Former was trained on BEATs frames too (it has `ln_audio`);
+    False for a file that is missing or not safetensors (loading it later says what is wrong)."""
+    from safetensors import safe_open
+
+    if not str(ckpt).endswith(".safetensors") or not Path(ckpt).is_file():
+        return False
+    try:
+        with safe_open(str(ckpt), framework="pt") as f:
+            return "ln_audio.weight" in f.keys()
+    except Exception:  # noqa: BLE001 - a damaged file is reported by the checkpoint loader
+        return False
+
+
+def beats_for(ckpt: str | Path, beats_path: str | Path = "") -> str:
+    """The BEATs file for a SALMONN-tiny checkpoint: `beats_path` if given, else ours (`BEATS_TINY`)
+    for a checkpoint trained with it (`reads_audio_stream`), else none (speech encoder only)."""
+    if beats_path or not ckpt or not reads_audio_stream(ckpt):
+        return str(beats_path or "")
+    if not BEATS_TINY.is_file():
+        raise ConfigError(f"{ckpt} was trained with SALMONN-tiny's BEATs encoder, which is missing ({BEATS_TINY}); "
+                          "train it with `python -m train.beats_fit` or check out the repository's assets/.")
+    return str(BEATS_TINY)
+
+
 def tiny_config(whisper_path: str | Path, llama_path: str | Path, ckpt: str | Path = "", **changes) -> SALMONNConfig:
+    """SALMONN-tiny over these Whisper and LLM folders, with `beats_for(ckpt)` in the audio slot."""
     from transformers import AutoTokenizer
+
+    changes["beats_path"] = beats_for(ckpt, changes.get("beats_path", ""))
 
     first, followup = chat_templates(AutoTokenizer.from_pretrained(llama_path))
     cfg = SALMONNConfig(

@@ -162,7 +162,7 @@ def perplexity(model: SALMONN, tokens, prompts, refs, scale: float, batch: int =
 
 def select(rows: list[dict], task: str, n: int) -> list[dict]:
     picked = [r for r in rows if r["task"] == task]
-    return picked[:: max(1, len(picked) // n)][:n]
+    return picked[:: max(1, len(picked) // n)][:n] if n > 0 else []     # 0: that part is skipped
 
 
 def open_eval_clips(n: int) -> list[tuple[str, np.ndarray]]:

