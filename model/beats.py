@@ -336,15 +336,15 @@ def load_beats(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> B
     .safetensors file written by `save_beats`."""
     if not os.path.isfile(path):
         raise CheckpointError(f"BEATs checkpoint not found: {path}")
-    try:
-        ckpt = _read_safetensors(path) if str(path).endswith(".safetensors") else \
-            torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as e:  # the weights-only unpickler refuses arbitrary objects, and so do we
-        raise CheckpointError(
-            f"could not load BEATs checkpoint {path} as plain weights (torch.load weights_only=True): {e}"
-        ) from e
+    if str(path).endswith(".safetensors"):
+        ckpt = _read_safetensors(path)
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # the weights-only unpickler refuses arbitrary objects, and so do we
+            raise CheckpointError(
+                f"could not load BEATs checkpoint {path} as plain weights (torch.load weights_only=True): {e}"
+            ) from e
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("cfg"), dict) and isinstance(ckpt.get("model"), dict)):
         found = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(

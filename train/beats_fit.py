@@ -26,7 +26,7 @@ from torch import nn
 
 from model.audio import prepare_audio
 from model.beats import BEATs, BEATsConfig, save_beats
-from model.fbank import beats_fbank
+from model.fbank import BEATS_FBANK_STD, beats_fbank
 
 # Classification heads: label name -> classes (a clip without the label is ignored by that head).
 SOUND_KINDS = ["none", "music", "sweep", "knock", "clap", "dog_bark", "beeps", "bird", "engine", "wind", "rain",
@@ -111,8 +111,8 @@ def batch_of(clips: list[dict], patch: int, gain_db: float = 0.0, rng: random.Ra
     for i, c in enumerate(clips):
         f = c["fbank"][: frames[i]].float()
         if rng is not None and gain_db:
-            # a gain change shifts the log-mel by a constant (fbank normalised by BEATs' std)
-            f = f + rng.uniform(-gain_db, gain_db) * math.log(10) / 10 / 6.55582
+            # a gain of g dB adds g ln(10) / 10 to every log-mel bin, then beats_fbank's normalisation
+            f = f + rng.uniform(-gain_db, gain_db) * math.log(10) / 10 / (2 * BEATS_FBANK_STD)
         fb[i, : frames[i]] = f
     targets = {k: torch.tensor([c["targets"][k] for c in clips]) for k in list(HEADS) + ["log_bpm"]}
     return fb, frames, targets

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import load_checkpoint, match_weights, read_state_dict, save_checkpoint, set_trainable
-from model.defaults import BEATS_TINY, CHECKPOINTS, bundled_config, reads_audio_stream
+from model.defaults import CHECKPOINTS, beats_for, bundled_config
 from model.salmonn import SALMONN
 from train.tasks import background_questions, full_prompt, sound_spelling
 from train.trainer import (Trainer, TrainConfig, base_llm_write, ctc_head_for, ctc_targets, encode_clips,
@@ -96,8 +96,8 @@ def init_weights(model: SALMONN, path: str, audio_init: float = 0.0) -> str:
         note = f"{path} (queries repeated {reps}x)"
     if model.window_qformer.ln_audio is not None and "ln_audio.weight" not in raw:
         raw = add_audio_stream(model, raw, audio_init)
-        note = f"{note} (BEATs stream added, " + (f"at {audio_init:g} x the speech columns' scale)" if audio_init
-                                                   else "starting at zero)")
+        how = f"at {audio_init:g} x the speech columns' scale" if audio_init else "starting at zero"
+        note = f"{note} (BEATs stream added, {how})"
     weights, _ = match_weights(model, raw, path)
     set_trainable(model, weights)
     return note
@@ -111,11 +111,11 @@ def add_audio_stream(model: SALMONN, raw: dict[str, torch.Tensor], scale: float 
     stage-2 steps (session 13), so `scale` > 0 starts them random at that fraction of it."""
     raw = dict(raw)
     speech, audio = model.speech_encoder.dim, model.audio_encoder.dim
+    gen = torch.Generator().manual_seed(0)
     for key, tensor in raw.items():
         if ".crossattention.self." in key and key.endswith(("key.weight", "value.weight")):
             if tensor.shape[1] != speech:
                 raise SystemExit(f"--init: {key} reads {tensor.shape[1]}-wide frames, not Whisper's {speech}")
-            gen = torch.Generator().manual_seed(len(key))
             new = torch.randn(tensor.shape[0], audio, generator=gen) * scale * tensor.float().pow(2).mean().sqrt()
             raw[key] = torch.cat([tensor, new.to(tensor.dtype)], dim=1)
     raw["ln_audio.weight"] = model.window_qformer.ln_audio.weight.detach().clone()
@@ -262,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log("generating synthetic data")
         generate(data, seed=args.seed)
-    if args.init and not args.beats and reads_audio_stream(args.init):
-        args.beats = str(BEATS_TINY)      # weights trained with our BEATs continue with it
+    args.beats = beats_for(args.init, args.beats)      # weights trained with our BEATs continue with it
     model = build_model(getattr(torch, args.llm_dtype), args.beats)
     if args.init:
         log(f"initialised from {init_weights(model, args.init, args.beats_init)}")
