@@ -9,8 +9,9 @@
 3. activation tuning on a few long, diverse answers (stories, detailed descriptions) that the LLM
    itself writes from each clip's labels, mixed with replayed stage-2 examples; by default LoRA only,
    with the loss averaged per example so the short replayed answers keep the trained tasks.
-Each stage resumes from its last checkpoint if interrupted. On CPU the frozen LLM runs in bfloat16
-(about 4x cheaper per step here than float32); the trained weights stay float32.
+Each stage resumes from its last checkpoint if interrupted. On a CPU with native bfloat16 (AVX512-BF16
+or AMX) the frozen LLM runs in bfloat16 (about 4x cheaper per step there than float32); elsewhere in
+float32, since emulated bfloat16 is far slower. The trained weights stay float32.
 """
 from __future__ import annotations
 
@@ -45,8 +46,19 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build_model(llm_dtype: torch.dtype, beats_path: str = "") -> SALMONN:
-    model = SALMONN.from_config(bundled_config(beats_path=beats_path))
+def frozen_llm_dtype(name: str = "auto") -> torch.dtype:
+    """The frozen LLM's training dtype. auto: bfloat16 where the CPU computes it natively (AVX512-BF16
+    or AMX), else float32: on an AVX2-only CPU (an AMD EPYC here) bfloat16 matmuls are emulated and
+    a SmolLM2 backward pass took 125 s instead of 2.4 s."""
+    if name != "auto":
+        return getattr(torch, name)
+    native = any(getattr(torch.cpu, probe, lambda: False)()
+                 for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if native else torch.float32
+
+
+def build_model(llm_dtype: torch.dtype, beats_path: str = "", ckpt: str = "") -> SALMONN:
+    model = SALMONN.from_config(bundled_config(ckpt, beats_path=beats_path))
     # The frozen LLM may run in bf16; what we train stays fp32 for the optimiser.
     for name, p in model.llama_model.named_parameters():
         if "lora_" not in name:
@@ -232,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--stories", type=int, default=32)
     ap.add_argument("--details", type=int, default=16)
-    ap.add_argument("--llm-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--llm-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="the frozen LLM's dtype (auto: bfloat16 where the CPU has native bfloat16, else float32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--beats", default="",
                     help="a BEATs checkpoint for the audio slot (e.g. one from train.beats_fit): the Q-Former reads "
@@ -263,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         log("generating synthetic data")
         generate(data, seed=args.seed)
     args.beats = beats_for(args.init, args.beats)      # weights trained with our BEATs continue with it
-    model = build_model(getattr(torch, args.llm_dtype), args.beats)
+    model = build_model(frozen_llm_dtype(args.llm_dtype), args.beats)
     if args.init:
         log(f"initialised from {init_weights(model, args.init, args.beats_init)}")
     stage1, stage2 = (load_annotations(data / "stage1_pretrain.json"), load_annotations(data / "stage2_instruct.json"))
