@@ -6,19 +6,20 @@ import torch
 from model.salmonn import SALMONN
 from train import recipe, text_oracle
 from train.tasks import full_prompt
-from train.trainer import TrainConfig, text_ids
+from train.trainer import TrainConfig, answer_targets
 
-SOUNDS = {"dog": "a dog says hello", "rain": "the rain is loud", "bird": "a bird sings", "wind": "the wind is quiet"}
+# clip -> (labels, the description make_data gives them)
+SOUNDS = {"dog": ({"kind": "dog_bark", "count": 2}, "A dog barks twice."),
+          "rain": ({"kind": "rain"}, "Rain falls steadily."),
+          "bird": ({"kind": "bird"}, "Birds chirp and tweet."),
+          "wind": ({"kind": "wind"}, "Wind blows in gusts.")}
 
 
 def oracle_data(root):
-    """A make_data-shaped folder: four described clips, one question each (the answer is in the words)."""
+    """A make_data-shaped folder: four labelled clips, one question each (the answer is in the words)."""
     root.mkdir()
-    with open(root / "clips.jsonl", "w") as f:
-        for name, text in SOUNDS.items():
-            f.write(json.dumps({"path": f"audio/train/{name}.wav", "description": text}) + "\n")
     rows = [{"path": f"audio/train/{name}.wav", "task": "QA", "Q": "What sound?", "prompt": full_prompt("What sound?"),
-             "text": name} for name in SOUNDS]
+             "text": name, "labels": {"type": "sound", "sound": sound}} for name, (sound, _) in SOUNDS.items()]
     for file in ("stage2_instruct.json", "eval.json"):
         (root / file).write_text(json.dumps({"annotation": rows}))
     return root
@@ -28,8 +29,8 @@ def test_words_stand_in_for_audio_tokens_and_lora_learns_to_read_them(tiny_cfg, 
     """The oracle's audio tokens are the LLM's own embeddings of the description; LoRA-only training on
     them teaches it to answer from the words (the reading the tool measures) and moves nothing but LoRA."""
     data = oracle_data(tmp_path / "data")
-    rows = text_oracle.qa_rows(data, "eval.json", text_oracle.descriptions(data))
-    assert [r["description"] for r in rows] == list(SOUNDS.values())
+    rows = text_oracle.qa_rows(data, "eval.json")
+    assert [r["description"] for r in rows] == [text for _, text in SOUNDS.values()]
     torch.manual_seed(0)
     model = SALMONN.from_config(tiny_cfg).eval()
     words = text_oracle.word_tokens(model, "the rain is loud")
@@ -45,7 +46,7 @@ def test_words_stand_in_for_audio_tokens_and_lora_learns_to_read_them(tiny_cfg, 
         with torch.no_grad():
             return model.loss([text_oracle.word_tokens(model, t) for t in texts],
                               [model.prompt.conversation([r["prompt"]]) for r in rows],
-                              [text_ids(model.tokenizer, r["text"], 300) + [model.tokenizer.eos_token_id] for r in rows]).item()
+                              answer_targets(model.tokenizer, rows, 300)).item()
 
     right = [r["description"] for r in rows]
     # it reads: another clip's words make the answers much less likely than the clip's own

@@ -234,10 +234,7 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
                     entry["decoding"]["ctc"]["beams"] = {"beams": asr_beams,
                                                          **transcribe(scale, asr_beams, asr_decoding, ctc=asr_ctc)}
             entry["decoding"]["seconds"] = round(time.perf_counter() - t1, 1)
-        hyp = generate(model, tokens_for(qa), [r["prompt"] for r in qa], scale, 16)
-        correct = [answer_correct(r["text"], h) for r, h in zip(qa, hyp)]
-        entry["attribute_accuracy"] = float(np.mean(correct))
-        entry["attribute_by_kind"] = attribute_by_kind(qa, correct)
+        entry["attribute_accuracy"], entry["attribute_by_kind"], _ = attribute_scores(model, tokens_for(qa), qa, scale)
         hyp = generate(model, tokens_for(gender), [r["prompt"] for r in gender], scale, 8)
         entry["gender_accuracy"] = float(np.mean([answer_correct(r["text"], h) for r, h in zip(gender, hyp)]))
         hyp = generate(model, tokens_for(story_rows), [STORY_PROMPT] * len(story_rows), scale, 120)
@@ -255,6 +252,13 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
                       if isinstance(v, dict)))
         result[f"{scale:g}"] = entry
     return result
+
+
+def attribute_scores(model: SALMONN, tokens: list[torch.Tensor], rows: list[dict], scale: float) -> tuple[float, dict, list[str]]:
+    """(share right, ``attribute_by_kind``, answers) for short questions `rows` asked about `tokens`."""
+    answers = generate(model, tokens, [r["prompt"] for r in rows], scale, 16)
+    correct = [answer_correct(r["text"], a) for r, a in zip(rows, answers)]
+    return float(np.mean(correct)) if correct else 0.0, attribute_by_kind(rows, correct), answers
 
 
 def attribute_by_kind(rows: list[dict], correct: list[bool]) -> dict:

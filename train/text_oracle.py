@@ -5,7 +5,8 @@ in words what the audio holds.
 
 The model is SALMONN-tiny itself (same prompt template, LoRA, loss and greedy decoding as
 ``train.evaluate``), but each clip's audio tokens are replaced by the LLM's own input embeddings of the
-clip's true one-sentence description (``clips.jsonl``, e.g. "A high-pitched tone beeps four times."),
+clip's true one-sentence description (``tasks.describe`` of the row's labels, as in ``clips.jsonl``: e.g.
+"A high-pitched tone beeps four times."),
 i.e. perfect hearing in the LLM's own language. It reports held-out attribute accuracy (the evaluation's
 questions and rule) before training and after every ``--eval-every`` steps of LoRA-only training on the
 training QA rows (answer tokens only, AdamW, warm-up then cosine as the recipe).
@@ -25,18 +26,9 @@ from pathlib import Path
 
 import torch
 
-from train.evaluate import answer_correct, attribute_by_kind, generate, select
-from train.trainer import TrainConfig, load_annotations, lr_at, param_groups, text_ids
-
-
-def descriptions(data: Path) -> dict[str, str]:
-    """Clip description by the clip's file name (``make_data``'s clips.jsonl)."""
-    out = {}
-    with open(data / "clips.jsonl") as f:
-        for line in f:
-            clip = json.loads(line)
-            out[Path(clip["path"]).name] = clip["description"]
-    return out
+from train.evaluate import attribute_scores, select
+from train.tasks import describe
+from train.trainer import TrainConfig, answer_targets, load_annotations, lr_at, param_groups
 
 
 def word_tokens(model, text: str) -> torch.Tensor:
@@ -44,10 +36,11 @@ def word_tokens(model, text: str) -> torch.Tensor:
     return model.embed_ids(model.tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def qa_rows(data: Path, name: str, described: dict[str, str]) -> list[dict]:
+def qa_rows(data: Path, name: str) -> list[dict]:
+    """The QA rows of one make_data annotation file, each with its clip's description."""
     rows = [r for r in load_annotations(data / name) if r["task"] == "QA"]
     for r in rows:
-        r["description"] = described[Path(r["path"]).name]
+        r["description"] = describe(r["labels"])
     return rows
 
 
@@ -55,9 +48,7 @@ def accuracy(model, rows: list[dict], scale: float) -> tuple[float, dict, list[s
     """(share right, right/asked by question kind, answers) with the descriptions as audio tokens."""
     with torch.no_grad():
         tokens = [word_tokens(model, r["description"]) for r in rows]
-    answers = generate(model, tokens, [r["prompt"] for r in rows], scale, 16)
-    correct = [answer_correct(r["text"], a) for r, a in zip(rows, answers)]
-    return sum(correct) / max(1, len(rows)), attribute_by_kind(rows, correct), answers
+    return attribute_scores(model, tokens, rows, scale)
 
 
 def train_lora(model, rows: list[dict], cfg: TrainConfig, on_eval=None, eval_every: int = 0) -> list[float]:
@@ -65,7 +56,6 @@ def train_lora(model, rows: list[dict], cfg: TrainConfig, on_eval=None, eval_eve
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, lora_only=True), lr=cfg.init_lr)
-    eos = model.tokenizer.eos_token_id
     losses = []
     model.train()
     for step in range(1, cfg.steps + 1):
@@ -74,7 +64,7 @@ def train_lora(model, rows: list[dict], cfg: TrainConfig, on_eval=None, eval_eve
             group["lr"] = lr_at(step, cfg)
         loss = model.loss([word_tokens(model, r["description"]) for r in batch],
                           [model.prompt.conversation([r["prompt"]]) for r in batch],
-                          [text_ids(model.tokenizer, r["text"], cfg.max_txt_len) + [eos] for r in batch])
+                          answer_targets(model.tokenizer, batch, cfg.max_txt_len))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -89,7 +79,7 @@ def train_lora(model, rows: list[dict], cfg: TrainConfig, on_eval=None, eval_eve
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="data", help="make_data output (clips.jsonl, stage2_instruct.json, eval.json)")
+    ap.add_argument("--data", default="data", help="make_data output (stage2_instruct.json, eval.json)")
     ap.add_argument("--ckpt", default="", help="start from these trained weights' LoRA (default: a fresh LoRA)")
     ap.add_argument("--qa", type=int, default=165, help="held-out questions (the evaluation's sample)")
     ap.add_argument("--scale", type=float, default=4.0, help="LoRA scale to answer at (training uses alpha/rank, 4)")
@@ -105,11 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     from train.recipe import build_model, frozen_llm_dtype
 
     data = Path(args.data)
-    if not (data / "clips.jsonl").is_file():
+    if not all((data / name).is_file() for name in ("stage2_instruct.json", "eval.json")):
         raise SystemExit(f"{data}: no make_data output (run python -m train.make_data --out {data})")
-    described = descriptions(data)
-    train_rows = qa_rows(data, "stage2_instruct.json", described)
-    held = select(qa_rows(data, "eval.json", described), "QA", args.qa)
+    train_rows = qa_rows(data, "stage2_instruct.json")
+    held = select(qa_rows(data, "eval.json"), "QA", args.qa)
     model = build_model(frozen_llm_dtype(args.dtype), ckpt=args.ckpt)
     model.eval()
     report: dict = {"ckpt": args.ckpt or "fresh LoRA", "questions": len(held), "scale": args.scale, "steps": []}

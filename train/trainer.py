@@ -278,6 +278,11 @@ def text_ids(tokenizer, text: str, max_txt_len: int) -> list[int]:
     return tokenizer(text.strip(), add_special_tokens=False).input_ids[: max_txt_len - 1]
 
 
+def answer_targets(tokenizer, rows: list[dict], max_txt_len: int) -> list[list[int]]:
+    """LM targets: each row's answer token ids and end-of-sequence."""
+    return [text_ids(tokenizer, r["text"], max_txt_len) + [tokenizer.eos_token_id] for r in rows]
+
+
 def ctc_targets(tokenizer, rows: list[dict], max_txt_len: int) -> list[list[int]]:
     """CTC targets: the row's ``ctc_text`` if it has one, else its answer (a transcript)."""
     return [text_ids(tokenizer, r.get("ctc_text") or r["text"], max_txt_len) for r in rows]
@@ -324,12 +329,9 @@ class Trainer:
         that says what its audio tokens should spell (``ctc_text``, e.g. "knock knock knock")."""
         return row["task"] in cfg.ctc_tasks or bool(row.get("ctc_text"))
 
-    def _ids(self, text: str) -> list[int]:
-        return text_ids(self.model.tokenizer, text, self.cfg.max_txt_len)
-
     def targets(self, rows: list[dict]) -> list[list[int]]:
         """LM targets: the answer's token ids and end-of-sequence."""
-        return [self._ids(r["text"]) + [self.model.tokenizer.eos_token_id] for r in rows]
+        return answer_targets(self.model.tokenizer, rows, self.cfg.max_txt_len)
 
     def ctc_targets(self, rows: list[dict]) -> list[list[int]]:
         return ctc_targets(self.model.tokenizer, rows, self.cfg.max_txt_len)
