@@ -92,8 +92,9 @@ class DesktopMic:
         return (rate, wav) if wav.size else None
 
 
-def build_mic_panel(audio_in: gr.Audio, devices: list[dict]) -> None:
-    """Render the panel (inside the current Blocks context); recordings go to `audio_in`."""
+def build_mic_panel(audio_in: gr.Audio, devices: list[dict], origin: gr.State | None = None) -> None:
+    """Render the panel (inside the current Blocks context); recordings go to `audio_in`, and `origin`
+    (when given) is set to "microphone" as a take starts."""
     recorders = DesktopMic()
     choices = [(device_label(d), d["index"]) for d in devices]
     default = next((d["index"] for d in devices if d["default"]), devices[0]["index"])
@@ -133,8 +134,10 @@ def build_mic_panel(audio_in: gr.Audio, devices: list[dict]) -> None:
             start_btn = gr.Button("Start recording", variant="primary", size="sm")
             stop_btn = gr.Button("Stop", size="sm")
         timer = gr.Timer(0.15, active=False)
-    start_btn.click(start, [device, on_silence, silence_s], [meter, timer], api_visibility="private",
-                    concurrency_limit=None)
+    started = start_btn.click(start, [device, on_silence, silence_s], [meter, timer], api_visibility="private",
+                              concurrency_limit=None)
+    if origin is not None:
+        started.then(lambda: "microphone", None, origin, api_visibility="private", queue=False)
     timer.tick(tick, None, [meter, audio_in, timer], api_visibility="private", concurrency_limit=None,
                show_progress="hidden")
     stop_btn.click(stop, None, [meter, audio_in, timer], api_visibility="private", concurrency_limit=None)

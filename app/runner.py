@@ -12,34 +12,19 @@ import time
 from typing import Iterator
 
 from model.config import GenerateConfig
-from model.errors import SalmonnError, SettingsError
+from model.errors import SalmonnError
 
 
 def generate_config(base: GenerateConfig, *, num_beams, do_sample, temperature, top_p, top_k,
                     repetition_penalty, max_new_tokens, seed=None, ctc_weight=0.0) -> GenerateConfig:
-    """UI control values -> a GenerateConfig (clamped to sane ranges; the pipeline checks the limits)."""
-    try:
-        return _generate_config(base, num_beams, do_sample, temperature, top_p, top_k, repetition_penalty,
-                                max_new_tokens, seed, ctc_weight)
-    except (TypeError, ValueError, OverflowError):
-        raise SettingsError("The decoding settings must be numbers (beams, temperature, top-p, top-k, "
-                            "repetition penalty, max new tokens, seed, CTC guidance).") from None
-
-
-def _generate_config(base, num_beams, do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens,
-                     seed, ctc_weight) -> GenerateConfig:
-    return dataclasses.replace(
-        base,
-        num_beams=max(1, int(num_beams or 1)),
-        do_sample=bool(do_sample),
-        temperature=max(0.05, float(temperature if temperature is not None else base.temperature)),
-        top_p=min(1.0, max(0.05, float(top_p if top_p is not None else base.top_p))),
-        top_k=max(0, int(top_k or 0)),
-        repetition_penalty=max(1.0, float(repetition_penalty or 1.0)),
-        max_new_tokens=max(1, int(max_new_tokens or base.max_new_tokens)),
-        seed=None if seed in (None, "", -1) else int(seed),
-        ctc_weight=min(1.0, max(0.0, float(ctc_weight or 0.0))),
-    )
+    """UI control values -> a GenerateConfig, as sent: nothing is clamped or rounded here, so
+    `Pipeline.check_generate` refuses a bad value with its message. A missing value keeps the
+    default; seed -1 (or empty) means random."""
+    given = dict(num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                 repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, ctc_weight=ctc_weight)
+    values = {name: value for name, value in given.items() if value is not None}
+    values["seed"] = None if seed is None or (isinstance(seed, (str, int, float)) and seed in ("", -1)) else seed
+    return dataclasses.replace(base, **values)
 
 
 class StopRegistry:

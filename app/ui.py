@@ -10,13 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
+from contextlib import closing
 from pathlib import Path
 from typing import Mapping
 
 import gradio as gr
 import numpy as np
 
+from model.audio import SAMPLE_RATE
+from model.config import GENERATE_LIMITS
 from model.errors import AudioError, SalmonnError
 from model.pipeline import Encoding, Pipeline
 
@@ -98,6 +102,19 @@ def _warn(err: Exception) -> str:
         text = f"Internal error ({type(err).__name__}): {err}"
     gr.Warning(text)
     return text
+
+
+def span(setting: str) -> tuple[float, float]:
+    """A decoding control's (minimum, maximum): the pipeline's accepted range, so they always agree."""
+    limit = GENERATE_LIMITS[setting]
+    return limit.low, limit.high
+
+
+def _checked_by_the_pipeline(*controls) -> None:
+    """Hand these controls' values to our function as sent: the pipeline's one check names the setting
+    and its range, where Gradio's own would round 2.5 beams to 2 or fail on a string with a generic error."""
+    for control in controls:
+        control.preprocess = lambda payload: payload
 
 
 def _session(request: gr.Request | None) -> str:
@@ -189,6 +206,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         pipes[name if name not in pipes else f"{name} (2)"] = pipe
     names = list(pipes)
     trained = pipeline.trained_scale
+    trained_of = {n: p.trained_scale for n, p in pipes.items()}
     gen0 = pipeline.default_generate
     guidable = any(p.has_ctc_head for p in pipes.values())     # a checkpoint with a CTC head
     layer_choices, head_choices = _layer_choices(pipeline)
@@ -228,13 +246,15 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             text += f"; {tokens.lead_in:.2f} s of quiet added in front, as every training clip starts quietly"
         return text + "."
 
-    def load_audio(path, model_name, layer, head):
+    def load_audio(path, model_name, layer, head, origin="file"):
         """New audio: encode it, show what the model hears, start a fresh conversation."""
         fresh = ([], [], "", None)   # chatbot, history, prompt sent, details
         if not path:
             return (None, "", None, None, gr.Slider(value=0, maximum=87), None, {}) + fresh
         try:
-            enc = gate.run(encodings.get, model_name, pipe_of(model_name), path)
+            pipe = pipe_of(model_name)
+            audio = pipe.prepare(path, origin)       # bad audio is told at once, without waiting in line
+            enc = gate.run(encodings.get, model_name, pipe, path, audio)
             window = _loudest_window(enc)
             spec, attn, bar, view, window = render_view(enc, layer, head, window)
         except Exception as err:  # noqa: BLE001 - shown to the user
@@ -242,7 +262,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             return (None, f"⚠️ {text}", None, None, gr.skip(), None, {}) + fresh
         for note in enc.audio.notes:       # cut, clipped, scaled: said, not silent
             gr.Warning(note)
-        heard = (16000, (np.clip(enc.audio.wav, -1, 1) * 32767).astype(np.int16))
+        heard = (SAMPLE_RATE, (np.clip(enc.audio.wav, -1, 1) * 32767).astype(np.int16))
         slider = gr.Slider(value=window, maximum=max(view["windows"] - 1, 1))
         return (heard, audio_summary(enc), spec, attn, slider, bar, view) + fresh
 
@@ -276,7 +296,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                                ctc_weight=ctc)
 
     def respond(question, history, path, model_name, scale, beams, sample, temperature, top_p, top_k, rep,
-                max_new, seed, ctc=0.0, request: gr.Request = None):
+                max_new, seed, ctc=0.0, origin="file", request: gr.Request = None):
         """Stream one answer. Yields (chatbot, history, prompt box, prompt sent, details)."""
         history = list(history or [])
         question = str(question or "").strip()
@@ -288,8 +308,8 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             gen = pipe.check_generate(gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc))
             past = [(t["q"], t["a"]) for t in history]
             sent = pipe.prompt_text(question, past)
-            pipe._scale(scale)
-            audio = None if encodings.has(model_name, path) else pipe.prepare(path)
+            scale = pipe.check_scale(scale)
+            audio = None if encodings.has(model_name, path) else pipe.prepare(path, origin)
         except Exception as err:  # noqa: BLE001
             text = _warn(err)
             yield _messages(history) + [{"role": "user", "content": echo},
@@ -333,8 +353,8 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                 gate.leave(ticket)
             stops.finish(session, stop)
         if answer is None:   # stopped before the worker delivered its final answer
-            footer = f"*(LoRA scale {float(scale):g} · stopped)*"
-            details = {"lora_scale": float(scale), "stopped": True, "prompt": sent}
+            footer = f"*(LoRA scale {scale:g} · stopped)*"
+            details = {"lora_scale": scale, "stopped": True, "prompt": sent}
             final_text = text
         else:
             footer = _answer_footer(answer, gen)
@@ -351,7 +371,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         yield _messages(history), history, gr.skip(), sent, details
 
     def regenerate(history, path, model_name, scale, beams, sample, temperature, top_p, top_k, rep, max_new, seed,
-                   ctc=0.0, request: gr.Request = None):
+                   ctc=0.0, origin="file", request: gr.Request = None):
         """Ask the last question again (with the current settings), replacing its answer."""
         history = list(history or [])
         if not history:
@@ -360,7 +380,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             return
         last = history.pop()
         yield from respond(last["q"], history, path, model_name, scale, beams, sample, temperature, top_p, top_k,
-                           rep, max_new, seed, ctc, request)
+                           rep, max_new, seed, ctc, origin, request)
 
     def stop_answer(request: gr.Request):
         stops.stop(_session(request))
@@ -381,30 +401,98 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         return scale, beams, ctc if guidable else 0.0
 
     # -------------------------------------------------------------- scale lab
-    def run_lab(path, prompt, scales_text, beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc=0.0):
+    def take_turn(stop, ticket):
+        """While this request waits for the model: how many are ahead, as a status line."""
+        for ahead in gate.waiting(ticket, stop):
+            yield f"⏳ Waiting for the model: {ahead} ahead of you…"
+
+    def run_lab(path, prompt, scales_text, beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc=0.0,
+                request: gr.Request = None):
+        """Every checkpoint answers at every scale, shown as it is written. Yields (answers, raw, status)."""
         if not path:
             gr.Warning("Upload or record some audio on the Chat tab first (or click an example there).")
-            return gr.skip(), gr.skip()
-        try:
-            scales = lab.parse_scales(scales_text, 2 * trained)
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        try:       # every check before the request waits for the model
+            scales = lab.parse_scales(scales_text, pipeline.scale_limit)
             gen = gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc)
             for p in pipes.values():
                 p.check_generate(gen)
-            results = gate.run(lab.compare_scales, pipes, str(path), prompt, scales, generate=gen)
+            gen = pipeline.check_generate(gen)
+            lab.check_budget(scales, gen, len(pipes))
+            audio = pipeline.prepare(path)
+            for p in pipes.values():
+                p.prompt_text(prompt)
         except Exception as err:  # noqa: BLE001
             text = _warn(err)
-            return f"<p>⚠️ {text}</p>", None
-        return (lab.answers_html(results, {n: p.trained_scale for n, p in pipes.items()}),
-                lab.answers_json(results))
-
-    def run_sweep(items, scales_text):
+            yield f"<p>⚠️ {text}</p>", None, ""
+            return
+        session = _session(request)
+        stop = stops.start(session)
+        ticket, progress, t0 = None, {}, None
         try:
-            scales = lab.parse_scales(scales_text, 2 * trained)
-            curves, table = gate.run(lab.perplexity_sweep, pipes, items, scales)
+            ticket = gate.join()
+            for status in take_turn(stop, ticket):
+                yield gr.skip(), gr.skip(), status
+            t0 = time.monotonic()
+            with closing(lab.compare_scales(pipes, audio, prompt, scales, generate=gen, stop=stop)) as runs:
+                for progress in runs:
+                    yield lab.answers_html(progress, scales, trained_of), gr.skip(), lab_progress_line(progress, scales, t0)
         except Exception as err:  # noqa: BLE001
-            _warn(err)
-            return gr.skip(), gr.skip()
-        return plots.perplexity_figure(curves, trained), table
+            text = _warn(err)
+            yield (lab.answers_html(progress, scales, trained_of) + f"<p>⚠️ {text}</p>"), None, ""
+            return
+        finally:     # also when Gradio closes this generator (cancelled, tab closed): the model is freed
+            if ticket is not None:
+                gate.leave(ticket)
+            stops.finish(session, stop)
+        yield (lab.answers_html(progress, scales, trained_of), lab.answers_json(progress),
+               lab_progress_line(progress, scales, t0, stopped=stop.is_set()))
+
+    def lab_progress_line(progress, scales, t0, stopped=False) -> str:
+        done = sum(sum(e.finished) for e in progress.values())
+        total = len(scales) * len(pipes)
+        took = f" in {time.monotonic() - t0:.1f} s" if t0 is not None else ""
+        if stopped:
+            return f"⏹ Stopped: {done} of {total} answers finished{took}."
+        if done == total and all(e.answers for e in progress.values()):
+            return f"✅ Done: {total} answers{took}."
+        running = next((n for n, e in progress.items() if not e.answers), "")
+        return f"⏳ Answering{f' ({running})' if len(pipes) > 1 else ''}: {done} of {total} answers finished{took}…"
+
+    def run_sweep(items, scales_text, request: gr.Request = None):
+        """Perplexity vs LoRA scale, drawn as each clip is measured. Yields (plot, table, status)."""
+        try:
+            scales = lab.parse_scales(scales_text, pipeline.scale_limit)
+            lab.check_items(items)
+        except Exception as err:  # noqa: BLE001
+            text = _warn(err)
+            yield gr.skip(), gr.skip(), f"⚠️ {text}"
+            return
+        session = _session(request)
+        stop = stops.start(session)
+        ticket, done, total, t0 = None, 0, len(items) * len(pipes), None
+        figure, table = gr.skip(), gr.skip()
+        try:
+            ticket = gate.join()
+            for status in take_turn(stop, ticket):
+                yield gr.skip(), gr.skip(), status
+            t0 = time.monotonic()
+            with closing(lab.perplexity_sweep(pipes, items, scales, stop=stop)) as sweep:
+                for curves, table, done, total in sweep:
+                    figure = plots.perplexity_figure(curves, trained)
+                    yield figure, table, f"⏳ Measured {done} of {total} clips ({time.monotonic() - t0:.1f} s)…"
+        except Exception as err:  # noqa: BLE001
+            text = _warn(err)
+            yield gr.skip(), gr.skip(), f"⚠️ {text}"
+            return
+        finally:     # also when Gradio closes this generator (cancelled, tab closed)
+            if ticket is not None:
+                gate.leave(ticket)
+            stops.finish(session, stop)
+        took = f" in {time.monotonic() - t0:.1f} s" if t0 is not None else ""
+        word = "⏹ Stopped" if stop.is_set() else "✅ Done"
+        yield figure, table, f"{word}: {done} of {total} clips measured{took}."
 
     def lab_preset(label):
         preset = presets.PRESETS_BY_LABEL.get(label)
@@ -419,43 +507,48 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                     + (f" · also loaded: {', '.join(names[1:])}" if len(names) > 1 else ""))
         history = gr.State([])
         view_state = gr.State({})
+        origin = gr.State("upload")
 
         with gr.Tab("Chat", id="chat"):
             with gr.Row():
                 with gr.Column(scale=2, min_width=320):
                     audio_in = gr.Audio(sources=["upload", "microphone"], type="filepath",
                                         label="Audio: upload a file or record", elem_id="audio-in")
+                    video_in = gr.UploadButton("Upload a video or another file (mp4, mov, mkv, webm, …)", size="sm",
+                                               file_types=["audio", "video"], elem_id="video-in")
                     heard = gr.Audio(label="What the model hears (16 kHz mono, the part used)", type="numpy",
                                      interactive=False, elem_id="heard")
                     audio_info = gr.Markdown(elem_id="audio-info")
                     if mic_devices:
-                        build_mic_panel(audio_in, mic_devices)
+                        build_mic_panel(audio_in, mic_devices, origin)
                     model_pick = gr.Radio(names, value=name0, label="Model", visible=len(names) > 1)
                     preset_dd = gr.Dropdown([p.label for p in presets.PRESETS], value=None, label="Task preset",
                                             info="Fills the question; L1 = trained tasks, L2/L3 = emergent abilities",
                                             elem_id="preset")
                     preset_note = gr.Markdown(elem_id="preset-note")
-                    scale = gr.Slider(0, round(2 * trained, 1), value=trained, step=0.1, label="LoRA scale",
+                    scale = gr.Slider(0, pipeline.scale_limit.high, value=trained, step=0.1, label="LoRA scale",
                                       info=f"trained scale = {trained:g}; 0 = LoRA off. Applied instantly, no reload.",
                                       elem_id="lora-scale")
                     scale_hint = gr.Button("Use the preset's suggested scale and decoding", size="sm")
                     with gr.Accordion("Decoding", open=False):
-                        beams = gr.Slider(1, 10, value=1, step=1, label="Beams",
+                        beams = gr.Slider(*span("num_beams"), value=1, step=1, label="Beams",
                                           info="1 streams each token; >1 = beam search, streamed as the beams agree "
                                                "(the official SALMONN decodes with 4)")
                         sample = gr.Checkbox(value=gen0.do_sample, label="Sampling (off = greedy / beam)")
-                        temperature = gr.Slider(0.1, 2.0, value=gen0.temperature, step=0.05, label="Temperature",
+                        temperature = gr.Slider(*span("temperature"), value=gen0.temperature, step=0.01,
+                                                label="Temperature",
                                                 info="used when sampling")
-                        top_p = gr.Slider(0.05, 1.0, value=gen0.top_p, step=0.05, label="Top-p",
+                        top_p = gr.Slider(*span("top_p"), value=gen0.top_p, step=0.01, label="Top-p",
                                           info="used when sampling")
-                        top_k = gr.Slider(0, 200, value=gen0.top_k, step=1, label="Top-k (0 = off)",
+                        top_k = gr.Slider(*span("top_k"), value=gen0.top_k, step=1, label="Top-k (0 = off)",
                                           info="used when sampling")
-                        rep = gr.Slider(1.0, 2.0, value=max(1.0, gen0.repetition_penalty), step=0.05,
+                        rep = gr.Slider(*span("repetition_penalty"), value=gen0.repetition_penalty, step=0.05,
                                         label="Repetition penalty")
-                        max_new = gr.Slider(1, 1024, value=gen0.max_new_tokens, step=1, label="Max new tokens")
+                        max_new = gr.Slider(*span("max_new_tokens"), value=gen0.max_new_tokens, step=1,
+                                            label="Max new tokens")
                         seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)",
                                          info="makes sampling repeatable")
-                        ctc = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="CTC guidance (transcripts only)",
+                        ctc = gr.Slider(*span("ctc_weight"), value=0.0, step=0.05, label="CTC guidance (transcripts only)",
                                         interactive=guidable,
                                         info="weighs each word by how well the audio tokens spell it (the "
                                              "checkpoint's CTC head): fewer misheard words in a transcript; "
@@ -510,7 +603,9 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                 lab_scales = gr.Textbox(label="LoRA scales (comma list)", value=presets.default_scales(trained),
                                         elem_id="lab-scales", scale=3)
                 lab_run = gr.Button("Answer at every scale", variant="primary", elem_id="lab-run", scale=1)
+                lab_stop = gr.Button("Stop", variant="stop", elem_id="lab-stop", scale=0, min_width=80)
             lab_audio = gr.Markdown("*No audio yet: load one on the Chat tab.*", elem_id="lab-audio")
+            lab_status = gr.Markdown(elem_id="lab-status")
             lab_html = gr.HTML(elem_id="lab-answers")
             with gr.Accordion("Raw results", open=False):
                 lab_json = gr.JSON()
@@ -522,7 +617,10 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                                              label="Clips and tasks", scale=3)
                 with gr.Column(scale=1):
                     ppl_scales = gr.Textbox(label="LoRA scales", value=presets.sweep_scales(trained))
-                    ppl_run = gr.Button("Measure perplexity", elem_id="ppl-run")
+                    with gr.Row():
+                        ppl_run = gr.Button("Measure perplexity", elem_id="ppl-run")
+                        ppl_stop = gr.Button("Stop", variant="stop", elem_id="ppl-stop", min_width=80)
+            ppl_status = gr.Markdown(elem_id="ppl-status")
             ppl_plot = gr.Plot(label="Perplexity vs LoRA scale", elem_id="ppl-plot")
             with gr.Accordion("Values", open=False):
                 ppl_table = gr.Dataframe(headers=["model", "clip · task", "LoRA scale", "perplexity", "NLL"],
@@ -534,8 +632,13 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
 
         # ---------------------------------------------------------- wiring
         dec = [beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc]
+        _checked_by_the_pipeline(scale, *dec)
+        # where the audio came from words the messages about it (a silent recording vs a silent file)
+        audio_in.start_recording(lambda: "microphone", None, origin, api_visibility="private", queue=False)
+        audio_in.upload(lambda: "upload", None, origin, api_visibility="private", queue=False)
+        video_in.upload(lambda f: (f, "upload"), video_in, [audio_in, origin], api_visibility="private", queue=False)
         view_out = [spec_img, attn_img, bar, view_state, window]
-        audio_in.change(load_audio, [audio_in, model_pick, layer, head],
+        audio_in.change(load_audio, [audio_in, model_pick, layer, head, origin],
                         [heard, audio_info, spec_img, attn_img, window, bar, view_state,
                          chatbot, history, prompt_sent, details],
                         api_name="load_audio", concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots
@@ -554,24 +657,28 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                        trigger_mode="always_last")
 
         preset_dd.change(apply_preset, preset_dd, [question, preset_note], api_name="preset", queue=False)
+        # picking the preset already shown (after a new upload, say) fires no change: fill the question again
+        preset_dd.select(apply_preset, preset_dd, [question, preset_note], api_visibility="private", queue=False)
         scale_hint.click(suggested_settings, preset_dd, [scale, beams, ctc], api_name="suggested", queue=False)
 
-        chat_in = [question, history, audio_in, model_pick, scale] + dec
+        chat_in = [question, history, audio_in, model_pick, scale] + dec + [origin]
         chat_out = [chatbot, history, question, prompt_sent, details]
         send.click(respond, chat_in, chat_out, api_name="ask", concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
         question.submit(respond, chat_in, chat_out, api_visibility="private", concurrency_id=MODEL_LOCK_ID,
                         concurrency_limit=1)
-        regen.click(regenerate, [history, audio_in, model_pick, scale] + dec, chat_out, api_name="regenerate",
+        regen.click(regenerate, [history, audio_in, model_pick, scale] + dec + [origin], chat_out, api_name="regenerate",
                     concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
         # Stop must not wait in the model queue behind the answer it stops.
         stop_btn.click(stop_answer, None, None, api_name="stop", concurrency_limit=None)
         clear.click(clear_chat, None, [chatbot, history, prompt_sent, details], api_name="clear", queue=False)
 
         lab_preset_dd.change(lab_preset, lab_preset_dd, lab_prompt, api_visibility="private", queue=False)
-        lab_run.click(run_lab, [audio_in, lab_prompt, lab_scales] + dec, [lab_html, lab_json], api_name="scale_lab",
+        lab_run.click(run_lab, [audio_in, lab_prompt, lab_scales] + dec, [lab_html, lab_json, lab_status],
+                      api_name="scale_lab", concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
+        ppl_run.click(run_sweep, [ppl_items, ppl_scales], [ppl_plot, ppl_table, ppl_status], api_name="perplexity",
                       concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
-        ppl_run.click(run_sweep, [ppl_items, ppl_scales], [ppl_plot, ppl_table], api_name="perplexity",
-                      concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
+        for stop_control in (lab_stop, ppl_stop):    # like the chat's Stop: never waits behind what it stops
+            stop_control.click(stop_answer, None, None, api_visibility="private", concurrency_limit=None)
         refresh.click(lambda: [_info_markdown(n, p) for n, p in pipes.items()], None, info_md,
                       api_visibility="private", queue=False)
 

@@ -6,13 +6,15 @@ of 2 layers / 768 hidden / 1 query per 17-frame window, LoRA r=8 alpha=32 on q/v
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, SettingsError
 
 
 @dataclass
@@ -65,6 +67,47 @@ class GenerateConfig:
     seed: int | None = None
     # ours: joint CTC / LLM decoding for transcription (0 = off); needs a checkpoint with a CTC head
     ctc_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The accepted range of one setting, as users see it (its label names it in messages)."""
+    label: str
+    low: float
+    high: float
+    integer: bool = False
+
+    def check(self, value):
+        """`value` as an int or float within the range; anything else (a string, NaN, 2.5 beams) is
+        refused with a message naming the setting and its range, never silently changed."""
+        kind = "a whole number" if self.integer else "a number"
+        refused = SettingsError(f"{self.label} must be {kind} from {self.low:g} to {self.high:g} (got {value!r}).")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise refused
+        exact = int(value) if isinstance(value, (int, np.integer)) else float(value)
+        if not (math.isfinite(exact) and self.low <= exact <= self.high):
+            raise refused
+        if self.integer:
+            if exact != int(exact):
+                raise refused
+            return int(exact)
+        return float(exact)
+
+
+# One source of truth for each decoding setting's range: the pipeline's check, its messages and the
+# app's controls all read this table.
+GENERATE_LIMITS: dict[str, Limit] = {
+    "num_beams": Limit("Beams", 1, 10, integer=True),
+    "max_new_tokens": Limit("Max new tokens", 1, 2048, integer=True),
+    "min_length": Limit("Min length", 0, 2048, integer=True),
+    "temperature": Limit("Temperature", 0.01, 5.0),
+    "top_p": Limit("Top-p", 0.01, 1.0),
+    "top_k": Limit("Top-k", 0, 1000, integer=True),
+    "repetition_penalty": Limit("Repetition penalty", 1.0, 3.0),
+    "length_penalty": Limit("Length penalty", -10.0, 10.0),
+    "ctc_weight": Limit("CTC weight", 0.0, 1.0),
+    "seed": Limit("Seed", 0, 2**63 - 1, integer=True),
+}
 
 
 @dataclass

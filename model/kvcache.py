@@ -85,6 +85,9 @@ class PrefixCache:
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
         if nbytes > self.max_bytes:
             return
+        # A row's slice of a batch's (or a preallocated) KV tensor keeps the whole tensor alive: keep an
+        # owned copy, so the bytes held are the bytes counted.
+        kv = [(_owned(k), _owned(v)) for k, v in kv]
         for key in [k for k, e in self._entries.items()
                     if e.audio == audio and e.scale == scale and ids[: len(e.ids)] == e.ids]:
             self.nbytes -= self._entries.pop(key).nbytes
@@ -94,6 +97,12 @@ class PrefixCache:
         while self._entries and (len(self._entries) > self.max_entries or self.nbytes > self.max_bytes):
             _, old = self._entries.popitem(last=False)
             self.nbytes -= old.nbytes
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    if t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.is_contiguous():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def slice_kv(kv: KV, length: int) -> KV:

@@ -8,6 +8,7 @@ prefills its new tokens. One model call runs at a time (a lock), because the LoR
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import queue
@@ -19,13 +20,13 @@ import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .audio import MAX_FILE_BYTES, AudioSource, PreparedAudio, prepare_audio
-from .config import GenerateConfig, SALMONNConfig
+from .config import GENERATE_LIMITS, GenerateConfig, Limit, SALMONNConfig
 from .errors import ConfigError, OutOfMemory, PromptError, SettingsError
 from .kvcache import PrefixCache, sequence_ids, slice_kv, stack_kv
 from .llm import lora_scale as use_lora_scale
@@ -63,6 +64,15 @@ class StreamEvent:
     text: str                 # the answer so far
     done: bool = False
     answer: Answer | None = None
+
+
+@dataclass
+class BatchEvent:
+    """Progress of a batch of answers (one per row): each row's text so far and whether it has ended;
+    the last event of a batch carries its answers."""
+    texts: list[str]
+    finished: list[bool]
+    answers: list[Answer] | None = None
 
 
 @dataclass
@@ -109,6 +119,26 @@ class _AnyEvent:
 
     def is_set(self) -> bool:
         return any(e.is_set() for e in self._events)
+
+
+def _until(ids: list[int], eos: int | None) -> list[int]:
+    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # pragma: no cover - not glibc
+    _LIBC = None
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system: Python's garbage, the CUDA allocator's cache and glibc's
+    free heap pages (which glibc otherwise keeps, so the process's memory would only ever grow)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
@@ -279,12 +309,13 @@ class Pipeline:
         return info
 
     # ------------------------------------------------------------------ audio
-    def prepare(self, source: AudioSource | PreparedAudio) -> PreparedAudio:
+    def prepare(self, source: AudioSource | PreparedAudio, origin: str = "file") -> PreparedAudio:
+        """`origin` ("file", "upload" or "microphone") words the messages about the audio for where it came from."""
         if isinstance(source, PreparedAudio):
             return source
         # The front door: every check on user audio happens here (see model/audio.py).
         return prepare_audio(source, self.cfg.max_audio_seconds, self.cfg.min_audio_seconds,
-                             max_bytes=self.max_file_bytes, strict=True)
+                             max_bytes=self.max_file_bytes, strict=True, origin=origin)
 
     def encode(self, source: AudioSource | PreparedAudio | Encoding) -> Encoding:
         if isinstance(source, Encoding):
@@ -348,59 +379,37 @@ class Pipeline:
         return self.model.prompt.conversation(questions, answers)
 
     def check_generate(self, gen: GenerateConfig) -> GenerateConfig:
-        """Decoding settings within their accepted ranges (hostile API calls can send anything)."""
-        def number(name, value, low, high, integer=False):
-            try:
-                ok = np.isfinite(float(value)) and low <= float(value) <= high and \
-                    (not integer or float(value) == int(value))
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                kind = "a whole number" if integer else "a number"
-                raise SettingsError(f"{name} must be {kind} from {low:g} to {high:g} (got {value!r}).")
-        number("Beams", gen.num_beams, 1, MAX_BEAMS, integer=True)
-        number("Max new tokens", gen.max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
-        number("Min length", gen.min_length, 0, MAX_NEW_TOKENS, integer=True)
-        number("Temperature", gen.temperature, 1e-3, 100)
-        number("Top-p", gen.top_p, 1e-3, 1)
-        number("Top-k", gen.top_k or 0, 0, 1_000_000, integer=True)
-        number("Repetition penalty", gen.repetition_penalty, 1e-3, 100)
-        number("Length penalty", gen.length_penalty, -100, 100)
-        number("CTC weight", gen.ctc_weight, 0, 1)
+        """Decoding settings checked against `GENERATE_LIMITS` (hostile API calls can send anything):
+        the one place that refuses a bad setting, with a message naming it and its range. Returns the
+        settings with whole numbers as int."""
+        values = {name: limit.check(getattr(gen, name)) for name, limit in GENERATE_LIMITS.items()
+                  if not (name == "seed" and gen.seed is None)}
+        if not isinstance(gen.do_sample, (bool, np.bool_)):
+            raise SettingsError(f"Sampling must be true or false (got {gen.do_sample!r}).")
+        gen = dataclasses.replace(gen, do_sample=bool(gen.do_sample), **values)
         if gen.ctc_weight and not self.has_ctc_head:
             raise SettingsError("CTC weight: this checkpoint has no CTC head (SALMONN-tiny's carry one), so "
                                 "transcripts cannot be CTC-guided; set it to 0.")
-        if gen.seed is not None:
-            number("Seed", gen.seed, 0, 2**63 - 1, integer=True)
         return gen
 
-    def _scale(self, scale: float | None) -> float:
-        top = max(4 * self.trained_scale, 1.0)      # far past this the logits overflow into nonsense
-        try:
-            scale = self.trained_scale if scale is None else float(scale)
-        except (TypeError, ValueError):
-            scale = float("nan")
-        if not np.isfinite(scale) or not 0 <= scale <= top:
-            raise PromptError(f"The LoRA scale must be a number from 0 to {top:g} (got {scale}).")
-        return scale
+    @property
+    def scale_limit(self) -> Limit:
+        """The LoRA scales offered: 0 (LoRA off) to twice the trained scale; far past it the logits
+        overflow into nonsense."""
+        return Limit("LoRA scale", 0.0, round(max(2 * self.trained_scale, 1.0), 6))
+
+    def check_scale(self, scale) -> float:
+        """A LoRA scale as a float within `scale_limit` (None: the trained scale)."""
+        return self.trained_scale if scale is None else self.scale_limit.check(scale)
 
     # ------------------------------------------------------------------ answering
-    def stream(self, audio, prompt: str, history: Sequence[tuple[str, str]] = (), lora_scale: float | None = None,
-               generate: GenerateConfig | None = None, stop: threading.Event | None = None) -> Iterator[StreamEvent]:
-        """Answer one prompt about one audio, yielding text as it is generated.
-
-        The model runs on a worker thread that holds the lock and feeds a queue; this generator only
-        reads the queue. So it may be resumed on any thread (Gradio does that), and closing it (or
-        abandoning it) makes the worker stop at the next token and release the model. After `stop` is
-        set the stream ends within about half a second even if the model is in a long step (encoding,
-        prefill); the worker then finishes in the background."""
-        # Checks first, on the caller's thread: bad input fails at once, without waiting for the model.
-        gen = self.check_generate(generate or self.default_generate)
-        scale = self._scale(lora_scale)
-        text = self.prompt_text(prompt, history)
-        if not isinstance(audio, Encoding):
-            audio = self.prepare(audio)
-        stop = stop or threading.Event()
+    def _on_worker(self, produce: Callable, stop: threading.Event, give_up: Callable | None = None) -> Iterator:
+        """Run `produce(halt)` (a generator) on a worker thread that holds the model's lock, and yield
+        what it yields. So the consumer may be resumed on any thread (Gradio does that), and closing
+        (or abandoning) this generator sets `halt`, which `produce` checks at every step: the worker
+        stops there and releases the model. When `stop` is set and the worker has not ended within
+        _STOP_GRACE_S (a long step: encoding, prefill), `give_up()` is yielded last and the stream ends
+        while the worker finishes in the background."""
         halt = threading.Event()                  # set when nobody listens any more
         either = _AnyEvent(stop, halt)
         events: queue.Queue = queue.Queue()
@@ -409,45 +418,70 @@ class Pipeline:
         def work():
             try:
                 with self._lock:
-                    if either.is_set():            # stopped or abandoned while waiting for the model
-                        events.put(StreamEvent("", "", True, Answer("", text, scale, 0, True, {})))
-                        return
-                    with _MemoryGuard(self, "answering", gen=gen):
-                        for event in self._stream_locked(audio, prompt, history, scale, gen, either):
-                            events.put(event)
+                    try:
+                        for item in produce(either):
+                            events.put(item)
+                    finally:
+                        if either.is_set():       # a cut-short job: give its memory back now
+                            release_memory()
             except BaseException as err:  # noqa: BLE001 - handed to the consumer
                 events.put(err)
             finally:
                 events.put(done)
 
-        worker = threading.Thread(target=work, name="salmonn-answer", daemon=True)
-        worker.start()
-        shown, stop_seen = "", None
+        threading.Thread(target=work, name="salmonn-worker", daemon=True).start()
+        stop_seen = None
         try:
             while True:
                 try:
                     item = events.get(timeout=_POLL_S)
                 except queue.Empty:
-                    if stop.is_set():
+                    if stop.is_set() and give_up is not None:
                         stop_seen = stop_seen or time.monotonic()
                         if time.monotonic() - stop_seen > _STOP_GRACE_S:
-                            count = len(self.model.tokenizer(shown, add_special_tokens=False).input_ids)
-                            yield StreamEvent("", shown, True, Answer(shown, text, scale, count, True, {}))
+                            yield give_up()
                             return
                     continue
                 if item is done:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                shown = item.text
                 yield item
         finally:
             halt.set()
 
+    def stream(self, audio, prompt: str, history: Sequence[tuple[str, str]] = (), lora_scale: float | None = None,
+               generate: GenerateConfig | None = None, stop: threading.Event | None = None) -> Iterator[StreamEvent]:
+        """Answer one prompt about one audio, yielding text as it is generated (on a worker thread:
+        see `_on_worker`). After `stop` is set the stream ends within about half a second."""
+        # Checks first, on the caller's thread: bad input fails at once, without waiting for the model.
+        gen = self.check_generate(generate or self.default_generate)
+        scale = self.check_scale(lora_scale)
+        text = self.prompt_text(prompt, history)
+        if not isinstance(audio, Encoding):
+            audio = self.prepare(audio)
+        stop = stop or threading.Event()
+        shown = [""]
+
+        def produce(either):
+            if either.is_set():            # stopped or abandoned while waiting for the model
+                yield StreamEvent("", "", True, Answer("", text, scale, 0, True, {}))
+                return
+            with _MemoryGuard(self, "answering", gen=gen):
+                yield from self._stream_locked(audio, prompt, history, scale, gen, either)
+
+        def give_up():
+            count = len(self.model.tokenizer(shown[0], add_special_tokens=False).input_ids)
+            return StreamEvent("", shown[0], True, Answer(shown[0], text, scale, count, True, {}))
+
+        for event in self._on_worker(produce, stop, give_up):
+            shown[0] = event.text
+            yield event
+
     def _stream_locked(self, audio, prompt: str, history, lora_scale: float, gen: GenerateConfig,
                        stop) -> Iterator[StreamEvent]:
         """The generation itself, on the worker thread (which holds the lock)."""
-        scale = self._scale(lora_scale)
+        scale = self.check_scale(lora_scale)
         text = self.prompt_text(prompt, history)
         with self._lock:
             t0 = time.perf_counter()
@@ -550,10 +584,8 @@ class Pipeline:
             pass
         return event.answer
 
-    def answer_many(self, audio, prompts: str | Sequence[str], lora_scales: float | Sequence[float] | None = None,
-                    history: Sequence[tuple[str, str]] = (), generate: GenerateConfig | None = None) -> list[Answer]:
-        """Several prompts and/or LoRA scales over one audio. Greedy/sampled decoding runs all rows in one
-        batch (each row with its own LoRA scale); beam search runs row by row."""
+    def _many_request(self, prompts, lora_scales, history, generate) -> tuple[list[str], list[float], GenerateConfig]:
+        """(prompt texts, LoRA scales, settings) of a batch: one prompt or scale stands for every row."""
         gen = self.check_generate(generate or self.default_generate)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         scales = [lora_scales] if lora_scales is None or isinstance(lora_scales, (int, float)) else list(lora_scales)
@@ -564,51 +596,97 @@ class Pipeline:
             scales = scales * rows
         if len(prompts) != len(scales):
             raise PromptError(f"{len(prompts)} prompts and {len(scales)} LoRA scales: give one of each per row, or one of either.")
-        scales = [self._scale(s) for s in scales]
-        texts = [self.prompt_text(p, history) for p in prompts]
+        scales = [self.check_scale(s) for s in scales]
+        return [self.prompt_text(p, history) for p in prompts], scales, gen
+
+    def answer_many(self, audio, prompts: str | Sequence[str], lora_scales: float | Sequence[float] | None = None,
+                    history: Sequence[tuple[str, str]] = (), generate: GenerateConfig | None = None) -> list[Answer]:
+        """Several prompts and/or LoRA scales over one audio. Greedy/sampled decoding runs all rows in one
+        batch (each row with its own LoRA scale); beam search runs row by row."""
+        texts, scales, gen = self._many_request(prompts, lora_scales, history, generate)
         with self._lock, _MemoryGuard(self, "answering", gen=gen):
-            t0 = time.perf_counter()
-            enc = self.encode(audio)
-            m = self.model
-            if gen.num_beams > 1:
-                out = []
-                guide = m.ctc_guide([enc.tokens.embeds], gen)      # one clip: its frames serve every search
-                for text, scale in zip(texts, scales):
-                    embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
-                    with use_lora_scale(m.llama_model, scale), torch.no_grad():
-                        ids = m.beam_search(embeds, mask, gen, guide=guide)[0].tolist()
-                    out.append(Answer(m.decode_text(ids), text, scale, len(ids)))
-                return out
-            row_ids = [self._row_ids(enc, t) for t in texts]
-            embeds, mask, _ = m.assemble([enc.tokens.embeds] * rows, texts)
-            width = embeds.shape[1]
-            pads = [width - len(r) for r in row_ids]
-            if not any(pads):
-                mask = None                  # no padding: no mask to build or check per step
-            past, reused = self._reusable(enc, row_ids, scales)
-            seen = [[] for _ in range(rows)]
-            record: dict = {}
-            with use_lora_scale(m.llama_model, m._scale_tensor(scales, rows)), torch.no_grad():
-                steps = m.decode_steps(embeds[:, reused:], mask, gen, past=past, record=record,
-                                       guide=m.ctc_guide([enc.tokens.embeds], gen, rows_per_clip=rows))
-                try:
-                    for step in steps:
-                        for i, tok in enumerate(step.tolist()):
-                            seen[i].append(tok)
-                finally:
-                    steps.close()
+            for event in self._many_locked(audio, texts, scales, gen, None, None):
+                pass
+        return event.answers
+
+    def stream_many(self, audio, prompts: str | Sequence[str], lora_scales: float | Sequence[float] | None = None,
+                    history: Sequence[tuple[str, str]] = (), generate: GenerateConfig | None = None,
+                    stop: threading.Event | None = None, every: float = 0.25) -> Iterator[BatchEvent]:
+        """`answer_many` on a worker thread (see `_on_worker`), reporting every `every` seconds each row's
+        text so far and which rows have ended; the last event carries the answers. Stop, closing or
+        abandoning the stream ends the batch at its next step (stopped rows are marked) and frees the
+        model and the memory the batch held."""
+        texts, scales, gen = self._many_request(prompts, lora_scales, history, generate)
+        if not isinstance(audio, Encoding):
+            audio = self.prepare(audio)
+
+        def produce(either):
+            with _MemoryGuard(self, "answering", gen=gen):
+                yield from self._many_locked(audio, texts, scales, gen, either, every)
+            release_memory()               # a batch's cache is large: give it back at once
+
+        yield from self._on_worker(produce, stop or threading.Event())
+
+    def _many_locked(self, audio, texts: list[str], scales: list[float], gen: GenerateConfig, stop,
+                     every: float | None) -> Iterator[BatchEvent]:
+        """The batch itself (the caller holds the lock). Progress every `every` seconds (None: none)."""
+        t0 = time.perf_counter()
+        enc = self.encode(audio)
+        m = self.model
+        rows = len(texts)
+        halted = lambda: stop is not None and stop.is_set()  # noqa: E731
+        if gen.num_beams > 1:
+            answers: list[Answer] = []
+            guide = m.ctc_guide([enc.tokens.embeds], gen)      # one clip: its frames serve every search
+            for text, scale in zip(texts, scales):
+                if halted():
+                    answers.append(Answer("", text, scale, 0, stopped=True))
+                    continue
+                embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
+                with use_lora_scale(m.llama_model, scale), torch.no_grad():
+                    ids = m.beam_search(embeds, mask, gen, stop=stop, guide=guide)[0].tolist()
+                answers.append(Answer(m.decode_text(ids), text, scale, len(ids), stopped=halted()))
+                if every is not None and len(answers) < rows:
+                    yield BatchEvent([a.text for a in answers] + [""] * (rows - len(answers)),
+                                     [True] * len(answers) + [False] * (rows - len(answers)))
+            yield BatchEvent([a.text for a in answers], [True] * rows, answers)
+            return
+        row_ids = [self._row_ids(enc, t) for t in texts]
+        embeds, mask, _ = m.assemble([enc.tokens.embeds] * rows, texts)
+        width = embeds.shape[1]
+        pads = [width - len(r) for r in row_ids]
+        if not any(pads):
+            mask = None                  # no padding: no mask to build or check per step
+        past, reused = self._reusable(enc, row_ids, scales)
+        seen: list[list[int]] = [[] for _ in range(rows)]
+        record: dict = {}
+        eos = m.tokenizer.eos_token_id
+        shown_at = time.perf_counter()
+        with use_lora_scale(m.llama_model, m._scale_tensor(scales, rows)), torch.no_grad():
+            steps = m.decode_steps(embeds[:, reused:], mask, gen, stop=stop, past=past, record=record,
+                                   guide=m.ctc_guide([enc.tokens.embeds], gen, rows_per_clip=rows))
+            try:
+                for step in steps:
+                    for i, tok in enumerate(step.tolist()):
+                        seen[i].append(tok)
+                    if every is not None and time.perf_counter() - shown_at >= every:
+                        shown_at = time.perf_counter()
+                        yield BatchEvent([m.decode_text(_until(s, eos)) for s in seen], [eos in s for s in seen])
+            finally:
+                steps.close()
+        stopped = halted()
+        if not stopped:                  # a cut-short batch is not worth keeping
             self._remember(enc, row_ids, scales, seen, record, pads)
-            total = round(time.perf_counter() - t0, 4)
-            eos = m.tokenizer.eos_token_id
-            per_row = [s[: s.index(eos)] if eos in s else s for s in seen]
-            return [Answer(m.decode_text(ids), text, scale, len(ids),
-                           timings={"total_s": total, "reused_tokens": reused, "prompt_tokens": len(r)})
-                    for ids, text, scale, r in zip(per_row, texts, scales, row_ids)]
+        timings = {"total_s": round(time.perf_counter() - t0, 4), "reused_tokens": reused}
+        answers = [Answer(m.decode_text(_until(s, eos)), text, scale, len(_until(s, eos)),
+                          stopped=stopped and eos not in s, timings={**timings, "prompt_tokens": len(r)})
+                   for s, text, scale, r in zip(seen, texts, scales, row_ids)]
+        yield BatchEvent([a.text for a in answers], [True] * rows, answers)
 
     def score(self, audio, prompt: str, reference: str, lora_scales: float | Sequence[float] | None = None) -> list[Score]:
         """Teacher-forced log-probability of `reference` (+ EOS) at each LoRA scale, in one batch."""
-        scales = [self._scale(None if lora_scales is None else lora_scales)] if not isinstance(lora_scales, (list, tuple)) \
-            else [self._scale(s) for s in lora_scales]
+        scales = [self.check_scale(None if lora_scales is None else lora_scales)] if not isinstance(lora_scales, (list, tuple)) \
+            else [self.check_scale(s) for s in lora_scales]
         text = self.prompt_text(prompt)
         tok = self.model.tokenizer
         target = tok(reference.strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]

@@ -16,6 +16,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from app import lab, plots, presets  # noqa: E402
 from app.ui import build_app, launch  # noqa: E402
+from model.config import Limit  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
 from tests.test_mic import virtual_mic  # noqa: E402,F401 - the live-microphone fixture
@@ -178,8 +179,9 @@ def test_errors_are_messages_not_crashes(client, tmp_path):
 
 
 def test_scale_lab_one_answer_per_scale(client):
-    html_out, raw = client.predict(handle_file(EXAMPLE), "Write a story.", "0, 1, 2, 3", 1, False, 1.0, 0.9, 0, 1.0,
-                                   16, -1, 0.0, api_name="/scale_lab")
+    html_out, raw, status = client.predict(handle_file(EXAMPLE), "Write a story.", "0, 1, 2, 3", 1, False, 1.0, 0.9,
+                                           0, 1.0, 16, -1, 0.0, api_name="/scale_lab")
+    assert status.startswith("✅ Done: 4 answers")
     answers = raw["tiny-test"]
     assert [a["lora_scale"] for a in answers] == [0.0, 1.0, 2.0, 3.0]
     assert len({a["text"] for a in answers}) > 1, "different LoRA scales should change the answer"
@@ -188,7 +190,8 @@ def test_scale_lab_one_answer_per_scale(client):
 
 def test_perplexity_sweep(client):
     items = presets.DEFAULT_LAB_ITEMS[:2]
-    plot, table = client.predict(items, "0, 2, 4", api_name="/perplexity")
+    plot, table, status = client.predict(items, "0, 2, 4", api_name="/perplexity")
+    assert status.startswith("✅ Done: 2 of 2 clips measured")
     rows = table["data"]
     assert len(rows) == 2 * 3 and all(float(r[3]) > 1.0 for r in rows)
     assert plot["type"] == "matplotlib"
@@ -196,9 +199,11 @@ def test_perplexity_sweep(client):
 
 def test_two_models_compared_in_lab(pipe, tmp_path):
     other = tiny_pipeline(tmp_path / "b", seed=1)
-    results = lab.compare_scales({"a": pipe, "b": other}, EXAMPLE, "Describe the audio.", [0.0, 2.0])
-    assert list(results) == ["a", "b"] and all(len(v) == 2 for v in results.values())
-    curves, table = lab.perplexity_sweep({"a": pipe, "b": other}, presets.DEFAULT_LAB_ITEMS[:1], [0.0, 2.0])
+    *_, results = lab.compare_scales({"a": pipe, "b": other}, EXAMPLE, "Describe the audio.", [0.0, 2.0])
+    assert list(results) == ["a", "b"] and all(len(v.answers) == 2 for v in results.values())
+    *_, (curves, table, done, total) = lab.perplexity_sweep({"a": pipe, "b": other}, presets.DEFAULT_LAB_ITEMS[:1],
+                                                            [0.0, 2.0])
+    assert done == total == 2
     assert set(curves) == {"a", "b"} and len(table) == 4
     demo = build_app(pipe, {"instruction-tuned": other})   # builds with a model picker
     assert demo is not None
@@ -295,9 +300,10 @@ def test_presets_cover_the_paper_levels_and_examples_exist():
         assert (presets.EXAMPLES_DIR / p.example).is_file(), p.example
     assert presets.PRESETS_BY_KEY["story"].prompt.startswith("Based on the audio, write a story in detail.")
     assert check() == []
-    assert lab.parse_scales("0, 1,2.5", 8.0) == [0.0, 1.0, 2.5]
-    with pytest.raises(Exception, match="outside"):
-        lab.parse_scales("9", 8.0)
+    limit = Limit("LoRA scale", 0.0, 8.0)
+    assert lab.parse_scales("0, 1,2.5", limit) == [0.0, 1.0, 2.5]
+    with pytest.raises(Exception, match="LoRA scale must be a number from 0 to 8"):
+        lab.parse_scales("9", limit)
 
 
 def test_launcher_bad_path_exits_2_with_message(tiny_root, tmp_path, capsys):
