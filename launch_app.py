@@ -125,6 +125,9 @@ def parse_size(text: str) -> int:
 
 
 def main(argv=None) -> int:
+    from app import tempfiles
+
+    tempfiles.setup()     # before gradio is imported (it reads GRADIO_TEMP_DIR then): a temp folder of our own
     args = parse_args(argv)
     say = Progress()
     from model.errors import SalmonnError

@@ -18,6 +18,10 @@ from matplotlib.figure import Figure
 
 FIG_WIDTH = 10.0            # inches; at DPI below -> 1000 px wide images
 DPI = 100
+# The images are shown scaled to their column (about half of a 800 px wide window): titles and legends
+# are set large enough to stay readable there, and titles short enough to fit on one line.
+TITLE_SIZE = 14
+LEGEND_SIZE = 11
 AX_LEFT, AX_RIGHT = 0.1, 0.905      # data axes span (figure fractions), identical in both images
 CBAR_LEFT, CBAR_WIDTH = 0.92, 0.012
 
@@ -175,11 +179,10 @@ def spectrogram_figure(tokens, selected: int | None = None) -> tuple[Figure, Tim
     ax.set_ylabel("mel bin")
     ax.set_xlabel("time (s)")
     n_win = int(np.sum(np.asarray(tokens.window_starts) < t_end))
-    title = (f"Log-mel spectrogram the model hears ({mel.shape[0]} bins, 100 frames/s) · "
-             f"{n_win} Q-Former windows of {tokens.window_seconds:.2f} s")
+    title = f"Log-mel spectrogram ({mel.shape[0]} bins) · {n_win} windows of {tokens.window_seconds:.2f} s"
     if len(tokens.chunk_starts) > 1:
         title += f" · {len(tokens.chunk_starts)} chunks of 30 s"
-    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_title(title, fontsize=TITLE_SIZE, loc="left")
     _mark_windows(ax, tokens, t_end, selected, light=True)
     fig.colorbar(im, cax=cax).set_label("log power", fontsize=7)
     cax.tick_params(labelsize=7)
@@ -207,8 +210,8 @@ def attention_figure(tokens, layer: str | int = "all", head: str | int = "averag
     ax.set_xlim(0, t_end)
     ax.set_yticks(np.arange(len(labels)) + 0.5, labels, fontsize=7 if len(labels) > 6 else 8)
     ax.set_xlabel("time (s)")
-    ax.set_title(f"Q-Former window attention: each window's query over its {rows.shape[2]} encoder frames "
-                 f"({dt * 1000:.0f} ms each); every window sums to 1", fontsize=9, loc="left")
+    ax.set_title(f"Window attention over {rows.shape[2]} frames of {dt * 1000:.0f} ms (each window sums to 1)",
+                 fontsize=TITLE_SIZE, loc="left")
     _mark_windows(ax, tokens, t_end, selected, light=True)
     fig.colorbar(im, cax=cax).set_label("weight", fontsize=7)
     cax.tick_params(labelsize=7)
@@ -242,32 +245,40 @@ def window_bar_figure(tokens, window: int, layer: str | int = "all", head: str |
     ax.set_xlabel("time (s)")
     ax.set_ylabel("attention")
     where = " (Whisper padding)" if start >= tokens.seconds else ""
-    ax.set_title(f"Window {window}: {start:.2f}-{start + tokens.window_seconds:.2f} s{where}", fontsize=9, loc="left")
-    ax.legend(fontsize=7, loc="upper right", ncols=2, frameon=False)
+    ax.set_title(f"Window {window}: {start:.2f}-{start + tokens.window_seconds:.2f} s{where}", fontsize=TITLE_SIZE,
+                 loc="left")
+    ax.legend(fontsize=LEGEND_SIZE - 2, loc="upper right", ncols=2, frameon=False)
     return fig
 
 
 def perplexity_figure(curves: dict[str, dict[str, list[tuple[float, float]]]], trained_scale: float) -> Figure:
     """Perplexity of reference answers versus LoRA scale: one colour per task, one line style per
-    model (solid for the first, dashed for the second, ...)."""
-    fig = Figure(figsize=(FIG_WIDTH * 0.8, 4.2), dpi=DPI)
-    ax = fig.add_axes((0.11, 0.13, 0.58, 0.78))
+    model (solid for the first, dashed for the second, ...). The legend sits under the plot, inside
+    the image, one entry per task and one per model."""
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(FIG_WIDTH * 0.8, 5.2), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
     styles = ["-", "--", ":", "-."]
-    colors = {}
+    colors: dict[str, str] = {}
     palette = ["#3b75af", "#e4572e", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#555555"]
-    for m, (model, tasks) in enumerate(curves.items()):
+    for m, tasks in enumerate(curves.values()):
         for task, points in tasks.items():
             color = colors.setdefault(task, palette[len(colors) % len(palette)])
             xs, ys = zip(*sorted(points)) if points else ((), ())
-            ax.plot(xs, ys, styles[m % len(styles)], marker="o", markersize=3, color=color,
-                    label=f"{task}" + (f" [{model}]" if len(curves) > 1 else ""))
+            ax.plot(xs, ys, styles[m % len(styles)], marker="o", markersize=4, color=color)
     ax.axvline(trained_scale, color="#888888", linestyle=":", linewidth=1)
-    ax.text(trained_scale, 1.0, " trained scale", transform=ax.get_xaxis_transform(), fontsize=7,
+    ax.text(trained_scale, 1.0, " trained scale", transform=ax.get_xaxis_transform(), fontsize=LEGEND_SIZE - 1,
             color="#555555", va="top")
     ax.set_yscale("log")
-    ax.set_xlabel("LoRA scale (test time)")
-    ax.set_ylabel("perplexity of the reference answer")
-    ax.set_title("Lower = the model finds the reference answer more likely (our measurement)", fontsize=9, loc="left")
+    ax.set_xlabel("LoRA scale (test time)", fontsize=LEGEND_SIZE)
+    ax.set_ylabel("perplexity (lower = more likely)", fontsize=LEGEND_SIZE)
+    ax.set_title("Perplexity of the reference answers", fontsize=TITLE_SIZE, loc="left")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    handles = [Line2D([], [], color=c, marker="o", label=task) for task, c in colors.items()]
+    if len(curves) > 1:
+        handles += [Line2D([], [], color="#444444", linestyle=styles[m % len(styles)], label=model)
+                    for m, model in enumerate(curves)]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=LEGEND_SIZE, frameon=False)
     return fig

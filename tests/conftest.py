@@ -1,14 +1,21 @@
 """Shared fixtures: a tiny random SALMONN (real loading code, tiny random weights) built once."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# Apps the tests build write their uploads and renders here, removed when the test run ends.
+_GRADIO_TEMP = tempfile.mkdtemp(prefix="salmonn-studio-tests-")
+os.environ["GRADIO_TEMP_DIR"] = _GRADIO_TEMP
+atexit.register(shutil.rmtree, _GRADIO_TEMP, True)
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -348,3 +348,22 @@ def test_desktop_mic_panel_records_into_the_audio_box(virtual_mic, pipe):
     assert 3.0 < len(wav) / rate < 10.0 and np.abs(wav).max() > 0.05
     assert pipe.prepare(audio).seconds > 3.0
     assert panel.poll("s1")[1] is False and panel.stop("s1") is None
+
+
+def test_perplexity_legend_fits_and_tells_the_checkpoints_apart():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    curves = {name: {label: [(s, 2.0 + s + k) for s in (0.0, 2.0, 4.0)] for k, label in
+                     enumerate(i.label for i in presets.LAB_ITEMS[:4])}
+              for name in ("activation-tuned", "instruction-tuned")}
+    fig = plots.perplexity_figure(curves, 4.0)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert {"activation-tuned", "instruction-tuned"} <= set(labels)
+    assert set(curves["activation-tuned"]) <= set(labels)
+    box, page = legend.get_window_extent(canvas.get_renderer()), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, (box, page)
+    styles = {line.get_linestyle() for line in fig.axes[0].get_lines() if line.get_marker() == "o"}
+    assert len(styles) == 2, "each checkpoint has its own line style"
