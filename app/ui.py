@@ -7,6 +7,7 @@ upload cache and in per-session state.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -692,6 +693,21 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
 # Serving
 # ---------------------------------------------------------------------------------------------
 
+# The audio box refuses other file types with a raw list of MIME types (its own client-side check, not
+# ours); say the same in one plain sentence that points to the button that takes videos.
+REFUSED_TYPE_TEXT = ("This file type can't go in the audio box. For a video (mp4, mov, mkv, webm) use \"Upload a "
+                     "video or another file\"; audio files: wav, flac, mp3, ogg, m4a, opus, aiff.")
+HEAD = """<script>
+(() => {
+  const plain = %s;
+  const fix = () => document.querySelectorAll('[data-testid="toast-text"]').forEach((el) => {
+    if (el.textContent.startsWith("Invalid file type")) el.textContent = plain;
+  });
+  new MutationObserver(fix).observe(document.documentElement, {childList: true, subtree: true, characterData: true});
+})();
+</script>""" % json.dumps(REFUSED_TYPE_TEXT)
+
+
 def launch_kwargs(host: str = "127.0.0.1", port: int | None = None, share: bool = False,
                   auth: tuple[str, str] | None = None, max_file_size: str = "50mb") -> dict:
     """Safe launch() settings: local bind, size cap, only our own assets served, no share link
@@ -702,6 +718,7 @@ def launch_kwargs(host: str = "127.0.0.1", port: int | None = None, share: bool 
         allowed_paths=[str(ASSETS_DIR / "examples")],
         show_error=False,           # errors reach users as warnings we word ourselves
         footer_links=["api", "gradio"],
+        head=HEAD,
     )
 
 

@@ -127,6 +127,50 @@ def test_page_upload_preset_answer_and_plots(app_url):
         assert not page.js_errors
 
 
+def _mp4_with_audio(path: Path) -> Path:
+    import subprocess
+
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=blue:s=32x32:d=3",
+                    "-f", "lavfi", "-i", "sine=f=440:d=2.23", "-c:v", "mpeg4", "-c:a", "aac", str(path)],
+                   check=True, timeout=60)
+    return path
+
+
+def test_video_upload_refused_type_and_preset_repick(app_url, tmp_path):
+    """A video goes in through its button and is answered; dropped on the audio box it gets one plain
+    sentence; the same preset picked again after a new upload fills the question again."""
+    from app.presets import PRESETS_BY_KEY
+    from app.ui import REFUSED_TYPE_TEXT
+
+    if not shutil.which("ffmpeg"):
+        pytest.skip("needs ffmpeg")
+    url, _ = app_url
+    video = _mp4_with_audio(tmp_path / "clip.mp4")
+    preset = PRESETS_BY_KEY["asr"]
+    with browser_page() as page:
+        page.goto(url)
+        page.locator("#audio-in input[type=file]").set_input_files(str(video))
+        toast = page.get_by_test_id("toast-text").filter(has_text="can't go in the audio box")
+        toast.first.wait_for(state="visible")
+        assert toast.first.inner_text() == REFUSED_TYPE_TEXT
+        assert not any("audio/midi" in t for t in page.get_by_test_id("toast-text").all_inner_texts())
+        question = upload_and_ask(page, url, preset.label)
+        assert question.input_value() == ""                 # sent: the box is empty again
+        with page.expect_file_chooser() as chooser:
+            page.locator("#video-in").click()
+        chooser.value.set_files(str(video))
+        page.wait_for_function("() => document.querySelector('#audio-info').innerText.includes('2.2')")
+        info = page.locator("#audio-info").inner_text()
+        assert "cut" not in info, info
+        page.locator("#preset input").click()               # the preset already shown, picked again
+        page.get_by_role("option", name=preset.label).click()
+        page.wait_for_function("el => el.value.length > 0", arg=question.element_handle())
+        assert question.input_value() == preset.prompt
+        page.locator("#send").click()
+        page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('LoRA scale')")
+        assert not page.js_errors
+
+
 def take_screenshots(out_dir: Path = REPO / "assets" / "screenshots") -> None:
     """Main tab after an answer, and the scale lab after a run (small PNGs for the README)."""
     import tempfile

@@ -170,3 +170,33 @@ def test_a_lab_run_over_the_bound_is_refused_before_it_costs_anything(app, pipe,
     with pytest.raises(Exception, match="5 scales × 4 beams × 205 tokens × 2 checkpoints = 8,200"):
         lab.check_budget([0, 1, 2, 3, 4], replace(gen, max_new_tokens=205), 2)
     lab.check_budget([0, 1, 2, 3, 4], gen, 2)            # 8,000: allowed
+
+
+def test_a_lab_run_whose_tab_closes_frees_the_model(app, pipe, clip, monkeypatch):
+    """The browser tab closes mid-run: the event stream drops, without any cancel request."""
+    import uuid
+
+    import httpx
+
+    demo, url = app
+    slow_endless_decoding(monkeypatch, pipe.model)
+    base = f"{url}gradio_api"
+    uploaded = httpx.post(f"{base}/upload", files={"files": ("c.wav", clip.read_bytes(), "audio/wav")},
+                          timeout=30).json()[0]
+    fn = next(d["id"] for d in httpx.get(f"{url}config", timeout=10).json()["dependencies"]
+              if d.get("api_name") == "scale_lab")
+    session = uuid.uuid4().hex[:12]
+    data = [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "Write a story.", "0, 1, 2, 3, 4", 1, False, 1.0,
+            0.9, 0, 1.0, 1024, -1, 0.0]
+    joined = httpx.post(f"{base}/queue/join", json={"data": data, "fn_index": fn, "session_hash": session}, timeout=10)
+    assert joined.status_code == 200, joined.text
+    updates = 0
+    with httpx.stream("GET", f"{base}/queue/data", params={"session_hash": session}, timeout=30) as stream:
+        for line in stream.iter_lines():
+            updates += "process_generating" in line and "writing" in line
+            if updates >= 2:
+                break                                  # ... and the connection closes mid-run
+    assert updates >= 2 and demo.model_gate._line, "the lab should be streaming"
+    assert demo_idle(demo, within=15)
+    assert pipe._lock.acquire(timeout=5)
+    pipe._lock.release()
