@@ -42,6 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--auth", metavar="USER:PASS", help="require this login (recommended with --share)")
     s.add_argument("--max-file-size", default="50mb", help="upload size limit (default 50mb)")
     s.add_argument("--queue-size", type=int, default=16, help="waiting requests beyond which new ones are refused")
+    s.add_argument("--api-only", action="store_true",
+                   help="serve only the OpenAI-compatible API (/v1/...), no web UI")
+    s.add_argument("--api-key", default=os.environ.get("SALMONN_API_KEY"),
+                   help="key the API requires (Authorization: Bearer KEY; default $SALMONN_API_KEY). Needed to "
+                        "serve the API on any address other than this machine's loopback")
     s.add_argument("--desktop", action="store_true",
                    help="open in a native window (pywebview) if installed, else in the browser")
     return p.parse_args(argv)
@@ -161,10 +166,26 @@ def main(argv=None) -> int:
         say(f"ready: {label} on {info['device']} ({info['dtype']}), "
             f"{'speech encoder only' if info['speech_only'] else 'Whisper + BEATs'}")
 
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    api = None
+    if loopback or args.api_key:
+        from app.api import Api
+
+        api = Api(dict(pipes), api_key=args.api_key, max_waiting=args.queue_size)
+    elif args.api_only:
+        print(f"error: serving the API on {args.host} needs a key: --api-key KEY (or SALMONN_API_KEY).",
+              file=sys.stderr)
+        return 2
+    else:
+        print(f"note: the OpenAI-compatible API is off: on {args.host} it needs --api-key KEY (or SALMONN_API_KEY).",
+              file=sys.stderr)
+    if args.api_only:
+        return serve_api(api, args.host, args.port, say)
+
     say("building the interface")
     from app.ui import build_app, launch
 
-    local_only = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
+    local_only = loopback and not args.share
     demo = build_app(pipes[0][1], dict(pipes[1:]), primary_name=pipes[0][0], queue_size=args.queue_size,
                      desktop_mic=None if local_only else False)
     if args.share:
@@ -178,7 +199,10 @@ def main(argv=None) -> int:
     _, url, share_url = launch(demo, host=args.host, port=args.port, share=args.share, auth=auth,
                                max_file_size=max_bytes, prevent_thread_lock=True,
                                inbrowser=args.desktop and not desktop)
-    say(f"serving on {url}" + (f" and {share_url}" if share_url else ""))
+    if api is not None:
+        api.mount(demo.app)
+    say(f"serving on {url}" + (f" and {share_url}" if share_url else "")
+        + (f"; API at {url}v1" if api is not None else ""))
     try:
         if desktop:
             import webview
@@ -191,6 +215,18 @@ def main(argv=None) -> int:
         pass
     finally:
         demo.close()
+    return 0
+
+
+def serve_api(api, host: str, port: int, say) -> int:
+    """The API alone (no UI) on uvicorn, until Ctrl+C or SIGTERM."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI(title="SALMONN Studio API", docs_url=None, redoc_url=None)
+    api.mount(app)
+    say(f"serving the API on http://{host}:{port}/v1")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0
 
 

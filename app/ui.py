@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from contextlib import closing
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Mapping
 
@@ -26,7 +26,7 @@ from model.errors import AudioError, SalmonnError
 from model.pipeline import Encoding, Pipeline
 
 from . import lab, plots, presets
-from .runner import ModelGate, StopRegistry, generate_config
+from .runner import Busy, ModelGate, StopRegistry, generate_config
 
 log = logging.getLogger("salmonn.app")
 
@@ -323,16 +323,20 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         session = _session(request)
         stop = stops.start(session)
         answer, text, enc, ticket, events = None, "", None, None, None
+        room = ExitStack()
         try:
-            ticket = gate.join()                    # Busy (a message) when the line is full
-            for ahead in gate.waiting(ticket, stop):
-                shown[-1] = {"role": "assistant", "content": f"⏳ Waiting for the model: {ahead} ahead of you…"}
-                yield shown, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            if gen.num_beams > 1:       # beam search runs alone: it waits its turn in the line
+                ticket = gate.join()                    # Busy (a message) when the line is full
+                for ahead in gate.waiting(ticket, stop):
+                    shown[-1] = {"role": "assistant", "content": f"⏳ Waiting for the model: {ahead} ahead of you…"}
+                    yield shown, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            else:                       # answered in the shared batch, beside every other user's answer
+                room.enter_context(room_in_the_batch(pipe))
             if not stop.is_set():
                 shown[-1] = {"role": "assistant", "content": waiting}
                 yield shown, gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 enc = encodings.get(model_name, pipe, path, audio)
-                events = pipe.stream(enc, question, history=past, lora_scale=scale, generate=gen, stop=stop)
+                events = pipe.stream_shared(enc, question, history=past, lora_scale=scale, generate=gen, stop=stop)
                 for ev in events:
                     text = ev.text
                     if ev.done:
@@ -352,6 +356,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
                 events.close()
             if ticket is not None:
                 gate.leave(ticket)
+            room.close()
             stops.finish(session, stop)
         if answer is None:   # stopped before the worker delivered its final answer
             footer = f"*(LoRA scale {scale:g} · stopped)*"
@@ -370,6 +375,24 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         history.append({"q": question, "a": final_text, "shown": f"{body}\n\n{footer}",
                         "scale": details["lora_scale"]})
         yield _messages(history), history, gr.skip(), sent, details
+
+    shared = {"answers": 0}            # chat answers in the shared batch (written or waiting)
+    shared_lock = threading.Lock()
+
+    @contextmanager
+    def room_in_the_batch(pipe: Pipeline):
+        """The shared batch takes `max_batch_rows` answers at once and `queue_size` more waiting."""
+        with shared_lock:
+            taken, most = shared["answers"], pipe.max_batch_rows + gate.max_waiting
+            if taken >= most:
+                raise Busy(f"The model is busy: {taken} answers are being written or waiting, and at most "
+                           f"{most} may. Please try again in a minute.")
+            shared["answers"] += 1
+        try:
+            yield
+        finally:
+            with shared_lock:
+                shared["answers"] -= 1
 
     def regenerate(history, path, model_name, scale, beams, sample, temperature, top_p, top_k, rep, max_new, seed,
                    ctc=0.0, origin="file", request: gr.Request = None):
@@ -626,6 +649,8 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             with gr.Accordion("Values", open=False):
                 ppl_table = gr.Dataframe(headers=["model", "clip · task", "LoRA scale", "perplexity", "NLL"],
                                          label="Values", interactive=False)
+            from .sweep_panel import build_sweep_panel
+            build_sweep_panel(pipes, gate=gate, stops=stops, concurrency_id=MODEL_LOCK_ID, concurrency_limit=slots)
 
         with gr.Tab("Model", id="model"):
             info_md = [gr.Markdown(_info_markdown(n, p)) for n, p in pipes.items()]

@@ -3,7 +3,7 @@ the run-time LoRA scale, and the official prompt wrapping.
 
 LoRA computes y = W x + s * B A x. peft keeps s per layer in `layer.scaling[adapter]` and multiplies
 by it in every forward, so changing it there changes the model instantly without touching W, A or B.
-A tensor of shape [B, 1, 1] gives each batch row its own scale (one forward for a whole scale sweep).
+A LoraScale gives each batch row its own scale (one forward for a whole scale sweep).
 """
 from __future__ import annotations
 
@@ -68,20 +68,95 @@ def lora_layers(llm: nn.Module) -> list[nn.Module]:
     return [m for m in llm.modules() if isinstance(m, LoraLayer)]
 
 
-@contextlib.contextmanager
-def lora_scale(llm: nn.Module, scale: float | torch.Tensor | None) -> Iterator[None]:
-    """Temporarily run LoRA at `scale` (a float, or a [B, 1, 1] tensor: one scale per batch row).
+class LoraScale:
+    """Per-row LoRA scales (a [B, 1, 1] float32 tensor) that peft can multiply by on any device.
 
-    None leaves the current scale (alpha/rank unless changed) as it is."""
+    peft computes `lora_B(lora_A(x)) * scaling`. A tensor there must sit on that layer's device (an
+    LLM split across GPUs has several), and in the LLM's fp16 it would round (1.3 -> 1.2998), so a
+    batched sweep would not equal one-by-one answers. So each device gets its own float32 copy
+    (`on`), and the product is taken in float32 and rounded once to the activation's dtype: exactly
+    what `x * 1.3` (a Python float) computes. `set` changes the values in place, so a captured CUDA
+    graph that reads these tensors needs no re-capture for a new scale."""
+
+    def __init__(self, values: Sequence[float] | torch.Tensor):
+        self.values = torch.as_tensor(values, dtype=torch.float32).detach().cpu().reshape(-1, 1, 1).clone()
+        self._on: dict[torch.device, _DeviceScale] = {}
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def on(self, device: torch.device | str) -> "_DeviceScale":
+        device = torch.device(device)
+        if device not in self._on:
+            self._on[device] = _DeviceScale(self, self.values.to(device))
+        return self._on[device]
+
+    def set(self, values: Sequence[float] | torch.Tensor) -> None:
+        values = torch.as_tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
+        if values.shape != self.values.shape:
+            raise ValueError(f"{values.shape[0]} LoRA scales for {len(self)} rows")
+        self.values.copy_(values)
+        for scale in self._on.values():
+            if scale.tensor.device.type != "meta":
+                scale.tensor.copy_(self.values)
+
+    def floats(self) -> list[float]:
+        return self.values.flatten().tolist()
+
+
+class _DeviceScale:
+    """One device's copy of a LoraScale, as peft's `scaling[adapter]` (only multiplied by)."""
+
+    def __init__(self, parent: LoraScale, tensor: torch.Tensor):
+        self.parent, self.tensor = parent, tensor
+
+    def __rmul__(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.tensor
+        if scale.device != x.device:     # a layer whose weights accelerate moves in at run time (offload)
+            scale = self.parent.on(x.device).tensor
+        return torch.mul(x, scale).to(x.dtype)
+
+    __mul__ = __rmul__
+
+    def __repr__(self) -> str:
+        return f"LoraScale({self.parent.floats()} on {self.tensor.device})"
+
+
+def _layer_device(layer: nn.Module) -> torch.device:
+    for p in layer.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def current_scale(llm: nn.Module, rows: int, layers: list[nn.Module] | None = None) -> list[float] | None:
+    """The LoRA scale every row runs at now (floats; no device sync), or None without LoRA layers."""
+    layers = lora_layers(llm) if layers is None else layers
+    if not layers or not layers[0].scaling:
+        return None
+    value = next(iter(layers[0].scaling.values()))
+    if isinstance(value, _DeviceScale):
+        values = value.parent.floats()
+        return values * rows if len(values) == 1 else values
+    return [float(value)] * rows
+
+
+@contextlib.contextmanager
+def lora_scale(llm: nn.Module, scale: float | LoraScale | None, layers: list[nn.Module] | None = None) -> Iterator[None]:
+    """Temporarily run LoRA at `scale`: a float, or a LoraScale (one scale per batch row; each layer
+    gets the copy on its own device). None leaves the current scale (alpha/rank unless changed) as
+    it is. `layers`: the LLM's LoRA layers when the caller has them (finding them walks every module)."""
     if scale is None:
         yield
         return
-    layers = lora_layers(llm)
+    if isinstance(scale, torch.Tensor):
+        scale = LoraScale(scale)
+    layers = lora_layers(llm) if layers is None else layers
     saved = [dict(layer.scaling) for layer in layers]
     try:
         for layer in layers:
+            value = scale.on(_layer_device(layer)) if isinstance(scale, LoraScale) else scale
             for name in layer.scaling:
-                layer.scaling[name] = scale
+                layer.scaling[name] = value
         yield
     finally:
         for layer, old in zip(layers, saved):

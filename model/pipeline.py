@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from .audio import MAX_FILE_BYTES, AudioSource, PreparedAudio, prepare_audio
+from .batching import BatchDecoder
 from .config import GENERATE_LIMITS, GenerateConfig, Limit, SALMONNConfig
 from .errors import ConfigError, OutOfMemory, PromptError, SettingsError
+from .fastdecode import device_guard
 from .kvcache import PrefixCache, sequence_ids, slice_kv, stack_kv
 from .llm import lora_scale as use_lora_scale
 from .salmonn import SALMONN, AudioTokens
@@ -141,9 +143,15 @@ def release_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+# Out of memory as other layers report it: the CUDA runtime ("CUDA error: out of memory"), cuBLAS and
+# cuDNN workspaces, bitsandbytes (cudaErrorMemoryAllocation), and the CPU allocator: plain RuntimeErrors.
+_OOM_TEXT = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation|"
+                       r"DefaultCPUAllocator: can't allocate memory", re.IGNORECASE)
+
+
 def _is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err))
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and _OOM_TEXT.search(str(err)) is not None)
 
 
 class _MemoryGuard:
@@ -160,6 +168,11 @@ class _MemoryGuard:
         if err is None or not _is_out_of_memory(err):
             return False
         traceback.clear_frames(tb)
+        if self.pipe.prefix_cache is not None:    # cached keys/values are the first memory to give back
+            self.pipe.prefix_cache.clear()
+        runners = getattr(self.pipe.model, "runners", None)
+        if runners is not None:
+            runners.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -190,12 +203,44 @@ def _restore(model: SALMONN, weights: dict[str, torch.Tensor]) -> None:
     model._active_weights = weights
 
 
+class _CountedLock:
+    """A reentrant lock that knows how many threads wait for it, so the shared batch can step aside
+    between decode steps while another job (an encoding, a beam search, the Scale lab) waits."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self._waiting = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        if not blocking:
+            return False
+        with self._count:
+            self._waiting += 1
+        try:
+            return self._lock.acquire(True, timeout)
+        finally:
+            with self._count:
+                self._waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def waiting(self) -> int:
+        return self._waiting
+
+
 class _ModelLock:
     """The model's lock; taking it also swaps in this pipeline's trained weights when the model is
     shared with a variant and the other one ran last. Reentrant, like the RLock it wraps."""
 
-    def __init__(self, lock: threading.RLock, pipe: "Pipeline"):
+    def __init__(self, lock: _CountedLock, pipe: "Pipeline"):
         self.lock, self.pipe = lock, pipe
+
+    def waiting(self) -> int:
+        return self.lock.waiting()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         if not self.lock.acquire(blocking, timeout):
@@ -228,7 +273,9 @@ class Pipeline:
         self.cfg: SALMONNConfig = model.cfg
         self._cache: OrderedDict[str, Encoding] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = _ModelLock(threading.RLock(), self)
+        self._lock = _ModelLock(_CountedLock(), self)
+        self._batch: BatchDecoder | None = None
+        self.max_batch_rows = 16          # answers decoded together in the shared batch
         self._weights: dict[str, torch.Tensor] | None = None   # set when the model is shared (variant)
         self.max_file_bytes = MAX_FILE_BYTES     # the app lowers it to its upload cap
         # None turns prefix reuse off (benchmarks measure both ways)
@@ -417,7 +464,7 @@ class Pipeline:
 
         def work():
             try:
-                with self._lock:
+                with device_guard(self.model.llm_device), self._lock:    # a new thread starts on cuda:0
                     try:
                         for item in produce(either):
                             events.put(item)
@@ -478,6 +525,87 @@ class Pipeline:
             shown[0] = event.text
             yield event
 
+    @property
+    def batch(self) -> BatchDecoder:
+        """The shared batch in which greedy and sampled answers of every user decode together."""
+        if self._batch is None:
+            self._batch = BatchDecoder(self.model, self._lock, max_rows=self.max_batch_rows)
+        return self._batch
+
+    def stream_shared(self, audio, prompt: str, history: Sequence[tuple[str, str]] = (),
+                      lora_scale: float | None = None, generate: GenerateConfig | None = None,
+                      stop: threading.Event | None = None) -> Iterator[StreamEvent]:
+        """As `stream`, but decoded in the shared batch beside other users' answers (`batch`), each at
+        its own LoRA scale and settings, so many users are answered at once. Beam search runs on its own
+        (`stream`). Closing the stream, or `stop`, retires the answer at the next step."""
+        gen = self.check_generate(generate or self.default_generate)
+        if gen.num_beams > 1:
+            yield from self.stream(audio, prompt, history, lora_scale, gen, stop)
+            return
+        scale = self.check_scale(lora_scale)
+        text = self.prompt_text(prompt, history)
+        if not isinstance(audio, Encoding):
+            audio = self.prepare(audio)
+        t0 = time.perf_counter()
+        cached = (audio.audio if isinstance(audio, Encoding) else audio).key in self._cache
+        with _MemoryGuard(self, "answering", gen=gen):
+            enc = self.encode(audio)
+            with self._lock:         # the embedding table and CTC head are this pipeline's while it holds the lock
+                embeds, _, _ = self.model.assemble([enc.tokens.embeds], [text])
+                guide = self.model.ctc_guide([enc.tokens.embeds], gen)
+                ids = self._row_ids(enc, text)
+                past, reused = self._reusable(enc, [ids], [scale])
+        timings = {"encode_s": round(time.perf_counter() - t0, 4), "audio_cached": cached,
+                   "prompt_tokens": len(ids), "audio_tokens": int(enc.tokens.embeds.shape[0]), "reused_tokens": reused}
+
+        def remember(kv, fed_ids):
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(enc.audio.key, scale, tuple(ids) + tuple(fed_ids), kv)
+
+        row = self.batch.submit(embeds, scale, gen, stop, guide, past=past if reused else None, on_finish=remember)
+        with _MemoryGuard(self, "answering", gen=gen):
+            yield from self._read_row(row, text, scale, timings, t0)
+
+    def _read_row(self, row, text: str, scale: float, timings: dict, t0: float) -> Iterator[StreamEvent]:
+        """A shared-batch row's tokens as text events, then the answer. Polls, so a Stop is seen even
+        while the batch waits for the model."""
+        m = self.model
+        eos = m.tokenizer.eos_token_id
+        ids: list[int] = []
+        shown, t_first, stop_seen = "", None, None
+        try:
+            while True:
+                try:
+                    item = row.out.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if row.halted():
+                        stop_seen = stop_seen or time.monotonic()
+                        if time.monotonic() - stop_seen > _STOP_GRACE_S:
+                            break
+                    continue
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                t_first = t_first or time.perf_counter() - t0
+                if item == eos:
+                    continue
+                ids.append(item)
+                now = m.decode_text(ids)
+                if now.endswith("\ufffd") or now == shown:      # wait for the rest of a multi-byte character
+                    continue
+                delta = now[len(shown):] if now.startswith(shown) else now
+                shown = now
+                yield StreamEvent(delta=delta, text=shown)
+        finally:
+            row.cancelled.set()
+        total = time.perf_counter() - t0
+        timings.update(first_token_s=round(t_first or total, 4), total_s=round(total, 4),
+                       tokens_per_s=round(max(len(ids) - 1, 0) / max(total - (t_first or 0), 1e-9), 2))
+        final = m.decode_text(ids)
+        yield StreamEvent(delta=final[len(shown):] if final.startswith(shown) else "", text=final, done=True,
+                          answer=Answer(final, text, scale, len(ids), not row.ended, timings))
+
     def _stream_locked(self, audio, prompt: str, history, lora_scale: float, gen: GenerateConfig,
                        stop) -> Iterator[StreamEvent]:
         """The generation itself, on the worker thread (which holds the lock)."""
@@ -490,7 +618,8 @@ class Pipeline:
             enc = self.encode(audio if isinstance(audio, Encoding) else prepared)
             m = self.model
             embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
-            timings = {"encode_s": round(time.perf_counter() - t0, 4), "audio_cached": cached}
+            timings = {"encode_s": round(time.perf_counter() - t0, 4), "audio_cached": cached,
+                       "prompt_tokens": len(self._row_ids(enc, text)), "audio_tokens": int(enc.tokens.embeds.shape[0])}
             guide = m.ctc_guide([enc.tokens.embeds], gen)
             with use_lora_scale(m.llama_model, scale), torch.no_grad():
                 if gen.num_beams > 1:
@@ -548,7 +677,7 @@ class Pipeline:
 
         def search():
             try:
-                with torch.no_grad():          # grad mode is per thread; the LoRA scale is the caller's
+                with torch.no_grad(), device_guard(m.llm_device):   # per thread; the LoRA scale is the caller's
                     outcome["ids"] = m.beam_search(embeds, mask, gen, stop=stop, on_prefix=found.put,
                                                    guide=guide)[0].tolist()
             except BaseException as err:  # noqa: BLE001 - raised again on the streaming thread

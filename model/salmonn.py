@@ -6,6 +6,7 @@ the loader's key map (checkpoint.py) stays short.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from .config import GenerateConfig, SALMONNConfig
 from .ctc import CTCGuide, CTCHead
 from .encoders import AudioEncoder, BEATsEncoder, SpeechEncoder
 from .errors import ConfigError
-from .llm import PromptFormat, add_lora, load_llm, lora_scale
+from .fastdecode import RunnerPool, single_device
+from .llm import LoraScale, PromptFormat, add_lora, load_llm, lora_scale
 from .kvcache import KV
 from .qformer import WindowQFormer
 
@@ -153,6 +155,7 @@ class SALMONN(nn.Module):
         self.tokenizer = tokenizer
         # our CTC head (ctc.py) when the checkpoint carries one: CTC-guided transcription
         self.ctc_head: CTCHead | None = None
+        self.runners = RunnerPool()       # static decoders (CUDA graphs) kept across answers
         self.prompt = PromptFormat(tokenizer, cfg.prompt_template, add_bos=cfg.add_bos,
                                    turn_separator=cfg.turn_separator, followup_template=cfg.followup_template)
         for p in list(self.speech_encoder.parameters()) + (list(audio_encoder.parameters()) if audio_encoder else []):
@@ -186,7 +189,9 @@ class SALMONN(nn.Module):
         bnb = cfg.load_in_8bit and device.type != "cpu"
         if cfg.load_in_8bit and device.type == "cpu" and dtype != torch.float32:
             raise ConfigError("8-bit weights on the CPU compute in float32: leave --dtype at auto or float32.")
-        llm, tokenizer = (llm_loader or load_llm)(cfg.llama_path, dtype, cfg.device_map, bnb)
+        # straight onto the GPU (no host copy of a 13B model first), unless a device map or bitsandbytes places it
+        direct = str(device) if device.type == "cuda" and not bnb else None
+        llm, tokenizer = (llm_loader or load_llm)(cfg.llama_path, dtype, cfg.device_map or direct, bnb)
         model = cls(cfg, speech, audio, llm, tokenizer)
         if cfg.ckpt:
             from .checkpoint import load_checkpoint
@@ -211,6 +216,11 @@ class SALMONN(nn.Module):
         bnb = self.cfg.load_in_8bit and device.type != "cpu"     # bitsandbytes placed the LLM itself
         if not (self.cfg.device_map or bnb):
             self.llama_model.to(device=device, dtype=dtype)
+        else:    # peft made LoRA float32: cast it (on its layer's device) to the dtype the LLM computes in
+            for name, p in self.llama_model.named_parameters():
+                if "lora_" in name and p.is_floating_point():
+                    p.data = p.data.to(dtype)
+        self.runners.clear()              # their graphs read the weights where they were
         return self
 
     @property
@@ -367,7 +377,7 @@ class SALMONN(nn.Module):
         return (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _scale_tensor(self, scales: float | Sequence[float] | None, rows: int):
-        """None (keep the current scale), one float, or a [B, 1, 1] tensor of per-row scales."""
+        """None (keep the current scale), one float, or a LoraScale of per-row scales."""
         if scales is None:
             return None
         if isinstance(scales, (int, float)):
@@ -376,7 +386,7 @@ class SALMONN(nn.Module):
             raise ValueError(f"{len(scales)} LoRA scales for {rows} rows")
         if len(set(scales)) == 1:
             return float(scales[0])
-        return torch.tensor(scales, dtype=self.llm_dtype, device=self.llm_device).view(-1, 1, 1)
+        return LoraScale(scales)       # float32, each LoRA layer's copy on its own device
 
     # ----------------------------------------------------------------- teacher forcing
     def target_logprobs(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
@@ -445,11 +455,15 @@ class SALMONN(nn.Module):
             early[eos] = -math.inf
         return always, early
 
-    def use_static_decoding(self, gen: GenerateConfig, mask: torch.Tensor | None) -> bool:
+    def use_static_decoding(self, gen: GenerateConfig, mask: torch.Tensor | None, rows: int = 1,
+                            length: int = 0) -> bool:
         """Static KV cache + CUDA graph only where it pays and is exact: on CUDA, unpadded rows,
-        greedy decoding (repetition penalty included), no accelerate device map."""
-        return (self.llm_device.type == "cuda" and mask is None and not gen.do_sample
-                and not (self.cfg.device_map or self.cfg.load_in_8bit))
+        greedy decoding (repetition penalty included), the LLM on one GPU (a device map may put it
+        there; bitsandbytes 8-bit is not captured), and a cache for `length` positions small beside
+        the weights (each step reads all of it: see fastdecode.STATIC_KV_SHARE)."""
+        return (self.llm_device.type == "cuda" and mask is None and not gen.do_sample and not self.cfg.load_in_8bit
+                and single_device(self.llama_model) is not None
+                and self.runners.static_pays(self.llama_model, rows, length))
 
     @torch.no_grad()
     def decode_steps(self, embeds: torch.Tensor, mask: torch.Tensor | None, gen: GenerateConfig,
@@ -470,16 +484,16 @@ class SALMONN(nn.Module):
         No host<->device sync inside the loop (unpadded rows; with padding transformers checks the
         mask each step): the end-of-answer bookkeeping stays on the device, and on CUDA the next step
         is queued before the host waits for this step's token."""
-        from .fastdecode import DynamicRunner, StaticRunner
+        from .fastdecode import DynamicRunner
 
         rows, new_len = embeds.shape[:2]
         past_len = past[0][0].shape[2] if past else 0
         device = self.llm_device
+        length = past_len + new_len + gen.max_new_tokens
         if static is None:
-            static = self.use_static_decoding(gen, mask)
+            static = self.use_static_decoding(gen, mask, rows, length)
         if static:
-            runner = StaticRunner(self.llama_model, rows, past_len + new_len + gen.max_new_tokens, past,
-                                  graph=device.type == "cuda")
+            runner = self.runners.take(self.llama_model, rows, length, past, graph=device.type == "cuda")
         else:
             runner = DynamicRunner(self.llama_model, mask, past)
         if mask is not None:
@@ -526,7 +540,7 @@ class SALMONN(nn.Module):
                 ready = None
                 if overlap and device.type == "cuda":
                     ready = torch.cuda.Event()
-                    ready.record()
+                    ready.record(torch.cuda.current_stream(device))     # the copy's stream, not cuda:0's
                 last = step == gen.max_new_tokens - 1
                 following = None
                 # queue step+1 on the GPU before waiting for this token; not before the first token,
@@ -548,10 +562,13 @@ class SALMONN(nn.Module):
         finally:
             # for benchmarks and bug reports: which path the last answer took
             self.last_decode = {"runner": type(runner).__name__, "cuda_graph": getattr(runner, "graph", None) is not None,
-                                "graph_error": getattr(runner, "graph_error", None)}
+                                "graph_error": getattr(runner, "graph_error", None),
+                                "answers_on_runner": getattr(runner, "answers", 1)}
             if record is not None:
                 record["kv"] = runner.kv(past_len + new_len + fed)
                 record["fed"] = fed
+            if static and not isinstance(sys.exc_info()[1], Exception):   # ended, or closed early: reusable
+                self.runners.give(runner)
 
     def ctc_guide(self, audio: Sequence[torch.Tensor], gen: GenerateConfig,
                   rows_per_clip: int | None = None) -> CTCGuide | None:

@@ -433,18 +433,19 @@ def demo_idle(demo, within: float = 5.0) -> bool:
 
 
 def test_busy_past_the_line_says_how_many_are_ahead(pipe, corpus):
-    """Line of 1: the running request, one waiting (told its place), the next refused with a message."""
+    """Beam searches run one at a time. Line of 1: the running request, one waiting (told its place),
+    the next refused with a message."""
     demo = build_app(pipe, queue_size=1)
     url = serve(demo)
     try:
         a, b, c = (Client(url, verbose=False) for _ in range(3))
         with pipe._lock:                     # the model is busy (held here), so requests pile up
-            job_a = a.submit(**ask_args(corpus["valid"]), api_name="/ask")
+            job_a = a.submit(**ask_args(corpus["valid"], beams=2), api_name="/ask")
             assert wait_for(lambda: len(demo.model_gate._line) == 1)
-            job_b = b.submit(**ask_args(corpus["valid"]), api_name="/ask")
+            job_b = b.submit(**ask_args(corpus["valid"], beams=2), api_name="/ask")
             assert wait_for(lambda: len(demo.model_gate._line) == 2)
             assert wait_for(lambda: any("1 ahead of you" in str(o) for o in job_b.outputs()))
-            chat, *_ = c.predict(**ask_args(corpus["valid"]), api_name="/ask")
+            chat, *_ = c.predict(**ask_args(corpus["valid"], beams=2), api_name="/ask")
             busy = text_of(chat[-1])
             assert busy.startswith("⚠️ The model is busy: 2 requests ahead of you") and "try again" in busy
             # a bad file does not wait in line: it is answered at once, even now
@@ -454,6 +455,24 @@ def test_busy_past_the_line_says_how_many_are_ahead(pipe, corpus):
             assert answered(text_of(job.result(timeout=60)[0][-1]))
         chat, *_ = c.predict(**ask_args(corpus["valid"]), api_name="/ask")
         assert answered(text_of(chat[-1]))
+    finally:
+        demo.close()
+
+
+def test_the_shared_batch_is_bounded_with_a_message(pipe, corpus, monkeypatch):
+    """Greedy answers share one batch: past its rows and the waiting line, a request is refused."""
+    demo = build_app(pipe, queue_size=1)
+    url = serve(demo)
+    monkeypatch.setattr(pipe, "max_batch_rows", 1)
+    try:
+        a, b, c = (Client(url, verbose=False) for _ in range(3))
+        with pipe._lock:                     # the batch cannot step, so rows wait
+            jobs = [x.submit(**ask_args(corpus["valid"]), api_name="/ask") for x in (a, b)]
+            assert wait_for(lambda: all(len(j.outputs()) >= 2 for j in jobs))     # both past the checks
+            chat, *_ = c.predict(**ask_args(corpus["valid"]), api_name="/ask")
+            assert text_of(chat[-1]).startswith("⚠️ The model is busy: 2 answers are being written or waiting")
+        for job in jobs:
+            assert answered(text_of(job.result(timeout=60)[0][-1]))
     finally:
         demo.close()
 
@@ -528,21 +547,29 @@ def test_stop_ends_greedy_and_beam_search_promptly(pipe):
     assert not pipe.answer(wav, "Describe.", generate=GREEDY).stopped
 
 
-def _endless_generation(monkeypatch, model):
-    """No EOS until max_new_tokens, a few ms a token: an answer that is surely cut mid-stream."""
-    real = model.decode_steps
+def _endless_generation(monkeypatch, pipe):
+    """No EOS until max_new_tokens, a few ms a token, alone or in the shared batch: an answer that is
+    surely cut mid-stream."""
+    model = pipe.model
+    real, real_step, real_bias = model.decode_steps, pipe.batch._step, model._token_bias
 
     def decode_steps(embeds, mask, gen, **kwargs):
         for step in real(embeds, mask, replace(gen, min_length=gen.max_new_tokens), **kwargs):
             time.sleep(0.005)
             yield step
 
+    def step():
+        time.sleep(0.005)
+        real_step()
+
     monkeypatch.setattr(model, "decode_steps", decode_steps)
+    monkeypatch.setattr(pipe.batch, "_step", step)
+    monkeypatch.setattr(model, "_token_bias", lambda vocab, gen: (real_bias(vocab, gen)[1],) * 2)   # EOS banned
 
 
 def test_cancel_mid_stream_frees_the_model_then_ask_again(app, pipe, corpus, monkeypatch):
     demo, url = app
-    _endless_generation(monkeypatch, pipe.model)
+    _endless_generation(monkeypatch, pipe)
     c = Client(url, verbose=False)
     for how in ("stop button", "cancel"):
         job = c.submit(**ask_args(corpus["valid"], "Tell a very long story.", max_new=1024), api_name="/ask")
@@ -555,6 +582,7 @@ def test_cancel_mid_stream_frees_the_model_then_ask_again(app, pipe, corpus, mon
             chat, _, _, details = job.result(timeout=30)
             assert details["stopped"] is True and "stopped" in text_of(chat[-1])
         assert demo_idle(demo, within=5), how
+        assert wait_for(lambda: pipe.batch.active + pipe.batch.waiting == 0, within=5), how   # its row retired
         assert pipe._lock.acquire(timeout=5), how         # the model is free
         pipe._lock.release()
         assert time.monotonic() - t0 < 5, how
@@ -565,7 +593,7 @@ def test_cancel_mid_stream_frees_the_model_then_ask_again(app, pipe, corpus, mon
 def test_a_client_that_goes_away_mid_stream_frees_the_model(app, pipe, corpus, monkeypatch):
     """A closed browser tab: the event stream drops mid-answer, without any cancel request."""
     demo, url = app
-    _endless_generation(monkeypatch, pipe.model)
+    _endless_generation(monkeypatch, pipe)
     base = f"{url}gradio_api"
     uploaded = httpx.post(f"{base}/upload", files={"files": ("v.wav", Path(corpus["valid"]).read_bytes(), "audio/wav")},
                           timeout=30).json()[0]
@@ -582,8 +610,8 @@ def test_a_client_that_goes_away_mid_stream_frees_the_model(app, pipe, corpus, m
             updates += "process_generating" in line
             if updates >= 5:
                 break                                  # ... and the connection closes mid-answer
-    assert updates >= 5 and demo.model_gate._line, "the answer should be streaming"
-    assert demo_idle(demo, within=15)
+    assert updates >= 5 and pipe.batch.active, "the answer should be streaming"
+    assert wait_for(lambda: pipe.batch.active + pipe.batch.waiting == 0, within=15)
     assert pipe._lock.acquire(timeout=5)
     pipe._lock.release()
     monkeypatch.undo()
@@ -630,8 +658,23 @@ def test_out_of_memory_is_a_message_and_the_next_request_works(pipe, corpus, mon
     assert pipe.encode(tone(1.3, freq=777)).tokens is not None
 
 
+def _oom_in_the_shared_batch(monkeypatch, pipe, at_step=2):
+    """The shared batch's decode step raises a CUDA-style out-of-memory error, once."""
+    real = pipe.batch._step
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) == at_step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        real()
+
+    monkeypatch.setattr(pipe.batch, "_step", step)
+    return calls
+
+
 def test_out_of_memory_in_the_app(client, pipe, corpus, monkeypatch):
-    _oom_during_generation(monkeypatch, pipe.model)
+    _oom_in_the_shared_batch(monkeypatch, pipe)
     text, _, _ = ask(client, corpus["valid"], "Describe the audio slowly.")
     assert "⚠️ Out of memory while answering" in text and "ask again" in text and not answered(text), text
     text, _, _ = ask(client, corpus["valid"], "Describe the audio slowly.")

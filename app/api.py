@@ -1,0 +1,488 @@
+"""An OpenAI-compatible API beside the studio: `POST /v1/chat/completions` (text and audio content
+parts, streaming), `POST /v1/audio/transcriptions` and `GET /v1/models`.
+
+Greedy and sampled answers decode in each model's shared batch (`Pipeline.stream_shared`), beside
+the studio's own chat, each at its own LoRA scale; beam search runs on its own. SALMONN's own knobs
+come as extra body fields (`lora_scale`, `num_beams`, `top_k`, `repetition_penalty`, `ctc_weight`).
+Every check on a request is the pipeline's (the same messages the studio shows), answered as OpenAI's
+error JSON with its status: 400 bad audio or settings, 401 a missing or wrong key, 404 an unknown
+model, 413 over the size cap, 429 (with Retry-After) when too many requests are in flight.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Mapping
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from model.errors import OutOfMemory, SalmonnError
+from model.pipeline import Answer, Pipeline
+
+from . import presets
+
+MAX_CHOICES = 8
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@dataclass
+class ChatRequest:
+    """A checked chat request: one audio, the turns before, the question, and the settings."""
+    model: str
+    audio: bytes
+    history: list[tuple[str, str]]
+    question: str
+    overrides: dict                       # GenerateConfig fields the request sets
+    scale: object                         # as sent; the pipeline checks it
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    stop: list[str] = field(default_factory=list)
+
+
+def _decode_audio(part: dict, cap: int) -> bytes:
+    """The bytes of an `input_audio` part or an `audio_url` data URL (other URLs are never fetched)."""
+    if part.get("type") == "input_audio":
+        data = (part.get("input_audio") or {}).get("data")
+    else:
+        url = str((part.get("audio_url") or {}).get("url") or "")
+        if not url.startswith("data:"):
+            raise ApiError(400, "audio_url must be a data: URL (data:audio/wav;base64,...); the server fetches "
+                                "nothing from the network.", param="messages")
+        header, _, data = url.partition(",")
+        if ";base64" not in header:
+            raise ApiError(400, "audio_url data URLs must be base64-encoded.", param="messages")
+    if not isinstance(data, str):
+        raise ApiError(400, "An audio part has no data: give base64-encoded audio.", param="messages")
+    if len(data) * 3 // 4 > cap:
+        raise ApiError(413, f"The audio is larger than the limit of {cap / 2**20:.0f} MB.", param="messages")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "The audio data is not valid base64.", param="messages") from None
+
+
+def _text_and_audio(content, cap: int) -> tuple[str, bytes | None]:
+    if isinstance(content, str):
+        return content, None
+    if not isinstance(content, list):
+        raise ApiError(400, "Message content must be a string or a list of content parts.", param="messages")
+    texts, audio = [], None
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            texts.append(str(part.get("text") or ""))
+        elif kind in ("input_audio", "audio_url"):
+            if audio is not None:
+                raise ApiError(400, "SALMONN hears one audio per conversation; this message has two.", param="messages")
+            audio = _decode_audio(part, cap)
+        else:
+            raise ApiError(400, f"Unsupported content part type {kind!r}: use text, input_audio or audio_url.",
+                           param="messages")
+    return " ".join(t for t in texts if t.strip()), audio
+
+
+def _conversation(messages, cap: int) -> tuple[bytes, list[tuple[str, str]], str]:
+    """(audio, earlier (question, answer) turns, the last question). System messages are not part of
+    SALMONN's prompt template and are left out."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list.", param="messages")
+    audio, turns = None, []
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, f"Unsupported message role {role!r}.", param="messages")
+        text, heard = _text_and_audio(message.get("content"), cap)
+        if heard is not None:
+            if audio is not None or role != "user":
+                raise ApiError(400, "SALMONN hears one audio per conversation, in a user message.", param="messages")
+            audio = heard
+        if role in ("user", "assistant"):
+            turns.append((role, text))
+    if audio is None:
+        raise ApiError(400, "No audio: add an input_audio (or audio_url) content part to a user message.",
+                       param="messages")
+    if not turns or turns[-1][0] != "user":
+        raise ApiError(400, "The last message must be the user's question.", param="messages")
+    history, pending = [], None
+    for role, text in turns[:-1]:
+        if role == "user":
+            pending = text if pending is None else f"{pending} {text}"
+        else:
+            history.append((pending or "", text))
+            pending = None
+    question = turns[-1][1] if pending is None else f"{pending} {turns[-1][1]}"
+    return audio, history, question
+
+
+def _settings(body: dict) -> tuple[dict, object]:
+    """GenerateConfig fields the request sets, and its LoRA scale, as sent: the pipeline checks them
+    (its messages name each setting and its range). Temperature 0 decodes greedily, as
+    OpenAI-compatible servers do; without a temperature the model's default decoding applies."""
+    overrides: dict = {}
+    for name in ("max_completion_tokens", "max_tokens"):
+        if body.get(name) is not None:
+            overrides["max_new_tokens"] = body[name]
+            break
+    temperature = body.get("temperature")
+    if temperature is not None:
+        greedy = isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0
+        overrides["do_sample"] = not greedy
+        if not greedy:
+            overrides["temperature"] = temperature
+    for name in ("top_p", "top_k", "seed", "num_beams", "repetition_penalty", "ctc_weight"):
+        if body.get(name) is not None:
+            overrides[name] = body[name]
+    if body.get("min_tokens") is not None:        # vLLM's name: no EOS before this many tokens
+        overrides["min_length"] = body["min_tokens"]
+    return overrides, body.get("lora_scale")
+
+
+def parse_chat(body: dict, models: list[str], cap: int) -> ChatRequest:
+    model = body.get("model") or models[0]
+    if model not in models:
+        raise ApiError(404, f"The model {model!r} does not exist; loaded: {', '.join(models)}.", "not_found_error",
+                       "model")
+    audio, history, question = _conversation(body.get("messages"), cap)
+    overrides, scale = _settings(body)
+    overrides.setdefault("num_beams", 1)    # as the studio's chat: one beam, decoded in the shared batch
+    n = body.get("n") or 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"n must be a whole number from 1 to {MAX_CHOICES} (got {n!r}).", param="n")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings.", param="stop")
+    options = body.get("stream_options") or {}
+    return ChatRequest(model, audio, history, question, overrides, scale, n, bool(body.get("stream")),
+                       bool(options.get("include_usage")), stop)
+
+
+class StopText:
+    """Cuts an answer at the first stop string, holding back any tail that could begin one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """(text up to the first stop string, whether one was found)."""
+        hits = [text.find(s) for s in self.stops if s in text]
+        return (text[:min(hits)], True) if hits else (text, False)
+
+    def safe(self, text: str) -> str:
+        """The part of an unfinished answer that no later stop string can take back."""
+        return text[:len(text) - self.hold] if self.hold else text
+
+
+class Api:
+    """The /v1 routes over loaded pipelines ({model name: pipeline}). `api_key`: required on every
+    request when given. At most `max_rows` + `max_waiting` requests are in flight; more get 429."""
+
+    def __init__(self, pipes: Mapping[str, Pipeline], api_key: str | None = None, max_waiting: int = 16,
+                 max_body_bytes: int | None = None):
+        self.pipes = dict(pipes)
+        self.api_key = api_key or None
+        first = next(iter(self.pipes.values()))
+        self.cap = max_body_bytes or first.max_file_bytes
+        self.max_in_flight = first.max_batch_rows + max(0, int(max_waiting))
+        self.in_flight = 0
+        self.created = int(time.time())
+
+    def mount(self, app) -> None:
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
+        app.add_api_route("/v1/audio/transcriptions", self.transcriptions, methods=["POST"])
+
+    # ------------------------------------------------------------------ checks shared by every route
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", "authentication_error")
+
+    async def _body(self, request: Request) -> bytes:
+        size = request.headers.get("content-length")
+        limit = self.cap * 4 // 3 + 2**20          # base64 grows audio by a third; room for the JSON
+        if size is not None and size.isdigit() and int(size) > limit:
+            raise ApiError(413, f"The request is larger than the limit of {limit / 2**20:.0f} MB.")
+        body = await request.body()
+        if len(body) > limit:
+            raise ApiError(413, f"The request is larger than the limit of {limit / 2**20:.0f} MB.")
+        return body
+
+    def _admit(self, rows: int = 1) -> None:
+        if self.in_flight + rows > self.max_in_flight:
+            raise ApiError(429, f"The server is busy: {self.in_flight} answers in flight (at most "
+                                f"{self.max_in_flight}). Try again shortly.", "rate_limit_error",
+                           headers={"Retry-After": "2"})
+        self.in_flight += rows
+
+    # ------------------------------------------------------------------ routes
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except ApiError as err:
+            return err.response()
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "salmonn-studio",
+                 "lora_trained_scale": pipe.trained_scale} for name, pipe in self.pipes.items()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            try:
+                body = json.loads(await self._body(request))
+            except ValueError:
+                raise ApiError(400, "The request body is not valid JSON.") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "The request body must be a JSON object.")
+            req = parse_chat(body, list(self.pipes), self.cap)
+            pipe = self.pipes[req.model]
+            audio, gen, scale = await run_in_threadpool(self._checked, pipe, req)
+            self._admit(req.n)
+        except ApiError as err:
+            return err.response()
+        except SalmonnError as err:
+            return ApiError(400, str(err)).response()
+        streams = Choices(pipe, audio, req, gen, scale)
+        if req.stream:
+            return StreamingResponse(self._released(self._chunks(streams, req), req.n), media_type="text/event-stream")
+        try:
+            answers = await streams.collect(request)
+        except SalmonnError as err:
+            return ApiError(503 if isinstance(err, OutOfMemory) else 400, str(err)).response()
+        finally:
+            self.in_flight -= req.n
+        return JSONResponse(completion(req, answers, streams))
+
+    @staticmethod
+    def _checked(pipe: Pipeline, req: ChatRequest):
+        """The pipeline's own checks, before anything waits for the model."""
+        gen = pipe.check_generate(replace(pipe.default_generate, **req.overrides))
+        scale = pipe.check_scale(req.scale)
+        pipe.prompt_text(req.question, req.history)
+        if len(req.audio) > pipe.max_file_bytes:
+            raise ApiError(413, f"The audio is larger than the limit of {pipe.max_file_bytes / 2**20:.0f} MB.")
+        return pipe.prepare(req.audio, "upload"), gen, scale
+
+    async def _released(self, chunks: AsyncIterator[str], rows: int) -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self.in_flight -= rows
+
+    async def _chunks(self, streams: "Choices", req: ChatRequest) -> AsyncIterator[str]:
+        base = {"id": streams.id, "object": "chat.completion.chunk", "created": streams.created, "model": req.model}
+
+        def chunk(**fields) -> str:
+            return f"data: {json.dumps({**base, **fields})}\n\n"
+
+        for i in range(req.n):
+            yield chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        try:
+            async for i, delta, answer in streams.deltas():
+                if answer is None:
+                    yield chunk(choices=[{"index": i, "delta": {"content": delta}, "finish_reason": None}])
+                else:
+                    if delta:
+                        yield chunk(choices=[{"index": i, "delta": {"content": delta}, "finish_reason": None}])
+                    yield chunk(choices=[{"index": i, "delta": {}, "finish_reason": finish_reason(answer, streams.gen)}])
+        except SalmonnError as err:
+            yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'invalid_request_error'}})}\n\n"
+        else:
+            if req.include_usage:
+                yield chunk(choices=[], usage=usage(streams.answers))
+        yield "data: [DONE]\n\n"
+
+    async def transcriptions(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            await self._body(request)
+            form = await request.form(max_part_size=self.cap)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(400, "Send the audio as the multipart field 'file'.", param="file")
+            data = await upload.read()
+            req, fmt = transcription_request(form, data, list(self.pipes))
+            pipe = self.pipes[req.model]
+            scale, beams, ctc = presets.PRESETS_BY_KEY["asr"].suggested(pipe.trained_scale)
+            if not req.overrides.get("do_sample"):     # the preset's decoding, unless the client samples
+                req.overrides.update(num_beams=beams, ctc_weight=ctc if pipe.has_ctc_head else 0.0)
+            req.scale = scale
+            audio, gen, scale = await run_in_threadpool(self._checked, pipe, req)
+            self._admit()
+        except ApiError as err:
+            return err.response()
+        except SalmonnError as err:
+            return ApiError(400, str(err)).response()
+        try:
+            (answer,) = await Choices(pipe, audio, req, gen, scale).collect(request)
+        except SalmonnError as err:
+            return ApiError(503 if isinstance(err, OutOfMemory) else 400, str(err)).response()
+        finally:
+            self.in_flight -= 1
+        if fmt == "text":
+            return PlainTextResponse(answer.text)
+        if fmt == "verbose_json":
+            seconds = round(audio.seconds, 3)
+            return JSONResponse({"task": "transcribe", "language": "english", "duration": seconds,
+                                 "text": answer.text, "segments": [{"id": 0, "start": 0.0, "end": seconds,
+                                                                    "text": answer.text}],
+                                 "lora_scale": answer.lora_scale, "timings": answer.timings})
+        return JSONResponse({"text": answer.text})
+
+
+def transcription_request(form, data: bytes, models: list[str]) -> tuple[ChatRequest, str]:
+    """The speech-recognition preset's prompt and suggested decoding (scale, beams, CTC guidance)."""
+    model = form.get("model") or models[0]
+    if model not in models:
+        model = models[0] if model in ("whisper-1", "salmonn") else model
+    if model not in models:
+        raise ApiError(404, f"The model {model!r} does not exist; loaded: {', '.join(models)}.", "not_found_error",
+                       "model")
+    fmt = form.get("response_format") or "json"
+    if fmt not in ("json", "text", "verbose_json"):
+        raise ApiError(400, f"response_format {fmt!r} is not supported: use json, text or verbose_json.",
+                       param="response_format")
+    language = (form.get("language") or "en").lower()
+    if language not in ("en", "english"):
+        raise ApiError(400, f"language {language!r}: the speech-recognition prompt transcribes English; "
+                            "omit language or give 'en'.", param="language")
+    preset = presets.PRESETS_BY_KEY["asr"]
+    overrides: dict = {}
+    try:
+        temperature = float(form.get("temperature") or 0)
+    except ValueError:
+        raise ApiError(400, "temperature must be a number.", param="temperature") from None
+    if temperature > 0:
+        overrides.update(do_sample=True, temperature=temperature, num_beams=1)
+    return ChatRequest(model, data, [], preset.prompt, overrides, None), fmt
+
+
+class Choices:
+    """The n answers of one request, decoded in the shared batch (beam search on its own); each has
+    its own stop event, set when the client goes away."""
+
+    def __init__(self, pipe: Pipeline, audio, req: ChatRequest, gen, scale: float):
+        self.pipe, self.audio, self.req, self.gen, self.scale = pipe, audio, req, gen, scale
+        self.stops = [threading.Event() for _ in range(req.n)]
+        self.answers: list[Answer | None] = [None] * req.n
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _stream(self, i: int):
+        gen = self.gen if self.gen.seed is None or i == 0 else replace(self.gen, seed=self.gen.seed + i)
+        return self.pipe.stream_shared(self.audio, self.req.question, self.req.history, self.scale, gen, self.stops[i])
+
+    async def _events(self, i: int, out: asyncio.Queue) -> None:
+        it = self._stream(i)
+        try:
+            while (event := await run_in_threadpool(next, it, None)) is not None:
+                await out.put((i, event))
+        except BaseException as err:  # noqa: BLE001 - handed to the reader
+            await out.put((i, err))
+        finally:
+            self.stops[i].set()
+            await out.put((i, None))
+
+    async def events(self) -> AsyncIterator[tuple[int, object]]:
+        out: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._events(i, out)) for i in range(self.req.n)]
+        running = len(tasks)
+        try:
+            while running:
+                i, item = await out.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for stop in self.stops:            # a client gone or an error: every row retires at its next step
+                stop.set()
+
+    async def deltas(self) -> AsyncIterator[tuple[int, str, Answer | None]]:
+        """(choice, new text, the answer when this choice is done), stop strings applied."""
+        cutter = StopText(self.req.stop)
+        sent = [""] * self.req.n
+        async for i, event in self.events():
+            if self.answers[i] is not None:
+                continue
+            text, hit = cutter.cut(event.answer.text if event.done else event.text)
+            if event.done or hit:
+                answer = event.answer if event.done else Answer(text, "", self.scale, self._count(text))
+                self.answers[i] = replace(answer, text=text, stopped=answer.stopped and not hit)
+                self.answers[i].timings["stop_string"] = hit
+                self.stops[i].set()
+                yield i, text[len(sent[i]):], self.answers[i]
+            else:
+                safe = cutter.safe(text)
+                if len(safe) > len(sent[i]):
+                    yield i, safe[len(sent[i]):], None
+                    sent[i] = safe
+
+    def _count(self, text: str) -> int:
+        return len(self.pipe.model.tokenizer(text, add_special_tokens=False).input_ids)
+
+    async def collect(self, request: Request) -> list[Answer]:
+        gone = asyncio.create_task(_disconnected(request))
+        try:
+            async for _ in self.deltas():
+                if gone.done():
+                    break
+        finally:
+            gone.cancel()
+            for stop in self.stops:
+                stop.set()
+        return [a for a in self.answers if a is not None]
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+
+
+def finish_reason(answer: Answer, gen) -> str:
+    if answer.timings.get("stop_string"):
+        return "stop"
+    return "length" if answer.num_tokens >= gen.max_new_tokens else "stop"
+
+
+def usage(answers: list[Answer | None]) -> dict:
+    done = [a for a in answers if a is not None]
+    prompt = done[0].timings.get("prompt_tokens", 0) if done else 0
+    completion_tokens = sum(a.num_tokens for a in done)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens,
+            "prompt_tokens_details": {"audio_tokens": done[0].timings.get("audio_tokens", 0) if done else 0}}
+
+
+def completion(req: ChatRequest, answers: list[Answer], streams: Choices) -> dict:
+    return {"id": streams.id, "object": "chat.completion", "created": streams.created, "model": req.model,
+            "lora_scale": streams.scale,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": a.text},
+                         "finish_reason": finish_reason(a, streams.gen)} for i, a in enumerate(answers)],
+            "usage": usage(answers)}
