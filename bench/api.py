@@ -102,6 +102,27 @@ def p95(values: list[float]) -> float:
     return float(np.percentile(values, 95))
 
 
+def load(args):
+    """(pipeline, model name) of the model the run serves."""
+    from pathlib import Path
+
+    from model.pipeline import Pipeline
+
+    if args.shape:
+        import tempfile
+
+        from bench.gpu import DTYPES, build
+        device = torch.device(args.device)
+        model, _ = build(args.shape, DTYPES[args.dtype], device, tiny=args.shape == "tiny", tokens=args.tokens,
+                         workdir=Path(tempfile.mkdtemp()), official=False)
+        return Pipeline(model), f"{args.shape}-shapes"
+    if args.tiny_test:
+        from tests.tiny import tiny_config
+        return Pipeline.from_config(tiny_config(Path(args.tiny_test))), "tiny-test"
+    from model.defaults import default_config
+    return Pipeline.from_config(default_config("activation", device=args.device)), "activation-tuned"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=8)
@@ -109,23 +130,18 @@ def main(argv=None) -> int:
     p.add_argument("--clip", type=float, default=10.0, help="seconds of audio per client")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiny-test", metavar="DIR", help="a tiny random model (smoke test of this script)")
+    p.add_argument("--shape", choices=["tiny", "7b", "13b"],
+                   help="SALMONN at these shapes with random weights (bench.gpu's model) instead of the default")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="with --shape on a GPU")
     p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import openai
 
     from bench.measure import fixed_length, test_audio
-    from model.pipeline import Pipeline
 
-    if args.tiny_test:
-        from pathlib import Path
-
-        from tests.tiny import tiny_config
-        cfg, name = tiny_config(Path(args.tiny_test)), "tiny-test"
-    else:
-        from model.defaults import default_config
-        cfg, name = default_config("activation", device="cpu"), "activation-tuned"
-    pipe = Pipeline.from_config(cfg)
+    pipe, name = load(args)
     url, server = serve({name: pipe})
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
     wavs = [test_audio(args.clip, seed=i) for i in range(args.clients)]
@@ -166,7 +182,8 @@ def main(argv=None) -> int:
     for t in (table, single, targets):
         t.print()
     append_results("API, many clients at once" + (" (tiny test model)" if args.tiny_test else ""),
-                   environment(torch.device("cpu"), "float32"), [table, single, targets],
+                   environment(torch.device(args.device), args.dtype if args.shape else "float32"),
+                   [table, single, targets],
                    [f"decoded together: at most {pipe.batch.max_batch} rows in one step"], path=args.results)
     return 0
 

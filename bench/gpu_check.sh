@@ -3,7 +3,8 @@
 # time-boxed): the CUDA-only tests; `python -m bench.gpu` at 7B shapes, fp16, a short answer; the
 # whole pipeline at 7B shapes with random weights (`python -m bench.gpu_check`: graph captured and
 # reused, static = dynamic tokens, a 4-scale sweep, ms/token vs the bandwidth limit, peak memory;
-# on >= 2 GPUs the device-map split, and the cuda:1 test among the CUDA tests).
+# on >= 2 GPUs the device-map split, and the cuda:1 test among the CUDA tests); `python -m bench.api` at
+# 7B shapes: 8 clients at once through the OpenAI-compatible API vs one after another.
 #
 #   bash bench/gpu_check.sh            # on a GPU machine
 #   bash bench/gpu_check.sh --smoke    # CPU, tiny shapes, well under a minute (also GPU_CHECK_SMOKE=1)
@@ -36,6 +37,8 @@ if [ "$smoke" = 1 ]; then
     step bench_gpu 60 python3 -m bench.gpu --device cpu --tiny --tokens 3 --repeats 1 --audio 2 --threads 1 \
         --results "$OUT/bench_gpu.md"
     step pipeline 60 python3 -m bench.gpu_check --device cpu --tiny --tokens 4 --audio 2 --threads 1 --out "$OUT"
+    step api 60 python3 -m bench.api --shape tiny --device cpu --clients 3 --tokens 4 --clip 2 --threads 1 \
+        --results "$OUT/bench_api.md"
 else
     nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
     step cuda_tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_path.py \
@@ -43,6 +46,8 @@ else
     step bench_gpu 200 python3 -m bench.gpu --shapes 7b --dtypes fp16 --tokens 32 --repeats 2 \
         --results "$OUT/bench_gpu.md"
     step pipeline 150 python3 -m bench.gpu_check --shape 7b --dtype fp16 --tokens 64 --out "$OUT"
+    step api 100 python3 -m bench.api --shape 7b --device cuda --dtype fp16 --clients 8 --tokens 64 --clip 10 \
+        --results "$OUT/bench_api.md"
 fi
 echo "results in $OUT"
 exit "$status"
