@@ -164,36 +164,28 @@ def test_a_cancelled_stream_frees_its_row_and_the_others_finish_unchanged(client
     assert wait_for(lambda: pipe.batch.active == 0, within=10)
 
 
-def test_queue_full_is_429_with_retry_after(server, clips, pipe):
+def post_chat(url: str, clip, **body) -> httpx.Response:
+    messages = [{"role": "user", "content": [audio_part(clip), {"type": "text", "text": "Hi"}]}]
+    return httpx.post(f"{url}v1/chat/completions", json={"messages": messages, **body}, timeout=30)
+
+
+def test_queue_full_is_429_with_retry_after(server, clips, monkeypatch):
     url, api = server
-    saved = api.max_in_flight
-    api.max_in_flight = 0
-    try:
-        r = httpx.post(f"{url}v1/chat/completions", json={"messages": [
-            {"role": "user", "content": [audio_part(clips[0]), {"type": "text", "text": "Hi"}]}]}, timeout=30)
-    finally:
-        api.max_in_flight = saved
+    monkeypatch.setattr(api, "max_in_flight", 0)
+    r = post_chat(url, clips[0])
     assert r.status_code == 429 and r.headers["retry-after"] and "busy" in r.json()["error"]["message"]
 
 
-def test_key_required_when_set_and_size_cap(server, clips):
+def test_key_required_when_set_and_size_cap(server, clips, monkeypatch):
     url, api = server
-    api.api_key = "s3cret"
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(api, "api_key", "s3cret")
         r = httpx.get(f"{url}v1/models", timeout=10)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         ok = httpx.get(f"{url}v1/models", headers={"Authorization": "Bearer s3cret"}, timeout=10)
         assert ok.status_code == 200
-    finally:
-        api.api_key = None
-    saved = api.cap
-    api.cap = 1000
-    try:
-        r = httpx.post(f"{url}v1/chat/completions", json={"messages": [
-            {"role": "user", "content": [audio_part(clips[5]), {"type": "text", "text": "Hi"}]}]}, timeout=30)
-    finally:
-        api.cap = saved
-    assert r.status_code == 413
+    monkeypatch.setattr(api, "cap", 1000)
+    assert post_chat(url, clips[5]).status_code == 413
 
 
 API_NAMES = {"beams": "num_beams", "max_new": "max_tokens", "temperature": "temperature", "rep": "repetition_penalty",
@@ -216,9 +208,7 @@ def test_bad_inputs_are_4xx_with_the_studios_message(case, server, tmp_path):
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     message = r.json()["error"]["message"]
     assert re.search(case.error, message) or (r.status_code == 413 and "limit" in message), message
-    ok = httpx.post(f"{url}v1/chat/completions", json={"messages": [
-        {"role": "user", "content": [audio_part(write(tmp_path / "ok.wav", tone(1.0), 16000)),
-                                     {"type": "text", "text": "Hi"}]}], "max_tokens": 2}, timeout=60)
+    ok = post_chat(url, write(tmp_path / "ok.wav", tone(1.0), 16000), max_tokens=2)
     assert ok.status_code == 200, ok.text
 
 
