@@ -2,7 +2,8 @@
 
     python -m train.evaluate            # -> assets/eval/results.{json,md,png}
 
-Metrics (all our own measurements on synthetic, held-out voices and sentences):
+Metrics (all our own measurements on synthetic, held-out voices and sentences; the scoring rules are
+model/metrics.py's, shared with the scale sweep `python -m model.sweep`):
 - ASR WER: corpus word error rate on held-out espeak speech (lower case, punctuation removed).
 - Attribute accuracy: questions about sound/music properties (count, pitch, instrument, key, tempo...).
   Rule: every word of the short reference answer appears in the normalised answer (numbers may be
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -37,6 +37,9 @@ import torch
 from model.config import GenerateConfig
 from model.defaults import ASSETS, CHECKPOINTS, CTC_WEIGHT, bundled_config
 from model.llm import lora_scale
+# The scoring rules live with the model's metrics (the scale sweep uses them too); imported from here
+# by the training tools as well.
+from model.metrics import answer_correct, is_story, wer, words  # noqa: F401
 from model.salmonn import SALMONN
 from train.tasks import PROMPTS, QUESTIONS, describe, full_prompt, question_kind
 from train.trainer import load_annotations
@@ -75,50 +78,6 @@ OPEN_EVAL_SENTENCES = [
     "Please switch off your phones during the performance.",
     "The new bicycle lane makes my ride to work much safer.",
 ]
-NUMBERS = {str(i): w for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
-
-
-def words(text: str) -> list[str]:
-    text = re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " "))
-    return [NUMBERS.get(w, w) for w in text.split()]
-
-
-def edit_distance(a: list[str], b: list[str]) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
-
-
-def wer(refs: list[str], hyps: list[str]) -> float:
-    errors = sum(edit_distance(words(r), words(h)) for r, h in zip(refs, hyps))
-    return errors / max(1, sum(len(words(r)) for r in refs))
-
-
-def answer_correct(reference: str, answer: str) -> bool:
-    ref, ans = words(reference), words(answer)
-    if not ref or not ans:
-        return False
-    if ref[0] in ("yes", "no"):
-        return ans[0] == ref[0]
-    if ref[0] == "about" and len(ref) == 2 and ref[1].isdigit():
-        guess = next((int(w) for w in ans if w.isdigit()), None)
-        return guess is not None and abs(guess - int(ref[1])) <= 0.04 * int(ref[1])
-    return all(w in ans for w in ref)
-
-
-def is_story(answer: str, references: list[str]) -> bool:
-    ans = words(answer)
-    sentences = [s for s in re.split(r"[.!?]+", answer) if len(s.split()) >= 3]
-    if len(ans) < 40 or len(sentences) < 3:
-        return False
-    ref_words = set(w for r in references for w in words(r))
-    return sum(w in ref_words for w in ans) / len(ans) < 0.6
-
-
 @torch.no_grad()
 def generate(model: SALMONN, tokens: list[torch.Tensor], prompts: list[str], scale: float, max_new: int,
              batch: int = 16, beams: int = 1, ctc_weight: float = 0.0) -> list[str]:
