@@ -67,7 +67,7 @@ def build_configs(args) -> list[tuple[str, object]]:
     from model.cli import config_from_args
 
     if args.tiny_test_model:
-        from tests.tiny import tiny_config
+        from model.random_tiny import tiny_config
 
         flags = {"ckpt": args.ckpt, "device": args.device, "dtype": args.dtype}
         return [("tiny-test", tiny_config(Path(args.tiny_test_model)).replace(**{k: v for k, v in flags.items() if v}))]

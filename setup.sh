@@ -9,12 +9,15 @@ if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 if command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  # espeak-ng/sox: example + training audio; ffmpeg: mp3/m4a/webm input; PortAudio + PulseAudio:
-  # desktop microphone (and its virtual-microphone test); chromium: the browser test.
+  # espeak-ng/sox: example + training audio; festival voices: more training speech engines; flite: the
+  # held-out engine of the everyday-speech test; fortunes: open-vocabulary sentences (train.sentences
+  # --fortunes); ffmpeg: mp3/m4a/webm input; PortAudio + PulseAudio: desktop microphone (and its
+  # virtual-microphone test); chromium: the browser test.
   $SUDO apt-get install -y -qq --no-install-recommends espeak-ng sox ffmpeg libportaudio2 \
+    festival festvox-kallpc16k festvox-us-slt-hts flite fortunes fortunes-min \
     pulseaudio pulseaudio-utils libasound2-plugins chromium >/dev/null
 else
-  echo "apt-get not found: install espeak-ng, ffmpeg, libportaudio2 (and chromium for the browser test) yourself." >&2
+  echo "apt-get not found: install espeak-ng, festival, flite, fortunes, ffmpeg, libportaudio2 (and chromium for the browser test) yourself." >&2
 fi
 
 PY=${PYTHON:-python3}

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 
 from model.errors import OutOfMemory, SalmonnError
 from model.pipeline import Answer, Pipeline
+from model.pipeline import Request as Checked
 
 from . import presets
 
@@ -260,13 +261,13 @@ class Api:
                 raise ApiError(400, "The request body must be a JSON object.")
             req = parse_chat(body, list(self.pipes), self.cap)
             pipe = self.pipes[req.model]
-            audio, gen, scale = await run_in_threadpool(self._checked, pipe, req)
+            checked = await run_in_threadpool(self._checked, pipe, req)
             self._admit(req.n)
         except ApiError as err:
             return err.response()
         except SalmonnError as err:
             return ApiError(400, str(err)).response()
-        streams = Choices(pipe, audio, req, gen, scale)
+        streams = Choices(pipe, checked, req.n, req.stop)
         if req.stream:
             return StreamingResponse(self._released(self._chunks(streams, req), req.n), media_type="text/event-stream")
         try:
@@ -278,14 +279,15 @@ class Api:
         return JSONResponse(completion(req, answers, streams))
 
     @staticmethod
-    def _checked(pipe: Pipeline, req: ChatRequest):
-        """The pipeline's own checks, before anything waits for the model."""
-        gen = pipe.check_generate(replace(pipe.default_generate, **req.overrides))
-        scale = pipe.check_scale(req.scale)
-        pipe.prompt_text(req.question, req.history)
+    def _checked(pipe: Pipeline, req: ChatRequest) -> Checked:
+        """The pipeline's own checks (its front door), before anything waits for the model."""
         if len(req.audio) > pipe.max_file_bytes:
             raise ApiError(413, f"The audio is larger than the limit of {pipe.max_file_bytes / 2**20:.0f} MB.")
-        return pipe.prepare(req.audio, "upload"), gen, scale
+        try:
+            gen = replace(pipe.default_generate, **req.overrides)
+        except TypeError as err:      # a setting the decoder does not know
+            raise ApiError(400, str(err)) from None
+        return pipe.check_request(req.audio, req.question, req.history, req.scale, gen, "upload")
 
     async def _released(self, chunks: AsyncIterator[str], rows: int) -> AsyncIterator[str]:
         try:
@@ -332,14 +334,14 @@ class Api:
             if not req.overrides.get("do_sample"):     # the preset's decoding, unless the client samples
                 req.overrides.update(num_beams=beams, ctc_weight=ctc if pipe.has_ctc_head else 0.0)
             req.scale = scale
-            audio, gen, scale = await run_in_threadpool(self._checked, pipe, req)
+            checked = await run_in_threadpool(self._checked, pipe, req)
             self._admit()
         except ApiError as err:
             return err.response()
         except SalmonnError as err:
             return ApiError(400, str(err)).response()
         try:
-            (answer,) = await Choices(pipe, audio, req, gen, scale).collect(request)
+            (answer,) = await Choices(pipe, checked).collect(request)
         except SalmonnError as err:
             return ApiError(503 if isinstance(err, OutOfMemory) else 400, str(err)).response()
         finally:
@@ -347,7 +349,7 @@ class Api:
         if fmt == "text":
             return PlainTextResponse(answer.text)
         if fmt == "verbose_json":
-            seconds = round(audio.seconds, 3)
+            seconds = round(checked.audio.seconds, 3)
             return JSONResponse({"task": "transcribe", "language": "english", "duration": seconds,
                                  "text": answer.text, "segments": [{"id": 0, "start": 0.0, "end": seconds,
                                                                     "text": answer.text}],
@@ -386,16 +388,19 @@ class Choices:
     """The n answers of one request, decoded in the shared batch (beam search on its own); each has
     its own stop event, set when the client goes away."""
 
-    def __init__(self, pipe: Pipeline, audio, req: ChatRequest, gen, scale: float):
-        self.pipe, self.audio, self.req, self.gen, self.scale = pipe, audio, req, gen, scale
-        self.stops = [threading.Event() for _ in range(req.n)]
-        self.answers: list[Answer | None] = [None] * req.n
+    def __init__(self, pipe: Pipeline, checked: Checked, n: int = 1, stop: list[str] | None = None):
+        self.pipe, self.checked, self.n, self.stop_strings = pipe, checked, n, stop or []
+        self.gen, self.scale = checked.gen, checked.scale
+        self.stops = [threading.Event() for _ in range(n)]
+        self.answers: list[Answer | None] = [None] * n
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def _stream(self, i: int):
-        gen = self.gen if self.gen.seed is None or i == 0 else replace(self.gen, seed=self.gen.seed + i)
-        return self.pipe.stream_shared(self.audio, self.req.question, self.req.history, self.scale, gen, self.stops[i])
+        req = self.checked
+        if req.gen.seed is not None and i:        # n sampled answers: each its own draw
+            req = replace(req, gen=replace(req.gen, seed=req.gen.seed + i))
+        return self.pipe.stream_shared(req, stop=self.stops[i])
 
     async def _events(self, i: int, out: asyncio.Queue) -> None:
         it = self._stream(i)
@@ -410,7 +415,7 @@ class Choices:
 
     async def events(self) -> AsyncIterator[tuple[int, object]]:
         out: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._events(i, out)) for i in range(self.req.n)]
+        tasks = [asyncio.create_task(self._events(i, out)) for i in range(self.n)]
         running = len(tasks)
         try:
             while running:
@@ -427,8 +432,8 @@ class Choices:
 
     async def deltas(self) -> AsyncIterator[tuple[int, str, Answer | None]]:
         """(choice, new text, the answer when this choice is done), stop strings applied."""
-        cutter = StopText(self.req.stop)
-        sent = [""] * self.req.n
+        cutter = StopText(self.stop_strings)
+        sent = [""] * self.n
         async for i, event in self.events():
             if self.answers[i] is not None:
                 continue

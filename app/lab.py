@@ -9,7 +9,7 @@ from typing import Iterator, Mapping, Sequence
 
 from model.config import GenerateConfig, Limit
 from model.errors import PromptError, SettingsError
-from model.pipeline import Answer, BatchEvent, Pipeline
+from model.pipeline import BatchEvent, Pipeline
 
 from .presets import EXAMPLES_DIR, LAB_ITEMS_BY_LABEL, PRESETS_BY_KEY
 

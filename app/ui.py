@@ -7,12 +7,13 @@ upload cache and in per-session state.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+import weakref
 from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Mapping
@@ -66,33 +67,6 @@ instruction-tuned and an activation-tuned checkpoint loaded you can compare the 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-class _EncodingCache:
-    """(model, audio path) -> Encoding, so view redraws never wait for the pipeline lock."""
-
-    def __init__(self, size: int = 8):
-        self._items: OrderedDict = OrderedDict()
-        self._size = size
-        self._lock = threading.Lock()
-
-    def has(self, name: str, path: str) -> bool:
-        with self._lock:
-            return (name, str(path)) in self._items
-
-    def get(self, name: str, pipe: Pipeline, path: str, audio=None) -> Encoding:
-        """`audio`: the file already prepared (checked and decoded) by `pipe.prepare`, if at hand."""
-        key = (name, str(path))
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        enc = pipe.encode(audio if audio is not None else str(path))
-        with self._lock:
-            self._items[key] = enc
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-        return enc
-
 
 def _warn(err: Exception) -> str:
     """Show an error to the user as a toast; return the text for inline display."""
@@ -194,6 +168,14 @@ def _summary_line(name: str, pipe: Pipeline) -> str:
 # The app
 # ---------------------------------------------------------------------------------------------
 
+GATES: "weakref.WeakKeyDictionary[gr.Blocks, ModelGate]" = weakref.WeakKeyDictionary()   # each app's line
+
+
+def gate_of(demo: gr.Blocks) -> ModelGate:
+    """The app's line for model jobs (tests look at who waits)."""
+    return GATES[demo]
+
+
 def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None = None, *,
               primary_name: str | None = None, queue_size: int = 16,
               desktop_mic: bool | None = None) -> gr.Blocks:
@@ -211,7 +193,6 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
     gen0 = pipeline.default_generate
     guidable = any(p.has_ctc_head for p in pipes.values())     # a checkpoint with a CTC head
     layer_choices, head_choices = _layer_choices(pipeline)
-    encodings = _EncodingCache()
     stops = StopRegistry()
     gate = ModelGate(queue_size)      # one model job at a time; a bounded line with a "busy, N ahead" message
     slots = queue_size + 2            # Gradio runs this many model events at once: the gate orders them
@@ -255,7 +236,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         try:
             pipe = pipe_of(model_name)
             audio = pipe.prepare(path, origin)       # bad audio is told at once, without waiting in line
-            enc = gate.run(encodings.get, model_name, pipe, path, audio)
+            enc = gate.run(pipe.encode, audio)
             window = _loudest_window(enc)
             spec, attn, bar, view, window = render_view(enc, layer, head, window)
         except Exception as err:  # noqa: BLE001 - shown to the user
@@ -267,11 +248,17 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         slider = gr.Slider(value=window, maximum=max(view["windows"] - 1, 1))
         return (heard, audio_summary(enc), spec, attn, slider, bar, view) + fresh
 
+    def seen(model_name, path) -> Encoding:
+        """What the model heard in this file: its cached encoding at once (redraws never wait for the
+        model), else encoded now."""
+        pipe = pipe_of(model_name)
+        return pipe.cached(path) or pipe.encode(path)
+
     def redraw(path, model_name, layer, head, window):
         if not path:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
-            enc = encodings.get(model_name, pipe_of(model_name), path)
+            enc = seen(model_name, path)
             spec, attn, bar, view, window = render_view(enc, layer, head, window)
         except Exception as err:  # noqa: BLE001
             _warn(err)
@@ -284,7 +271,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         axis = plots.TimeAxis(**view["axis"])
         t = axis.time_at(float(evt.index[0]))
-        enc = encodings.get(model_name, pipe_of(model_name), path)
+        enc = seen(model_name, path)
         window = plots.window_at(enc.tokens, t)
         if window is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -306,11 +293,10 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
         try:    # the pipeline's front door checks everything before the request waits for the model
             if not path:
                 raise AudioError("Upload or record some audio first (or click one of the examples).")
-            gen = pipe.check_generate(gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc))
             past = [(t["q"], t["a"]) for t in history]
-            sent = pipe.prompt_text(question, past)
-            scale = pipe.check_scale(scale)
-            audio = None if encodings.has(model_name, path) else pipe.prepare(path, origin)
+            req = pipe.check_request(path, question, past, scale,
+                                     gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc), origin)
+            gen, sent, scale = req.gen, req.text, req.scale
         except Exception as err:  # noqa: BLE001
             text = _warn(err)
             yield _messages(history) + [{"role": "user", "content": echo},
@@ -335,8 +321,8 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
             if not stop.is_set():
                 shown[-1] = {"role": "assistant", "content": waiting}
                 yield shown, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-                enc = encodings.get(model_name, pipe, path, audio)
-                events = pipe.stream_shared(enc, question, history=past, lora_scale=scale, generate=gen, stop=stop)
+                enc = pipe.encode(req.audio)
+                events = pipe.stream_shared(dataclasses.replace(req, audio=enc), stop=stop)
                 for ev in events:
                     text = ev.text
                     if ev.done:
@@ -710,7 +696,7 @@ def build_app(pipeline: Pipeline, extra_pipelines: Mapping[str, Pipeline] | None
 
     # Gradio's own bound is only a backstop: past `queue_size` waiting, the gate answers "busy" itself.
     demo.queue(default_concurrency_limit=1, max_size=2 * slots + 8)
-    demo.model_gate = gate     # for tests and the launcher
+    GATES[demo] = gate
     return demo
 
 
@@ -753,7 +739,7 @@ def launch(demo: gr.Blocks, **kwargs):
 
     ours = set(inspect.signature(launch_kwargs).parameters)
     passthrough = {k: kwargs.pop(k) for k in list(kwargs) if k not in ours}
-    gate = getattr(demo, "model_gate", None)
+    gate = GATES.get(demo)
     if gate is not None:   # requests waiting in the gate each hold a worker thread; keep others free
         passthrough.setdefault("max_threads", 40 + gate.max_waiting)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

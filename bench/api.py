@@ -117,7 +117,7 @@ def load(args):
                          workdir=Path(tempfile.mkdtemp()), official=False)
         return Pipeline(model), f"{args.shape}-shapes"
     if args.tiny_test:
-        from tests.tiny import tiny_config
+        from model.random_tiny import tiny_config
         return Pipeline.from_config(tiny_config(Path(args.tiny_test))), "tiny-test"
     from model.defaults import default_config
     return Pipeline.from_config(default_config("activation", device=args.device)), "activation-tuned"

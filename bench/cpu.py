@@ -33,7 +33,7 @@ FOLLOW_UP = "What is the speaker's tone?"
 
 def build_config(args, dtype: str = "float32", **changes):
     if args.tiny_test:
-        from tests.tiny import tiny_config
+        from model.random_tiny import tiny_config
 
         return tiny_config(Path(args.tiny_test), dtype=dtype, **changes), "tests' tiny random model"
     from model.defaults import bundled_config, default_config

@@ -82,7 +82,7 @@ def build(shape: str, dtype: torch.dtype, device: torch.device, tiny: bool, toke
     from model.config import GenerateConfig, SALMONNConfig
     from model.encoders import BEATsEncoder, SpeechEncoder
     from model.salmonn import SALMONN
-    from tests.tiny import make_tokenizer
+    from model.random_tiny import make_tokenizer
 
     tokenizer = make_tokenizer(workdir)            # ids < 300, BOS 1, EOS 2 as Vicuna's
     torch.manual_seed(0)
@@ -118,6 +118,7 @@ def build(shape: str, dtype: torch.dtype, device: torch.device, tiny: bool, toke
 def official_answer(model, official, wav: np.ndarray, prompt: str, gen, dtype: torch.dtype):
     """The official inference path: both encoders (fp32 weights) under autocast for every question,
     Q-Former and projection fp32 under autocast, 4-beam search through transformers' generate."""
+    from model import decoding
     from model.audio import SAMPLE_RATE, log_mel
 
     speech_enc, beats_enc = official
@@ -131,7 +132,7 @@ def official_answer(model, official, wav: np.ndarray, prompt: str, gen, dtype: t
         tokens, _ = model.qformer_tokens(speech, audio, lengths)
         text = model.prompt.conversation([prompt])
         embeds, mask, _ = model.assemble([tokens[0]], [text])
-        out = model.beam_search(embeds, mask, gen)
+        out = decoding.beam_search(model, embeds, mask, gen)
     return out
 
 
@@ -181,7 +182,7 @@ def run_config(shape: str, dtype_name: str, args, device: torch.device, bandwidt
 
     # decoding: static cache + CUDA graph (ours, auto) vs dynamic cache eager
     fast = decode_run(model, embeds, gen, scale, reps)
-    res["decode_path"] = dict(model.last_decode)       # which runner the timed answers used
+    res["decode_path"] = fast["path"]       # which runner the timed answers used
     eager = decode_run(model, embeds, gen, scale, reps, static=False)
     synced = decode_run(model, embeds, gen, scale, reps, static=False, lookahead=False)
     res.update(prefill_s=fast["prefill_s"], decode_ms=fast["decode_ms_per_token"], second_ms=fast["second_token_ms"],

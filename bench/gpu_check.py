@@ -29,10 +29,10 @@ EXACT_TOKENS = 8     # leading tokens that must agree between paths that round d
 
 
 def _tokens(model, embeds, gen, scale, static: bool) -> list[int]:
-    from model.llm import lora_scale
+    from model import decoding
 
-    with lora_scale(model.llama_model, scale), torch.no_grad():
-        return [int(s[0]) for s in model.decode_steps(embeds, None, gen, static=static)]
+    *_, last = decoding.generate(model, embeds, None, gen, scale, static=static)
+    return last.tokens[0]
 
 
 def answer_checks(pipe, wav, gen, res: dict, checks: dict, cuda: bool) -> None:
@@ -40,10 +40,10 @@ def answer_checks(pipe, wav, gen, res: dict, checks: dict, cuda: bool) -> None:
     model = pipe.model
     pipe.clear_caches()
     first = pipe.answer(wav, PROMPT, generate=gen)
-    path = dict(model.last_decode)
+    path = first.timings["decode"]
     pipe.prefix_cache.clear()
     again = pipe.answer(wav, PROMPT, generate=gen)
-    reuse = dict(model.last_decode)
+    reuse = again.timings["decode"]
     res.update(ttft_new_audio_s=first.timings["first_token_s"], answer_s=first.timings["total_s"],
                ttft_cached_audio_s=again.timings["first_token_s"], decode_path=path, second_path=reuse)
     checks["same answer twice"] = first.text == again.text
@@ -69,9 +69,10 @@ def sweep_checks(pipe, wav, gen, scales, res: dict, checks: dict) -> None:
     res["sweep_one_by_one_s"] = time.perf_counter() - t0
     pipe.prefix_cache.clear()
     t0 = time.perf_counter()
-    batched = [a.text for a in pipe.answer_many(wav, PROMPT, lora_scales=scales, generate=gen)]
+    answers = pipe.answer_many(wav, PROMPT, lora_scales=scales, generate=gen)
+    batched = [a.text for a in answers]
     res["sweep_batched_s"] = time.perf_counter() - t0
-    res["sweep_path"] = dict(pipe.model.last_decode)
+    res["sweep_path"] = answers[0].timings["decode"]
     res["sweep_rows_equal_one_by_one"] = f"{sum(a == b for a, b in zip(batched, one))}/{len(scales)}"
     # on the CPU (fp32) exactly equal; on a GPU batched GEMMs may round otherwise (informational there)
     if pipe.model.llm_device.type != "cuda":
@@ -94,10 +95,11 @@ def split_checks(pipe, wav, gen, scales, checks: dict) -> None:
     dispatch_model(llm, device_map=layout)
     pipe.model.runners.clear()
     pipe.prefix_cache.clear()
-    split = [a.text for a in pipe.answer_many(wav, PROMPT, lora_scales=scales, generate=gen)]
+    answers = pipe.answer_many(wav, PROMPT, lora_scales=scales, generate=gen)
+    split = [a.text for a in answers]
     checks["split over 2 GPUs: sweep runs"] = True
     checks["split over 2 GPUs: sweep = one GPU"] = split == batched
-    checks["split over 2 GPUs: no CUDA graph"] = not pipe.model.last_decode["cuda_graph"]
+    checks["split over 2 GPUs: no CUDA graph"] = not answers[0].timings["decode"]["cuda_graph"]
 
 
 def run(args) -> tuple[dict, dict]:

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from model import decoding
 from model.audio import SAMPLE_RATE, log_mel
 from model.config import GenerateConfig
 from model.llm import lora_scale
@@ -82,6 +83,7 @@ def decode_run(m: SALMONN, embeds: torch.Tensor, gen: GenerateConfig, scale, rep
     device = m.llm_device
     res = {"prefill_s": [], "first_token_s": [], "second_s": [], "decode_s": [], "total_s": []}
     pos = torch.arange(embeds.shape[1], device=device).expand(rows, -1)
+    path: dict = {}          # which runner the timed answers used
 
     def once():
         with lora_scale(m.llama_model, scale_t), torch.no_grad():
@@ -91,8 +93,8 @@ def decode_run(m: SALMONN, embeds: torch.Tensor, gen: GenerateConfig, scale, rep
             sync(device)
             prefill = time.perf_counter() - t0
             t0 = time.perf_counter()
-            arrivals = [time.perf_counter() for _ in m.decode_steps(embeds, None, gen, static=static,
-                                                                     lookahead=lookahead)]
+            arrivals = [time.perf_counter() for _ in decoding.decode_steps(m, embeds, None, gen, static=static,
+                                                                            lookahead=lookahead, trace=path)]
             sync(device)
             return prefill, arrivals[0] - t0, time.perf_counter() - t0, np.diff(arrivals)
 
@@ -112,6 +114,7 @@ def decode_run(m: SALMONN, embeds: torch.Tensor, gen: GenerateConfig, scale, rep
     med["second_token_ms"] = med.pop("second_s") * 1000
     med["tokens_per_s"] = 1000 / med["decode_ms_per_token"] if med["decode_ms_per_token"] else math.inf
     med["tokens"] = len(gaps) + 1
+    med["path"] = path
     return med
 
 
@@ -123,7 +126,7 @@ def hf_generate_run(m: SALMONN, embeds: torch.Tensor, gen: GenerateConfig, scale
 
     def run():
         with lora_scale(m.llama_model, scale), torch.no_grad():
-            return m.beam_search(embeds, mask, g) if num_beams > 1 else m.llama_model.generate(
+            return decoding.beam_search(m, embeds, mask, g) if num_beams > 1 else m.llama_model.generate(
                 inputs_embeds=embeds, attention_mask=mask, max_new_tokens=g.max_new_tokens,
                 min_new_tokens=g.min_length, do_sample=False, num_beams=1,
                 repetition_penalty=g.repetition_penalty, eos_token_id=m.tokenizer.eos_token_id,

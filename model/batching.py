@@ -15,50 +15,17 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from .config import GenerateConfig
+from .decoding import Picker
 from .fastdecode import device_guard
 from .llm import LoraScale, lora_layers, lora_scale
 
 IDLE_S = 2.0            # the decoder thread ends after this long without rows (a new request restarts it)
 _YIELD_S = 0.2          # at most this long, between steps, the decoder lets other model jobs take the lock
-
-
-class Picker:
-    """One row's choice of its next token: SALMONN's logits processors for its settings (repetition
-    penalty, temperature, top-k/top-p), banned ids, EOS held back until min_length, an optional extra
-    processor (CTC guidance), and its own random generator when it samples."""
-
-    def __init__(self, model, gen: GenerateConfig, guide=None):
-        self.gen, self.guide = gen, guide
-        self.procs = model._processors(gen)
-        if guide is not None:
-            self.procs.append(guide)
-        self.bias = None
-        self.model = model
-        self.generated = torch.zeros(1, 0, dtype=torch.long, device=model.llm_device)
-        self.rng = None
-        if gen.do_sample:
-            self.rng = torch.Generator(device=model.llm_device)
-            self.rng.manual_seed(gen.seed if gen.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-
-    def pick(self, logits: torch.Tensor) -> int:
-        """logits [1, V] -> the next token id."""
-        logits = logits.float()
-        if self.bias is None:
-            self.bias = self.model._token_bias(logits.shape[-1], self.gen)
-        logits = logits + self.bias[1 if self.generated.shape[1] < self.gen.min_length else 0]
-        if len(self.procs):
-            logits = self.procs(self.generated, logits)
-        if self.gen.do_sample:
-            token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.rng)[0]
-        else:
-            token = logits.argmax(dim=-1)
-        self.generated = torch.cat([self.generated, token.view(1, 1)], dim=1)
-        return int(token)
 
 
 @dataclass
@@ -95,6 +62,7 @@ class BatchDecoder:
         self._thread: threading.Thread | None = None
         self._cache = None             # the batch's DynamicCache
         self._mask: torch.Tensor | None = None
+        self._layers = None            # the LLM's LoRA layers, found once
         self.steps = 0                 # decode steps run (for tests and benchmarks)
         self.max_batch = 0             # the most rows decoded together so far
 
@@ -118,17 +86,6 @@ class BatchDecoder:
             self._cond.notify_all()
         return row
 
-    def tokens(self, *args, **kwargs) -> Iterator[int]:
-        """`submit`, as an iterator of token ids; closing it retires the row."""
-        row = self.submit(*args, **kwargs)
-        try:
-            while (item := row.out.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            row.cancelled.set()
-
     @property
     def waiting(self) -> int:
         with self._cond:
@@ -141,12 +98,19 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------ the decoder thread
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:       # whatever ended it, the next request starts a new thread
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 if not self._pending and not self._rows:
                     self._cond.wait_for(lambda: self._pending, timeout=IDLE_S)
                     if not self._pending:
-                        self._thread = None
                         return
                 room = self.max_rows - len(self._rows)
                 new, self._pending = self._pending[:room], self._pending[room:]
@@ -257,7 +221,9 @@ class BatchDecoder:
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
         scales = [r.scale for r in rows]
         scale = scales[0] if len(set(scales)) == 1 else LoraScale(scales)
-        with lora_scale(llm, scale, lora_layers(llm) if isinstance(scale, LoraScale) else None), torch.no_grad():
+        if self._layers is None:
+            self._layers = lora_layers(llm)
+        with lora_scale(llm, scale, self._layers), torch.no_grad():
             logits = llm(input_ids=ids, attention_mask=self._mask, position_ids=pos, past_key_values=self._cache,
                          use_cache=True).logits[:, -1]
         self.steps += 1

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -81,14 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
         pipe = Pipeline.from_config(cfg, progress=lambda msg: print(f"[load] {msg}", file=sys.stderr))
         gen: GenerateConfig = pipe.default_generate
-        for name in ("num_beams", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
-                     "ctc_weight"):
-            value = getattr(args, name)
-            if value is not None:
-                setattr(gen, name, value)
-        if args.do_sample:
-            gen.do_sample = True
-        pipe.check_generate(gen)
+        given = {name: getattr(args, name) for name in ("num_beams", "max_new_tokens", "temperature", "top_p",
+                                                        "top_k", "repetition_penalty", "seed", "ctc_weight")}
+        gen = dataclasses.replace(gen, **{k: v for k, v in given.items() if v is not None},
+                                  do_sample=gen.do_sample or args.do_sample)
+        gen = pipe.check_generate(gen)
         audio = pipe.prepare(args.audio)
         print(f"[audio] {audio.describe()}", file=sys.stderr)
         final = None

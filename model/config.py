@@ -17,6 +17,11 @@ import yaml
 from .errors import ConfigError, SettingsError
 
 
+# Whisper encodes a 30 s chunk into 1500 frames (50 per second), as the official code hard-codes.
+CHUNK_SECONDS = 30
+ENCODER_FRAMES = 1500
+
+
 @dataclass
 class QFormerConfig:
     hidden_size: int = 768
@@ -30,12 +35,11 @@ class QFormerConfig:
 
     @property
     def window_frames(self) -> int:
-        # The official code hard-codes 1500 encoder frames per 30 s (50 frames/s).
-        return round(1500 * self.second_per_window / 30)
+        return round(ENCODER_FRAMES * self.second_per_window / CHUNK_SECONDS)
 
     @property
     def stride_frames(self) -> int:
-        return round(1500 * self.second_stride / 30)
+        return round(ENCODER_FRAMES * self.second_stride / CHUNK_SECONDS)
 
 
 @dataclass
@@ -52,9 +56,10 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateConfig:
-    """Decoding settings; defaults follow the official decode_config.yaml."""
+    """Decoding settings (frozen: a change is a new object, `dataclasses.replace`); defaults follow the
+    official decode_config.yaml. `Pipeline.check_generate` checks them against `GENERATE_LIMITS`."""
     max_new_tokens: int = 200
     num_beams: int = 4
     do_sample: bool = False
@@ -165,16 +170,20 @@ _IGNORED_MODEL_KEYS = {
 }
 
 
+def _typed(current: Any, value: Any) -> Any:
+    """A YAML value as the type of the setting it replaces."""
+    if isinstance(current, bool) and not isinstance(value, bool):
+        return str(value).lower() in ("1", "true", "yes", "on")
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and value is not None:
+        return type(current)(value)
+    return value
+
+
 def _set(cfg: SALMONNConfig, path: tuple[str, ...], value: Any) -> None:
     obj = cfg
     for part in path[:-1]:
         obj = getattr(obj, part)
-    current = getattr(obj, path[-1])
-    if isinstance(current, bool) and not isinstance(value, bool):
-        value = str(value).lower() in ("1", "true", "yes", "on")
-    elif isinstance(current, (int, float)) and not isinstance(current, bool) and value is not None:
-        value = type(current)(value)
-    setattr(obj, path[-1], value)
+    setattr(obj, path[-1], _typed(getattr(obj, path[-1]), value))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -197,7 +206,6 @@ def config_from_dict(data: dict, overrides: list[str] | None = None, base: SALMO
     cfg = dataclasses.replace(base) if base else SALMONNConfig()
     cfg.qformer = dataclasses.replace(cfg.qformer)
     cfg.lora = dataclasses.replace(cfg.lora)
-    cfg.generate = dataclasses.replace(cfg.generate)
     gen_fields = {f.name for f in dataclasses.fields(GenerateConfig)}
     top_fields = {f.name for f in dataclasses.fields(SALMONNConfig)} - {"qformer", "lora", "generate"}
     for section, values in data.items():
@@ -213,7 +221,7 @@ def config_from_dict(data: dict, overrides: list[str] | None = None, base: SALMO
             for key, value in (values or {}).items():
                 if key not in gen_fields:
                     raise ConfigError(f"Unknown key generate.{key}; known keys: {sorted(gen_fields)}")
-                _set(cfg.generate, (key,), value)
+                cfg.generate = dataclasses.replace(cfg.generate, **{key: _typed(getattr(cfg.generate, key), value)})
         # Other official sections (run, datasets) only matter for training; accepted silently.
     return cfg
 

@@ -8,272 +8,44 @@ prefills its new tokens. One model call runs at a time (a lock), because the LoR
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import queue
-import re
 import threading
 import time
-import traceback
-import unicodedata
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from .answers import _PLACEHOLDER_TEXT, Answer, BatchEvent, Encoding, Request, Score, StreamEvent, clean_prompt
 from .audio import MAX_FILE_BYTES, AudioSource, PreparedAudio, prepare_audio
 from .batching import BatchDecoder
 from .config import GENERATE_LIMITS, GenerateConfig, Limit, SALMONNConfig
-from .errors import ConfigError, OutOfMemory, PromptError, SettingsError
+from .decoding import generate
+from .errors import ConfigError, SettingsError
 from .fastdecode import device_guard
+from .guards import AnyEvent, CountedLock, MemoryGuard, ModelLock, file_id, release_memory, snapshot
 from .kvcache import PrefixCache, sequence_ids, slice_kv, stack_kv
-from .llm import lora_scale as use_lora_scale
-from .salmonn import SALMONN, AudioTokens
+from .many import ManyAnswers
+from .salmonn import SALMONN
 
-_PLACEHOLDER_TEXT = re.compile(r"</?Speech(Here)?>", re.IGNORECASE)
-MAX_PROMPT_CHARS = 4000
-MAX_NEW_TOKENS = 2048         # per answer; a hostile request must not hold the GPU for hours
-MAX_BEAMS = 10
+__all__ = ["Answer", "BatchEvent", "Encoding", "Pipeline", "Request", "Score", "StreamEvent"]   # the API's types
+
 _POLL_S = 0.05                # how often a waiting stream looks at its stop event
 _STOP_GRACE_S = 0.5           # after Stop, how long to wait for the model before answering "stopped"
 
 
-@dataclass
-class Encoding:
-    """One audio, prepared and encoded (cached)."""
-    audio: PreparedAudio
-    tokens: AudioTokens
-    seconds_to_encode: float
-
-
-@dataclass
-class Answer:
-    text: str
-    prompt: str               # the full text sent to the LLM (template filled, audio placeholder inside)
-    lora_scale: float
-    num_tokens: int
-    stopped: bool = False     # cut short by the stop button
-    timings: dict = field(default_factory=dict)
-
-
-@dataclass
-class StreamEvent:
-    delta: str                # new text since the last event
-    text: str                 # the answer so far
-    done: bool = False
-    answer: Answer | None = None
-
-
-@dataclass
-class BatchEvent:
-    """Progress of a batch of answers (one per row): each row's text so far and whether it has ended;
-    the last event of a batch carries its answers."""
-    texts: list[str]
-    finished: list[bool]
-    answers: list[Answer] | None = None
-
-
-@dataclass
-class Score:
-    """Teacher-forced log-probabilities of a reference answer."""
-    lora_scale: float
-    tokens: list[str]
-    logprobs: list[float]
-
-    @property
-    def nll(self) -> float:
-        return float(-np.mean(self.logprobs)) if self.logprobs else float("nan")
-
-    @property
-    def perplexity(self) -> float:
-        return float(np.exp(self.nll))
-
-
-def clean_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS, specials: Sequence[str] = ()) -> str:
-    """User text -> a safe instruction: no audio placeholder tags, no tokenizer special tokens (`specials`,
-    e.g. "</s>": typed text must not end a turn), no control or invisible format characters, bounded length."""
-    if text is None:
-        raise PromptError("The prompt is empty: type a question or pick a task preset.")
-    text = str(text)
-    if len(text) > 4 * max_chars:        # refuse before any per-character work
-        raise PromptError(f"The prompt is too long ({len(text)} characters); the limit is {max_chars}.")
-    text = _PLACEHOLDER_TEXT.sub(" ", text)
-    for token in specials:
-        text = text.replace(token, " ")
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
-    text = re.sub(r"[ \t]+", " ", text).strip()
-    if not text:
-        raise PromptError("The prompt is empty: type a question or pick a task preset.")
-    if len(text) > max_chars:
-        raise PromptError(f"The prompt is too long ({len(text)} characters); the limit is {max_chars}.")
-    return text
-
-
-class _AnyEvent:
-    """Set when any of its events is: the user's Stop, or the stream's consumer having gone."""
-
-    def __init__(self, *events: threading.Event):
-        self._events = events
-
-    def is_set(self) -> bool:
-        return any(e.is_set() for e in self._events)
-
-
-def _until(ids: list[int], eos: int | None) -> list[int]:
-    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
-
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # pragma: no cover - not glibc
-    _LIBC = None
-
-
-def release_memory() -> None:
-    """Hand freed memory back to the system: Python's garbage, the CUDA allocator's cache and glibc's
-    free heap pages (which glibc otherwise keeps, so the process's memory would only ever grow)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
-# Out of memory as other layers report it: the CUDA runtime ("CUDA error: out of memory"), cuBLAS and
-# cuDNN workspaces, bitsandbytes (cudaErrorMemoryAllocation), and the CPU allocator: plain RuntimeErrors.
-_OOM_TEXT = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation|"
-                       r"DefaultCPUAllocator: can't allocate memory", re.IGNORECASE)
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(err, RuntimeError) and _OOM_TEXT.search(str(err)) is not None)
-
-
-class _MemoryGuard:
-    """Turns running out of memory into a message, after freeing what the failed step held, so the
-    next request works: the traceback's frames hold the step's tensors, so we clear them first."""
-
-    def __init__(self, pipe: "Pipeline", doing: str, gen: GenerateConfig | None = None, audio=None):
-        self.pipe, self.doing, self.gen, self.audio = pipe, doing, gen, audio
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if err is None or not _is_out_of_memory(err):
-            return False
-        traceback.clear_frames(tb)
-        if self.pipe.prefix_cache is not None:    # cached keys/values are the first memory to give back
-            self.pipe.prefix_cache.clear()
-        runners = getattr(self.pipe.model, "runners", None)
-        if runners is not None:
-            runners.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        gpu = self.pipe.model.llm_device.type == "cuda"
-        tips = ["try shorter audio"]
-        if self.gen is not None:
-            if self.gen.num_beams > 1:
-                tips.append(f"fewer beams (now {self.gen.num_beams})")
-            tips.append(f"fewer new tokens (now {self.gen.max_new_tokens})")
-        raise OutOfMemory(f"Out of {'GPU ' if gpu else ''}memory while {self.doing}: {', '.join(tips)}, or clear "
-                          "the chat. The model is still loaded; you can ask again.") from None
-
-
-def _snapshot(model: SALMONN) -> dict[str, torch.Tensor]:
-    """The model's own trained weights (as `set_trainable` takes them back), its CTC head included."""
-    from .checkpoint import CTC_PREFIX
-
-    weights = {name: p.detach().clone() for name, p in model.trainable_parameters().items()}
-    if model.ctc_head is not None:
-        weights.update({CTC_PREFIX + n: p.detach().clone() for n, p in model.ctc_head.named_parameters()})
-    return weights
-
-
-def _restore(model: SALMONN, weights: dict[str, torch.Tensor]) -> None:
-    from .checkpoint import set_trainable
-
-    set_trainable(model, weights)
-    model._active_weights = weights
-
-
-class _CountedLock:
-    """A reentrant lock that knows how many threads wait for it, so the shared batch can step aside
-    between decode steps while another job (an encoding, a beam search, the Scale lab) waits."""
-
-    def __init__(self):
-        self._lock = threading.RLock()
-        self._count = threading.Lock()
-        self._waiting = 0
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if self._lock.acquire(blocking=False):
-            return True
-        if not blocking:
-            return False
-        with self._count:
-            self._waiting += 1
-        try:
-            return self._lock.acquire(True, timeout)
-        finally:
-            with self._count:
-                self._waiting -= 1
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def waiting(self) -> int:
-        return self._waiting
-
-
-class _ModelLock:
-    """The model's lock; taking it also swaps in this pipeline's trained weights when the model is
-    shared with a variant and the other one ran last. Reentrant, like the RLock it wraps."""
-
-    def __init__(self, lock: _CountedLock, pipe: "Pipeline"):
-        self.lock, self.pipe = lock, pipe
-
-    def waiting(self) -> int:
-        return self.lock.waiting()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if not self.lock.acquire(blocking, timeout):
-            return False
-        try:
-            weights = self.pipe._weights
-            if weights is not None and getattr(self.pipe.model, "_active_weights", None) is not weights:
-                _restore(self.pipe.model, weights)
-        except BaseException:
-            self.lock.release()
-            raise
-        return True
-
-    def release(self) -> None:
-        self.lock.release()
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-        return False
-
-
-class Pipeline:
+class Pipeline(ManyAnswers):
     def __init__(self, model: SALMONN, cache_size: int = 16, prefix_cache: bool = True,
                  prefix_cache_bytes: int = 1 << 30):
         self.model = model
         self.cfg: SALMONNConfig = model.cfg
         self._cache: OrderedDict[str, Encoding] = OrderedDict()
+        self._file_keys: OrderedDict[tuple, str] = OrderedDict()     # file (path, size, mtime) -> audio key
         self._cache_size = cache_size
-        self._lock = _ModelLock(_CountedLock(), self)
+        self._lock = ModelLock(CountedLock(), self)
         self._batch: BatchDecoder | None = None
         self.max_batch_rows = 16          # answers decoded together in the shared batch
         self._weights: dict[str, torch.Tensor] | None = None   # set when the model is shared (variant)
@@ -300,11 +72,11 @@ class Pipeline:
                          prefix_cache_bytes=self.prefix_cache.max_bytes if self.prefix_cache else 1 << 30)
         other.cfg = self.cfg.replace(ckpt=str(ckpt))
         other._weights = weights
-        other._lock = _ModelLock(self._lock.lock, other)
+        other._lock = ModelLock(self._lock.lock, other)
         with self._lock:
             if self._weights is None:        # the model's current weights are this pipeline's own
-                self._weights = _snapshot(self.model)
-                self.model._active_weights = self._weights
+                self._weights = snapshot(self.model)
+                self._lock.lock.active = self._weights
         return other
 
     # ------------------------------------------------------------------ facts for the model panel
@@ -360,15 +132,42 @@ class Pipeline:
         """`origin` ("file", "upload" or "microphone") words the messages about the audio for where it came from."""
         if isinstance(source, PreparedAudio):
             return source
-        # The front door: every check on user audio happens here (see model/audio.py).
-        return prepare_audio(source, self.cfg.max_audio_seconds, self.cfg.min_audio_seconds,
-                             max_bytes=self.max_file_bytes, strict=True, origin=origin)
+        # Every check on user audio happens here (see model/audio.py).
+        audio = prepare_audio(source, self.cfg.max_audio_seconds, self.cfg.min_audio_seconds,
+                              max_bytes=self.max_file_bytes, strict=True, origin=origin)
+        if isinstance(source, (str, Path)):       # so `cached` finds its encoding without decoding it again
+            self._file_keys[file_id(source)] = audio.key
+            while len(self._file_keys) > 4 * self._cache_size:
+                self._file_keys.popitem(last=False)
+        return audio
+
+    def cached(self, path: str | Path) -> Encoding | None:
+        """The encoding of a file encoded before (still unchanged), at once and without waiting for the
+        model; None otherwise. For redrawing what the model sees."""
+        try:
+            key = self._file_keys.get(file_id(path))
+        except OSError:
+            return None
+        return self._cache.get(key) if key is not None else None
+
+    def check_request(self, audio, prompt: str, history: Sequence[tuple[str, str]] = (),
+                      lora_scale: float | None = None, generate: GenerateConfig | None = None,
+                      origin: str = "file") -> "Request":
+        """The front door: every check on one answer's request, once, before it waits for the model:
+        the decoding settings, the LoRA scale, the prompt and earlier turns, then the audio (a file
+        already encoded is not decoded again). `stream` and `stream_shared` take the result as it is."""
+        gen = self.check_generate(generate or self.default_generate)
+        scale = self.check_scale(lora_scale)
+        text = self.prompt_text(prompt, history)
+        if not isinstance(audio, (Encoding, PreparedAudio)):
+            audio = (self.cached(audio) if isinstance(audio, (str, Path)) else None) or self.prepare(audio, origin)
+        return Request(audio, text, scale, gen)
 
     def encode(self, source: AudioSource | PreparedAudio | Encoding) -> Encoding:
         if isinstance(source, Encoding):
             return source
         audio = self.prepare(source)
-        with self._lock, _MemoryGuard(self, "encoding the audio"):
+        with self._lock, MemoryGuard(self, "encoding the audio"):
             hit = self._cache.get(audio.key)
             if hit is not None:
                 self._cache.move_to_end(audio.key)
@@ -458,7 +257,7 @@ class Pipeline:
         _STOP_GRACE_S (a long step: encoding, prefill), `give_up()` is yielded last and the stream ends
         while the worker finishes in the background."""
         halt = threading.Event()                  # set when nobody listens any more
-        either = _AnyEvent(stop, halt)
+        either = AnyEvent(stop, halt)
         events: queue.Queue = queue.Queue()
         done = object()
 
@@ -497,16 +296,14 @@ class Pipeline:
         finally:
             halt.set()
 
-    def stream(self, audio, prompt: str, history: Sequence[tuple[str, str]] = (), lora_scale: float | None = None,
+    def stream(self, audio, prompt: str = "", history: Sequence[tuple[str, str]] = (), lora_scale: float | None = None,
                generate: GenerateConfig | None = None, stop: threading.Event | None = None) -> Iterator[StreamEvent]:
         """Answer one prompt about one audio, yielding text as it is generated (on a worker thread:
-        see `_on_worker`). After `stop` is set the stream ends within about half a second."""
+        see `_on_worker`). After `stop` is set the stream ends within about half a second. `audio` may
+        be a checked `Request` (then the other request arguments are not used)."""
         # Checks first, on the caller's thread: bad input fails at once, without waiting for the model.
-        gen = self.check_generate(generate or self.default_generate)
-        scale = self.check_scale(lora_scale)
-        text = self.prompt_text(prompt, history)
-        if not isinstance(audio, Encoding):
-            audio = self.prepare(audio)
+        req = audio if isinstance(audio, Request) else self.check_request(audio, prompt, history, lora_scale, generate)
+        audio, text, scale, gen = req.audio, req.text, req.scale, req.gen
         stop = stop or threading.Event()
         shown = [""]
 
@@ -514,8 +311,8 @@ class Pipeline:
             if either.is_set():            # stopped or abandoned while waiting for the model
                 yield StreamEvent("", "", True, Answer("", text, scale, 0, True, {}))
                 return
-            with _MemoryGuard(self, "answering", gen=gen):
-                yield from self._stream_locked(audio, prompt, history, scale, gen, either)
+            with MemoryGuard(self, "answering", gen=gen):
+                yield from self._stream_locked(audio, text, scale, gen, either)
 
         def give_up():
             count = len(self.model.tokenizer(shown[0], add_special_tokens=False).input_ids)
@@ -532,23 +329,21 @@ class Pipeline:
             self._batch = BatchDecoder(self.model, self._lock, max_rows=self.max_batch_rows)
         return self._batch
 
-    def stream_shared(self, audio, prompt: str, history: Sequence[tuple[str, str]] = (),
+    def stream_shared(self, audio, prompt: str = "", history: Sequence[tuple[str, str]] = (),
                       lora_scale: float | None = None, generate: GenerateConfig | None = None,
                       stop: threading.Event | None = None) -> Iterator[StreamEvent]:
         """As `stream`, but decoded in the shared batch beside other users' answers (`batch`), each at
         its own LoRA scale and settings, so many users are answered at once. Beam search runs on its own
-        (`stream`). Closing the stream, or `stop`, retires the answer at the next step."""
-        gen = self.check_generate(generate or self.default_generate)
-        if gen.num_beams > 1:
-            yield from self.stream(audio, prompt, history, lora_scale, gen, stop)
+        (`stream`). Closing the stream, or `stop`, retires the answer at the next step. `audio` may be a
+        checked `Request`, as for `stream`."""
+        req = audio if isinstance(audio, Request) else self.check_request(audio, prompt, history, lora_scale, generate)
+        if req.gen.num_beams > 1:
+            yield from self.stream(req, "", stop=stop)
             return
-        scale = self.check_scale(lora_scale)
-        text = self.prompt_text(prompt, history)
-        if not isinstance(audio, Encoding):
-            audio = self.prepare(audio)
+        audio, text, scale, gen = req.audio, req.text, req.scale, req.gen
         t0 = time.perf_counter()
         cached = (audio.audio if isinstance(audio, Encoding) else audio).key in self._cache
-        with _MemoryGuard(self, "answering", gen=gen):
+        with MemoryGuard(self, "answering", gen=gen):
             enc = self.encode(audio)
             with self._lock:         # the embedding table and CTC head are this pipeline's while it holds the lock
                 embeds, _, _ = self.model.assemble([enc.tokens.embeds], [text])
@@ -563,7 +358,7 @@ class Pipeline:
                 self.prefix_cache.store(enc.audio.key, scale, tuple(ids) + tuple(fed_ids), kv)
 
         row = self.batch.submit(embeds, scale, gen, stop, guide, past=past if reused else None, on_finish=remember)
-        with _MemoryGuard(self, "answering", gen=gen):
+        with MemoryGuard(self, "answering", gen=gen):
             yield from self._read_row(row, text, scale, timings, t0)
 
     def _read_row(self, row, text: str, scale: float, timings: dict, t0: float) -> Iterator[StreamEvent]:
@@ -606,223 +401,47 @@ class Pipeline:
         yield StreamEvent(delta=final[len(shown):] if final.startswith(shown) else "", text=final, done=True,
                           answer=Answer(final, text, scale, len(ids), not row.ended, timings))
 
-    def _stream_locked(self, audio, prompt: str, history, lora_scale: float, gen: GenerateConfig,
-                       stop) -> Iterator[StreamEvent]:
-        """The generation itself, on the worker thread (which holds the lock)."""
-        scale = self.check_scale(lora_scale)
-        text = self.prompt_text(prompt, history)
-        with self._lock:
-            t0 = time.perf_counter()
-            prepared = self.prepare(audio) if not isinstance(audio, Encoding) else audio.audio
-            cached = prepared.key in self._cache
-            enc = self.encode(audio if isinstance(audio, Encoding) else prepared)
-            m = self.model
-            embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
-            timings = {"encode_s": round(time.perf_counter() - t0, 4), "audio_cached": cached,
-                       "prompt_tokens": len(self._row_ids(enc, text)), "audio_tokens": int(enc.tokens.embeds.shape[0])}
-            guide = m.ctc_guide([enc.tokens.embeds], gen)
-            with use_lora_scale(m.llama_model, scale), torch.no_grad():
-                if gen.num_beams > 1:
-                    yield from self._stream_beams(embeds, mask, gen, stop, text, scale, timings, t0, guide)
-                    return
-                row = self._row_ids(enc, text)
-                past, reused = self._reusable(enc, [row], [scale])
-                timings.update(prompt_tokens=len(row), reused_tokens=reused)
-                record: dict = {}
-                seen: list[int] = []           # every token the decoder yielded (EOS included)
-                ids: list[int] = []
-                shown = ""
-                t_first = None
-                complete = False
-                steps = m.decode_steps(embeds[:, reused:], None, gen, stop=stop, past=past, record=record, guide=guide)
-                try:
-                    for step in steps:
-                        tok = int(step[0])
-                        seen.append(tok)
-                        if t_first is None:
-                            t_first = time.perf_counter() - t0
-                        if tok == m.tokenizer.eos_token_id:
-                            break
-                        ids.append(tok)
-                        now = m.decode_text(ids)
-                        if now.endswith("\ufffd"):      # an incomplete multi-byte character: wait for the rest
-                            continue
-                        if now != shown:
-                            delta = now[len(shown):] if now.startswith(shown) else now
-                            shown = now
-                            yield StreamEvent(delta=delta, text=shown)
-                    complete = True
-                finally:
-                    steps.close()
-                    if complete:
-                        self._remember(enc, [row], [scale], [seen], record, [0])
-                total = time.perf_counter() - t0
-                timings.update(first_token_s=round(t_first or total, 4), total_s=round(total, 4),
-                               tokens_per_s=round(max(len(seen) - 1, 0) / max(total - (t_first or 0), 1e-9), 2))
-                final = m.decode_text(ids)
-                stopped = bool(stop is not None and stop.is_set())
-                yield StreamEvent(delta=final[len(shown):] if final.startswith(shown) else "", text=final, done=True,
-                                  answer=Answer(final, text, scale, len(ids), stopped, timings))
-
-    def _stream_beams(self, embeds, mask, gen: GenerateConfig, stop, text: str, scale: float, timings: dict,
-                      t0: float, guide=None) -> Iterator[StreamEvent]:
-        """Beam search, streaming the part of the answer every beam that could still win agrees on.
-
-        transformers' generate blocks, so it runs on a helper thread (this thread holds the model's lock
-        and only waits), and its `AgreedPrefix` observer hands each longer agreed prefix over a queue."""
+    def _stream_locked(self, audio, text: str, scale: float, gen: GenerateConfig, stop) -> Iterator[StreamEvent]:
+        """One answer (`decoding.generate`), on the worker thread that holds the lock, its text streamed
+        as it grows: each token, or with beam search the part every beam that could still win agrees on."""
+        t0 = time.perf_counter()
+        cached = (audio.audio if isinstance(audio, Encoding) else audio).key in self._cache
+        enc = self.encode(audio)
         m = self.model
-        found: queue.Queue = queue.Queue()
-        finished = object()
-        outcome: dict = {}
-
-        def search():
-            try:
-                with torch.no_grad(), device_guard(m.llm_device):   # per thread; the LoRA scale is the caller's
-                    outcome["ids"] = m.beam_search(embeds, mask, gen, stop=stop, on_prefix=found.put,
-                                                   guide=guide)[0].tolist()
-            except BaseException as err:  # noqa: BLE001 - raised again on the streaming thread
-                outcome["error"] = err
-            finally:
-                found.put(finished)
-
-        helper = threading.Thread(target=search, name="salmonn-beams", daemon=True)
-        helper.start()
+        embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
+        row = self._row_ids(enc, text)
+        greedy = gen.num_beams == 1
+        past, reused = self._reusable(enc, [row], [scale]) if greedy else (None, 0)
+        timings = {"encode_s": round(time.perf_counter() - t0, 4), "audio_cached": cached, "prompt_tokens": len(row),
+                   "audio_tokens": int(enc.tokens.embeds.shape[0]), "reused_tokens": reused}
+        record: dict = {}
+        progress = generate(m, embeds[:, reused:], None if greedy else mask, gen, [scale], stop=stop, past=past,
+                            record=record, trace=timings.setdefault("decode", {}),
+                            guide=m.ctc_guide([enc.tokens.embeds], gen), stream=True)
         shown, t_first = "", None
-        try:
-            while (item := found.get()) is not finished:
-                now = m.decode_text(item)
-                if now.endswith("\ufffd") or len(now) <= len(shown) or not now.startswith(shown):
-                    continue
-                t_first = t_first or time.perf_counter() - t0
-                delta, shown = now[len(shown):], now
-                yield StreamEvent(delta=delta, text=shown)
-        finally:
-            helper.join()      # the model is ours (the lock) until the search has really ended
-        if "error" in outcome:
-            raise outcome["error"]
-        ids = outcome["ids"]
-        answer = m.decode_text(ids)
+        for last in progress:
+            if last.done:
+                break
+            t_first = t_first or time.perf_counter() - t0
+            now = m.decode_text(last.tokens[0])
+            # an incomplete multi-byte character waits for the rest; beams only ever add to what is shown
+            if now.endswith("\ufffd") or now == shown or (not greedy and not now.startswith(shown)):
+                continue
+            delta, shown = (now[len(shown):] if now.startswith(shown) else now), now
+            yield StreamEvent(delta=delta, text=shown)
+        if greedy:
+            self._remember(enc, [row], [scale], last.fed, record, [0])
         total = time.perf_counter() - t0
-        timings.update(total_s=round(total, 4), first_text_s=round(t_first or total, 4))
-        yield StreamEvent(delta=answer[len(shown):] if answer.startswith(shown) else answer, text=answer, done=True,
-                          answer=Answer(answer, text, scale, len(ids), bool(stop.is_set()), timings))
+        count = len(last.tokens[0])
+        timings.update({"first_token_s" if greedy else "first_text_s": round(t_first or total, 4),
+                        "total_s": round(total, 4),
+                        "tokens_per_s": round(max(count - 1, 0) / max(total - (t_first or 0), 1e-9), 2)})
+        final = m.decode_text(last.tokens[0])
+        yield StreamEvent(delta=final[len(shown):] if final.startswith(shown) else "", text=final, done=True,
+                          answer=Answer(final, text, scale, count, last.stopped, timings))
 
     def answer(self, audio, prompt: str, **kwargs) -> Answer:
         event = None
         for event in self.stream(audio, prompt, **kwargs):
             pass
         return event.answer
-
-    def _many_request(self, prompts, lora_scales, history, generate) -> tuple[list[str], list[float], GenerateConfig]:
-        """(prompt texts, LoRA scales, settings) of a batch: one prompt or scale stands for every row."""
-        gen = self.check_generate(generate or self.default_generate)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        scales = [lora_scales] if lora_scales is None or isinstance(lora_scales, (int, float)) else list(lora_scales)
-        rows = max(len(prompts), len(scales))
-        if len(prompts) == 1:
-            prompts = prompts * rows
-        if len(scales) == 1:
-            scales = scales * rows
-        if len(prompts) != len(scales):
-            raise PromptError(f"{len(prompts)} prompts and {len(scales)} LoRA scales: give one of each per row, or one of either.")
-        scales = [self.check_scale(s) for s in scales]
-        return [self.prompt_text(p, history) for p in prompts], scales, gen
-
-    def answer_many(self, audio, prompts: str | Sequence[str], lora_scales: float | Sequence[float] | None = None,
-                    history: Sequence[tuple[str, str]] = (), generate: GenerateConfig | None = None) -> list[Answer]:
-        """Several prompts and/or LoRA scales over one audio. Greedy/sampled decoding runs all rows in one
-        batch (each row with its own LoRA scale); beam search runs row by row."""
-        texts, scales, gen = self._many_request(prompts, lora_scales, history, generate)
-        with self._lock, _MemoryGuard(self, "answering", gen=gen):
-            for event in self._many_locked(audio, texts, scales, gen, None, None):
-                pass
-        return event.answers
-
-    def stream_many(self, audio, prompts: str | Sequence[str], lora_scales: float | Sequence[float] | None = None,
-                    history: Sequence[tuple[str, str]] = (), generate: GenerateConfig | None = None,
-                    stop: threading.Event | None = None, every: float = 0.25) -> Iterator[BatchEvent]:
-        """`answer_many` on a worker thread (see `_on_worker`), reporting every `every` seconds each row's
-        text so far and which rows have ended; the last event carries the answers. Stop, closing or
-        abandoning the stream ends the batch at its next step (stopped rows are marked) and frees the
-        model and the memory the batch held."""
-        texts, scales, gen = self._many_request(prompts, lora_scales, history, generate)
-        if not isinstance(audio, Encoding):
-            audio = self.prepare(audio)
-
-        def produce(either):
-            with _MemoryGuard(self, "answering", gen=gen):
-                yield from self._many_locked(audio, texts, scales, gen, either, every)
-            release_memory()               # a batch's cache is large: give it back at once
-
-        yield from self._on_worker(produce, stop or threading.Event())
-
-    def _many_locked(self, audio, texts: list[str], scales: list[float], gen: GenerateConfig, stop,
-                     every: float | None) -> Iterator[BatchEvent]:
-        """The batch itself (the caller holds the lock). Progress every `every` seconds (None: none)."""
-        t0 = time.perf_counter()
-        enc = self.encode(audio)
-        m = self.model
-        rows = len(texts)
-        halted = lambda: stop is not None and stop.is_set()  # noqa: E731
-        if gen.num_beams > 1:
-            answers: list[Answer] = []
-            guide = m.ctc_guide([enc.tokens.embeds], gen)      # one clip: its frames serve every search
-            for text, scale in zip(texts, scales):
-                if halted():
-                    answers.append(Answer("", text, scale, 0, stopped=True))
-                    continue
-                embeds, mask, _ = m.assemble([enc.tokens.embeds], [text])
-                with use_lora_scale(m.llama_model, scale), torch.no_grad():
-                    ids = m.beam_search(embeds, mask, gen, stop=stop, guide=guide)[0].tolist()
-                answers.append(Answer(m.decode_text(ids), text, scale, len(ids), stopped=halted()))
-                if every is not None and len(answers) < rows:
-                    yield BatchEvent([a.text for a in answers] + [""] * (rows - len(answers)),
-                                     [True] * len(answers) + [False] * (rows - len(answers)))
-            yield BatchEvent([a.text for a in answers], [True] * rows, answers)
-            return
-        row_ids = [self._row_ids(enc, t) for t in texts]
-        embeds, mask, _ = m.assemble([enc.tokens.embeds] * rows, texts)
-        width = embeds.shape[1]
-        pads = [width - len(r) for r in row_ids]
-        if not any(pads):
-            mask = None                  # no padding: no mask to build or check per step
-        past, reused = self._reusable(enc, row_ids, scales)
-        seen: list[list[int]] = [[] for _ in range(rows)]
-        record: dict = {}
-        eos = m.tokenizer.eos_token_id
-        shown_at = time.perf_counter()
-        with use_lora_scale(m.llama_model, m._scale_tensor(scales, rows)), torch.no_grad():
-            steps = m.decode_steps(embeds[:, reused:], mask, gen, stop=stop, past=past, record=record,
-                                   guide=m.ctc_guide([enc.tokens.embeds], gen, rows_per_clip=rows))
-            try:
-                for step in steps:
-                    for i, tok in enumerate(step.tolist()):
-                        seen[i].append(tok)
-                    if every is not None and time.perf_counter() - shown_at >= every:
-                        shown_at = time.perf_counter()
-                        yield BatchEvent([m.decode_text(_until(s, eos)) for s in seen], [eos in s for s in seen])
-            finally:
-                steps.close()
-        stopped = halted()
-        if not stopped:                  # a cut-short batch is not worth keeping
-            self._remember(enc, row_ids, scales, seen, record, pads)
-        timings = {"total_s": round(time.perf_counter() - t0, 4), "reused_tokens": reused}
-        answers = [Answer(m.decode_text(_until(s, eos)), text, scale, len(_until(s, eos)),
-                          stopped=stopped and eos not in s, timings={**timings, "prompt_tokens": len(r)})
-                   for s, text, scale, r in zip(seen, texts, scales, row_ids)]
-        yield BatchEvent([a.text for a in answers], [True] * rows, answers)
-
-    def score(self, audio, prompt: str, reference: str, lora_scales: float | Sequence[float] | None = None) -> list[Score]:
-        """Teacher-forced log-probability of `reference` (+ EOS) at each LoRA scale, in one batch."""
-        scales = [self.check_scale(None if lora_scales is None else lora_scales)] if not isinstance(lora_scales, (list, tuple)) \
-            else [self.check_scale(s) for s in lora_scales]
-        text = self.prompt_text(prompt)
-        tok = self.model.tokenizer
-        target = tok(reference.strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
-        with self._lock, _MemoryGuard(self, "scoring"):
-            enc = self.encode(audio)
-            with torch.no_grad():
-                logps = self.model.target_logprobs([enc.tokens.embeds] * len(scales), [text] * len(scales),
-                                                   [target] * len(scales), scales)
-        pieces = [tok.decode([t]) for t in target]
-        return [Score(s, pieces, lp.tolist()) for s, lp in zip(scales, logps)]

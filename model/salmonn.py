@@ -6,28 +6,24 @@ the loader's key map (checkpoint.py) stays short.
 from __future__ import annotations
 
 import math
-import sys
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .audio import SAMPLE_RATE, log_mel
-from .config import GenerateConfig, SALMONNConfig
+from .config import CHUNK_SECONDS, ENCODER_FRAMES, GenerateConfig, SALMONNConfig
 from .ctc import CTCGuide, CTCHead
 from .encoders import AudioEncoder, BEATsEncoder, SpeechEncoder
 from .errors import ConfigError
-from .fastdecode import RunnerPool, single_device
+from .fastdecode import RunnerPool
 from .llm import LoraScale, PromptFormat, add_lora, load_llm, lora_scale
-from .kvcache import KV
-from .qformer import WindowQFormer
+from .qformer import WindowQFormer, cut_windows
 
-FRAME_RATE = 50.0   # encoder frames per second (Whisper 1500 / 30 s)
+FRAME_RATE = ENCODER_FRAMES / CHUNK_SECONDS   # encoder frames per second
 
 
 @dataclass
@@ -74,72 +70,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ConfigError(f"Unknown dtype {name!r}; use one of {sorted(table)}.")
     return table[name]
-
-
-class _EventStop(StoppingCriteria):
-    """Ends transformers' generate (beam search) at the next step once the event is set."""
-
-    def __init__(self, event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class AgreedPrefix(LogitsProcessor):
-    """Watches one beam search and reports the longest token prefix its answer is sure to start with.
-
-    Beam search cannot stream its best beam (it may lose), but every live beam extends the live
-    beams of earlier steps, so their common prefix only grows. A beam that picks EOS leaves the
-    search as a finished hypothesis that can still win, so the prefix must also agree with every
-    beam that ended. The search keeps the 2 x num_beams best (beam score + token log-prob) of all
-    beams; this observer re-adds each beam's log-probs the same way (it runs last, on the scores the
-    search uses), so it knows when an EOS made that cut. With beam sampling any token can be drawn,
-    so every beam whose EOS is possible counts as ended. Observes only: scores pass through."""
-
-    def __init__(self, num_beams: int, eos: int, sampling: bool, on_prefix: Callable[[list[int]], None]):
-        self.keep, self.eos, self.sampling, self.on_prefix = 2 * num_beams, eos, sampling, on_prefix
-        self.ended: list[list[int]] = []
-        self.agreed: list[int] = []
-        self.last: tuple[dict, torch.Tensor, torch.Tensor] | None = None   # rows -> index, beam scores, log-probs
-
-    def _beam_scores(self, rows: list[list[int]], device) -> torch.Tensor | None:
-        """Each live beam's score: its parent's score plus the log-prob of its last token (None if a
-        parent is unknown, e.g. the processor joined late)."""
-        if self.last is None:          # first step: one real beam, the copies start at -1e9 as in generate
-            return torch.tensor([0.0] + [-1e9] * (len(rows) - 1), device=device)
-        index, scores, logp = self.last
-        parents = [index.get(tuple(row[:-1])) if row else None for row in rows]
-        if None in parents:
-            return None
-        parents_t = torch.tensor(parents, device=device)
-        return scores[parents_t] + logp[parents_t, torch.tensor([row[-1] for row in rows], device=device)]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        rows = input_ids.tolist()
-        possible = torch.isfinite(scores[:, self.eos])
-        beam = None if self.sampling else self._beam_scores(rows, scores.device)
-        if beam is None:
-            ends = possible
-        else:
-            total = beam.to(scores.dtype)[:, None] + scores
-            cut = total.flatten().topk(min(self.keep, total.numel())).values[-1]
-            ends = possible & (total[:, self.eos] >= cut - 1e-4)      # a hair early on ties: never late
-            index: dict[tuple, int] = {}
-            for i in beam.argsort(descending=True).tolist():   # equal rows (the first step): the real beam
-                index.setdefault(tuple(rows[i]), i)
-            self.last = (index, beam, scores.detach().float().clone())
-        self.ended += [rows[i] for i in ends.nonzero().flatten().tolist()]
-        agreed = rows[0]
-        for row in rows[1:] + self.ended:
-            n = 0
-            while n < min(len(agreed), len(row)) and agreed[n] == row[n]:
-                n += 1
-            agreed = agreed[:n]
-        if len(agreed) > len(self.agreed):
-            self.agreed = agreed
-            self.on_prefix(list(agreed))
-        return scores
 
 
 class SALMONN(nn.Module):
@@ -250,18 +180,20 @@ class SALMONN(nn.Module):
     # ----------------------------------------------------------------- audio -> tokens
     def chunk_windows(self, samples: int) -> int:
         """Windows kept for a chunk of `samples` (all 88 unless trim_to_audio)."""
-        full = self.window_qformer.num_windows(1500)
+        full = self.window_qformer.num_windows(ENCODER_FRAMES)
         if not self.cfg.trim_to_audio:
             return full
         frames = math.ceil(samples / SAMPLE_RATE * FRAME_RATE)
         return max(1, min(full, math.ceil(frames / self.window_qformer.stride_frames)))
 
-    def encoder_frames(self, samples: int) -> int:
-        """Whisper frames to compute for a chunk: all 1500, or (trim_to_audio) only the kept windows'."""
-        if not self.cfg.trim_to_audio:
-            return 1500
+    def window_span(self, samples: int) -> int:
+        """Encoder frames the kept windows of a chunk of `samples` read."""
         qf = self.window_qformer
-        return min(1500, (self.chunk_windows(samples) - 1) * qf.stride_frames + qf.window_frames)
+        return (self.chunk_windows(samples) - 1) * qf.stride_frames + qf.window_frames
+
+    def encoder_frames(self, samples: int) -> int:
+        """Whisper frames to compute for a chunk: all of them, or (trim_to_audio) only the kept windows'."""
+        return min(ENCODER_FRAMES, self.window_span(samples)) if self.cfg.trim_to_audio else ENCODER_FRAMES
 
     def run_encoders(self, chunks: Sequence[np.ndarray]):
         """The frozen encoders on a batch of <= 30 s chunks.
@@ -270,7 +202,7 @@ class SALMONN(nn.Module):
         mel = log_mel(list(chunks), self.speech_encoder.feature_extractor)
         mel_t = torch.from_numpy(mel).to(self.device)
         frames = [self.encoder_frames(len(c)) for c in chunks]
-        if all(f == 1500 for f in frames):
+        if all(f == ENCODER_FRAMES for f in frames):
             speech = self.speech_encoder(mel_t)
         else:
             # each chunk at its own length, so its features never depend on the rest of the batch
@@ -298,6 +230,22 @@ class SALMONN(nn.Module):
         Returns (tokens [C, L, H_llm] in fp32 before trimming, cross-attentions or None, mel [C, n_mels, 3000])."""
         speech, audio, lengths, mel = self.run_encoders(chunks)
         return self.qformer_tokens(speech, audio, lengths, output_attentions) + (mel,)
+
+    def clip_tokens(self, frames: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+        """Encoder frames of clips of any lengths (speech [T, d], audio [T_b, d] or None, as training
+        caches them) -> each clip's projected audio tokens, all windows of the batch in one Q-Former call."""
+        qf = self.window_qformer
+        windows, counts = [], []
+        for speech, audio in frames:
+            speech = speech.to(self.device)[None]
+            audio = None if audio is None else audio.to(self.device)[None]
+            lengths = None if audio is None else torch.tensor([audio.shape[1]])
+            w = cut_windows(qf.fuse(speech, audio, lengths), qf.window_frames, qf.stride_frames)[0]
+            windows.append(w)
+            counts.append(w.shape[0])
+        tokens, _ = qf.attend(torch.cat(windows))
+        tokens = self.speech_llama_proj(tokens.reshape(-1, tokens.shape[-1]))
+        return list(torch.split(tokens, [c * self.cfg.qformer.num_query_tokens for c in counts]))
 
     def qformer_tokens(self, speech: torch.Tensor, audio: torch.Tensor | None, audio_lengths=None,
                        output_attentions: bool = False):
@@ -418,158 +366,6 @@ class SALMONN(nn.Module):
             return -torch.stack([lp.mean() for lp in logps]).mean()
         return -torch.cat(logps).mean()
 
-    # ----------------------------------------------------------------- decoding
-    def _processors(self, gen: GenerateConfig):
-        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                  TopKLogitsWarper, TopPLogitsWarper)
-
-        procs = LogitsProcessorList()
-        if gen.repetition_penalty and gen.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
-        if gen.do_sample:
-            if gen.temperature and gen.temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(gen.temperature))
-            if gen.top_k and gen.top_k > 0:
-                procs.append(TopKLogitsWarper(gen.top_k))
-            if gen.top_p is not None and gen.top_p < 1.0:
-                procs.append(TopPLogitsWarper(gen.top_p))
-        return procs
-
-    def _banned_ids(self, vocab: int) -> list[int]:
-        """Token ids never to emit: the added [PAD] (when it is inside the vocabulary and not EOS)."""
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        return [pad] if pad is not None and pad != eos and pad < vocab else []
-
-    def _token_bias(self, vocab: int, gen: GenerateConfig):
-        """Additive logit biases on the device, built once per answer: -inf on banned ids (always) and
-        on EOS (while step < min_length). Indexing with a Python list each step would copy it to the
-        device every token."""
-        device = self.llm_device
-        always = torch.zeros(vocab, device=device)
-        banned = self._banned_ids(vocab)
-        if banned:
-            always[banned] = -math.inf
-        early = always.clone()
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and gen.min_length > 0:
-            early[eos] = -math.inf
-        return always, early
-
-    def use_static_decoding(self, gen: GenerateConfig, mask: torch.Tensor | None, rows: int = 1,
-                            length: int = 0) -> bool:
-        """Static KV cache + CUDA graph only where it pays and is exact: on CUDA, unpadded rows,
-        greedy decoding (repetition penalty included), the LLM on one GPU (a device map may put it
-        there; bitsandbytes 8-bit is not captured), and a cache for `length` positions small beside
-        the weights (each step reads all of it: see fastdecode.STATIC_KV_SHARE)."""
-        return (self.llm_device.type == "cuda" and mask is None and not gen.do_sample and not self.cfg.load_in_8bit
-                and single_device(self.llama_model) is not None
-                and self.runners.static_pays(self.llama_model, rows, length))
-
-    @torch.no_grad()
-    def decode_steps(self, embeds: torch.Tensor, mask: torch.Tensor | None, gen: GenerateConfig,
-                     stop: threading.Event | None = None, past: KV | None = None, record: dict | None = None,
-                     static: bool | None = None, lookahead: bool | None = None,
-                     guide: LogitsProcessor | None = None) -> Iterator[torch.Tensor]:
-        """Greedy or sampled decoding with a KV cache; yields the next token of every row each step
-        (a CPU LongTensor [B]). Rows that finished keep yielding EOS. The caller sets the LoRA scale.
-
-        `embeds` [B, S, H] are the positions after `past` (per layer keys/values [B, h, P, d] of the
-        first P positions: a reused prompt prefix). `mask` [B, P + S] marks left padding, or is None
-        when no row is padded (then no mask is built or checked at all). On exit `record` gets "kv"
-        (keys/values of every position fed to the LLM: the prompt, then answer tokens) and "fed" (how
-        many answer tokens that covers; the last yielded token is usually not among them). `static`: None = auto (see use_static_decoding). `lookahead`:
-        queue step t+1 before handing out token t (None = on CUDA, where it hides the host's work).
-        `guide`: a last logits processor (e.g. ``ctc.CTCGuide``, one row per clip).
-
-        No host<->device sync inside the loop (unpadded rows; with padding transformers checks the
-        mask each step): the end-of-answer bookkeeping stays on the device, and on CUDA the next step
-        is queued before the host waits for this step's token."""
-        from .fastdecode import DynamicRunner
-
-        rows, new_len = embeds.shape[:2]
-        past_len = past[0][0].shape[2] if past else 0
-        device = self.llm_device
-        length = past_len + new_len + gen.max_new_tokens
-        if static is None:
-            static = self.use_static_decoding(gen, mask, rows, length)
-        if static:
-            runner = self.runners.take(self.llama_model, rows, length, past, graph=device.type == "cuda")
-        else:
-            runner = DynamicRunner(self.llama_model, mask, past)
-        if mask is not None:
-            pos = self.positions(mask)[:, past_len:]
-        else:
-            pos = torch.arange(past_len, past_len + new_len, device=device).expand(rows, -1)
-        eos = self.tokenizer.eos_token_id
-        procs = self._processors(gen)
-        if guide is not None:
-            procs.append(guide)
-        rng = None
-        if gen.do_sample and gen.seed is not None:
-            rng = torch.Generator(device=device).manual_seed(gen.seed)
-        overlap = device.type == "cuda" if lookahead is None else lookahead
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        generated = torch.zeros(rows, 0, dtype=torch.long, device=device)
-        biases = None
-
-        def pick(logits: torch.Tensor, step: int) -> torch.Tensor:
-            nonlocal generated, finished, biases
-            logits = logits.float()
-            if biases is None:
-                biases = self._token_bias(logits.shape[-1], gen)
-            logits = logits + biases[1 if step < gen.min_length else 0]
-            if len(procs):
-                logits = procs(generated, logits)
-            if gen.do_sample:
-                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng).squeeze(1)
-            else:
-                nxt = logits.argmax(dim=-1)
-            if eos is not None:
-                nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
-                finished = finished | (nxt == eos)
-            if len(procs):
-                generated = torch.cat([generated, nxt[:, None]], dim=1)
-            return nxt
-
-        fed = 0
-        try:
-            nxt = pick(runner.prefill(embeds, pos), 0)
-            done_host = torch.zeros(rows, dtype=torch.bool)
-            for step in range(gen.max_new_tokens):
-                host = nxt.to("cpu", non_blocking=overlap)
-                ready = None
-                if overlap and device.type == "cuda":
-                    ready = torch.cuda.Event()
-                    ready.record(torch.cuda.current_stream(device))     # the copy's stream, not cuda:0's
-                last = step == gen.max_new_tokens - 1
-                following = None
-                # queue step+1 on the GPU before waiting for this token; not before the first token,
-                # which should reach the user at once (the first feed may capture a CUDA graph)
-                if overlap and step > 0 and not last:
-                    following = pick(runner.feed(nxt), step + 1)
-                    fed += 1
-                if ready is not None:
-                    ready.synchronize()
-                yield host
-                if eos is not None:
-                    done_host |= host == eos
-                if bool(done_host.all()) or (stop is not None and stop.is_set()) or last:
-                    return
-                if following is None:
-                    following = pick(runner.feed(nxt), step + 1)
-                    fed += 1
-                nxt = following
-        finally:
-            # for benchmarks and bug reports: which path the last answer took
-            self.last_decode = {"runner": type(runner).__name__, "cuda_graph": getattr(runner, "graph", None) is not None,
-                                "graph_error": getattr(runner, "graph_error", None),
-                                "answers_on_runner": getattr(runner, "answers", 1)}
-            if record is not None:
-                record["kv"] = runner.kv(past_len + new_len + fed)
-                record["fed"] = fed
-            if static and not isinstance(sys.exc_info()[1], Exception):   # ended, or closed early: reusable
-                self.runners.give(runner)
-
     def ctc_guide(self, audio: Sequence[torch.Tensor], gen: GenerateConfig,
                   rows_per_clip: int | None = None) -> CTCGuide | None:
         """Joint CTC / LLM scoring (``ctc.CTCGuide``) for answers to these clips' audio tokens: each
@@ -583,39 +379,6 @@ class SALMONN(nn.Module):
         table = self.llama_model.get_input_embeddings().weight
         return CTCGuide(self.ctc_head.frame_log_probs(audio, table), rows_per_clip or gen.num_beams, gen.ctc_weight,
                         self.tokenizer.eos_token_id)
-
-    @torch.no_grad()
-    def beam_search(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateConfig, stop=None,
-                    on_prefix: Callable[[list[int]], None] | None = None,
-                    guide: LogitsProcessor | None = None) -> torch.Tensor:
-        """Beam search (optionally beam-sample) through transformers' generate; returns new tokens [B, T].
-        `stop` (anything with is_set()) ends the search after the current step, with the best beam so far.
-        `on_prefix` (one row only) is called with each longer token prefix the answer is sure to start
-        with (`AgreedPrefix`), so the answer can be shown while the beams still search. `guide`: a logits
-        processor run on every beam's log-probs (e.g. ``ctc.CTCGuide``), before that observer."""
-        vocab = self.llama_model.get_output_embeddings().weight.shape[0]
-        kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=gen.max_new_tokens,
-                      num_beams=gen.num_beams, do_sample=gen.do_sample, min_new_tokens=gen.min_length,
-                      repetition_penalty=gen.repetition_penalty, length_penalty=gen.length_penalty,
-                      eos_token_id=self.tokenizer.eos_token_id,
-                      pad_token_id=self.tokenizer.eos_token_id, early_stopping=True)
-        if gen.do_sample:
-            kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or None)
-            if gen.seed is not None:
-                torch.manual_seed(gen.seed)
-        banned = self._banned_ids(vocab)
-        if banned:
-            kwargs["suppress_tokens"] = banned
-        if stop is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_EventStop(stop)])
-        procs = LogitsProcessorList([guide] if guide is not None else [])
-        if on_prefix is not None:
-            if embeds.shape[0] != 1:
-                raise ValueError("on_prefix follows one beam search: give one row.")
-            procs.append(AgreedPrefix(gen.num_beams, self.tokenizer.eos_token_id, gen.do_sample, on_prefix))
-        if procs:
-            kwargs["logits_processor"] = procs
-        return self.llama_model.generate(**kwargs)
 
     def decode_text(self, ids: Sequence[int]) -> str:
         ids = [int(t) for t in ids]

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         scales = [pipe.check_scale(s) for s in (scales or default_scales(pipe.trained_scale))]
         gen = dataclasses.replace(pipe.default_generate, num_beams=args.num_beams)
         if args.max_new_tokens is not None:
-            gen.max_new_tokens = args.max_new_tokens
+            gen = dataclasses.replace(gen, max_new_tokens=args.max_new_tokens)
         gen = pipe.check_generate(gen)
         store = SweepStore(args.out, run_info(pipe, gen, args.data or "assets/sweep/examples.json (bundled)"))
         return run_with_progress(pipe, rows, scales, gen, store)

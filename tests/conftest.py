@@ -30,7 +30,7 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cfg(tiny_root):
-    from tests.tiny import tiny_config
+    from model.random_tiny import tiny_config
 
     return tiny_config(tiny_root)
 

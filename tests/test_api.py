@@ -19,10 +19,11 @@ openai = pytest.importorskip("openai")
 from app import presets  # noqa: E402
 from app.api import Api  # noqa: E402
 from app.ui import build_app  # noqa: E402
+from model import decoding  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
 from tests.conftest import randomize_lora  # noqa: E402
 from tests.test_reliability import CASES, HAS_FFMPEG, serve, tone, wait_for, write  # noqa: E402
-from tests.tiny import tiny_config  # noqa: E402
+from model.random_tiny import tiny_config  # noqa: E402
 
 EXAMPLE = presets.EXAMPLES_DIR / "speech.wav"
 
@@ -131,19 +132,19 @@ def test_concurrent_requests_are_decoded_together_and_equal_each_alone(client, p
     assert pipe.batch.max_batch >= 2 and pipe.batch.max_batch >= before
 
 
-def never_ends(monkeypatch, model):
+def never_ends(monkeypatch):
     """EOS banned: every answer runs to its token budget."""
-    real = model._token_bias
+    real = decoding.token_bias
 
-    def bias(vocab, gen):
-        always, early = real(vocab, gen)
+    def bias(model, vocab, gen):
+        always, early = real(model, vocab, gen)
         return early, early
 
-    monkeypatch.setattr(model, "_token_bias", bias)
+    monkeypatch.setattr(decoding, "token_bias", bias)
 
 
 def test_a_cancelled_stream_frees_its_row_and_the_others_finish_unchanged(client, pipe, clips, monkeypatch):
-    never_ends(monkeypatch, pipe.model)
+    never_ends(monkeypatch)
     expected = [ask(client, c, max_tokens=120).choices[0].message.content for c in clips[:3]]
     results = {}
 

@@ -15,10 +15,10 @@ gr_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app import lab, plots, presets  # noqa: E402
-from app.ui import build_app, launch  # noqa: E402
+from app.ui import build_app, gate_of, launch  # noqa: E402
 from model.config import Limit  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
-from tests.tiny import tiny_config  # noqa: E402
+from model.random_tiny import tiny_config  # noqa: E402
 from tests.test_mic import virtual_mic  # noqa: E402,F401 - the live-microphone fixture
 
 EXAMPLE = str(presets.EXAMPLES_DIR / "speech.wav")
@@ -217,7 +217,7 @@ def test_safe_serving_defaults(server, pipe):
     assert kw["allowed_paths"] == [str(ASSETS_DIR / "examples")]     # nothing else of ours is served
     assert server.startswith("http://127.0.0.1:")
     demo = build_app(pipe, queue_size=5)
-    assert demo.model_gate.max_waiting == 5 and demo._queue.max_size is not None   # a bounded queue
+    assert gate_of(demo).max_waiting == 5 and demo._queue.max_size is not None   # a bounded queue
 
 
 # ------------------------------------------------------------------------------------------ plots

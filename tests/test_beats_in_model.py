@@ -1,4 +1,4 @@
-"""Issue 3: BEATs plugged into SALMONN (ln_audio, zero-padding, concatenation, checkpoint keys)."""
+"""BEATs plugged into SALMONN (ln_audio, zero-padding, concatenation, checkpoint keys)."""
 from __future__ import annotations
 
 import numpy as np

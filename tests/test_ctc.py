@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from model import decoding
 from model.config import GenerateConfig
 from model.ctc import CTCGuide, CTCHead, CTCPrefixScores
 
@@ -110,10 +111,10 @@ def test_guided_beam_search_and_greedy_decoding_spell_the_audio_tokens(tiny_mode
     embeds, mask, _ = m.assemble([tokens.to(m.llm_dtype)], [m.prompt.conversation(["Transcribe the speech."])])
     eos = m.tokenizer.eos_token_id
     with torch.no_grad():
-        plain = m.beam_search(embeds, mask, GenerateConfig(max_new_tokens=n, num_beams=3))[0].tolist()
-        beams = m.beam_search(embeds, mask, GenerateConfig(max_new_tokens=n, num_beams=3),
+        plain = decoding.beam_search(m, embeds, mask, GenerateConfig(max_new_tokens=n, num_beams=3))[0].tolist()
+        beams = decoding.beam_search(m, embeds, mask, GenerateConfig(max_new_tokens=n, num_beams=3),
                               guide=CTCGuide(frames, 3, 1.0, eos, candidates=table.shape[0]))[0].tolist()
-        greedy = [int(t[0]) for t in m.decode_steps(embeds, mask, GenerateConfig(max_new_tokens=n, num_beams=1),
+        greedy = [int(t[0]) for t in decoding.decode_steps(m, embeds, mask, GenerateConfig(max_new_tokens=n, num_beams=1),
                                                      guide=CTCGuide(frames, 1, 1.0, eos, candidates=table.shape[0]))]
     assert m.decode_text(beams) == text.strip() == m.decode_text(greedy)
     assert m.decode_text(plain) != text.strip()

@@ -1,4 +1,4 @@
-"""Issue 4: the shipped SALMONN-tiny checkpoints load into the default model, which listens.
+"""The shipped SALMONN-tiny checkpoints load into the default model, which listens.
 
 What is tested: the default model transcribes one bundled clip of its training domain, in a voice it
 never heard, with at most 2 word errors (greedy), and the transcription preset's CTC-guided beam search

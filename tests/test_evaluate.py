@@ -1,4 +1,4 @@
-"""Issue 4: the evaluation rules (documented in train/evaluate.py) judge answers as intended."""
+"""The evaluation rules (documented in train/evaluate.py) judge answers as intended."""
 from train.evaluate import answer_correct, is_story, wer, words
 
 

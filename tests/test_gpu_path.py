@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 
+from model import decoding
 from model.config import GenerateConfig
 from model.errors import OutOfMemory
 from model.fastdecode import RunnerPool, single_device, static_length
 from model.kvcache import PrefixCache
 from model.llm import LoraScale, current_scale, lora_layers, lora_scale
-from model.pipeline import Pipeline, _is_out_of_memory
+from model.guards import is_out_of_memory as _is_out_of_memory
+from model.pipeline import Pipeline
 
 LONG = GenerateConfig(max_new_tokens=8, num_beams=1, min_length=8)
 GREEDY = GenerateConfig(max_new_tokens=8, num_beams=1)
@@ -37,9 +39,13 @@ def prompt_embeds(m, rows: int = 1, question: str = "Describe the audio.", secon
     return embeds
 
 
+LAST: dict = {}       # the path the last `tokens` call took (decode_steps' trace)
+
+
 def tokens(m, embeds, scale, gen=LONG, **kwargs) -> list[list[int]]:
+    LAST.clear()
     with lora_scale(m.llama_model, scale), torch.no_grad():
-        return [s.tolist() for s in m.decode_steps(embeds, None, gen, **kwargs)]
+        return [s.tolist() for s in decoding.decode_steps(m, embeds, None, gen, trace=LAST, **kwargs)]
 
 
 # ---------------------------------------------------------------- per-row LoRA scales
@@ -125,16 +131,16 @@ def test_one_runner_serves_several_answers_as_fresh_runners_do(tiny_model):
     for embeds, scale in asks:
         m.runners.clear()
         fresh.append(tokens(m, embeds, scale, static=True))
-        assert m.last_decode["answers_on_runner"] == 1
+        assert LAST["answers_on_runner"] == 1
     m.runners.clear()
     reused = [tokens(m, embeds, scale, static=True) for embeds, scale in asks]
     assert reused == fresh
-    assert m.last_decode["answers_on_runner"] == 3 and len(m.runners) == 2     # one per rows x length bucket
+    assert LAST["answers_on_runner"] == 3 and len(m.runners) == 2     # one per rows x length bucket
     assert reused[0] == tokens(m, one, 4.0, static=False)
     # from a reused prompt prefix, and after an answer cut short
     record = {}
     with lora_scale(m.llama_model, 4.0), torch.no_grad():
-        steps = m.decode_steps(one, None, LONG, static=True, record=record)
+        steps = decoding.decode_steps(m, one, None, LONG, static=True, record=record)
         next(steps)
         steps.close()
     cut = one.shape[1] - 3
@@ -179,7 +185,7 @@ def test_cublas_alloc_failure_while_decoding_is_a_message_and_clears_the_caches(
     wav = tone(1.2, 500)
     before = pipe.answer(wav, "Describe the audio.", generate=GREEDY)
     assert len(pipe.prefix_cache) > 0
-    real = pipe.model.decode_steps
+    real = decoding.decode_steps
 
     def failing(*args, **kwargs):
         for i, step in enumerate(real(*args, **kwargs)):
@@ -187,7 +193,7 @@ def test_cublas_alloc_failure_while_decoding_is_a_message_and_clears_the_caches(
                 raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
             yield step
 
-    monkeypatch.setattr(pipe.model, "decode_steps", failing)
+    monkeypatch.setattr(decoding, "decode_steps", failing)
     with pytest.raises(OutOfMemory, match=r"Out of memory while answering: try shorter audio.*ask again"):
         pipe.answer(wav, "What do you hear?", generate=GREEDY)
     assert len(pipe.prefix_cache) == 0 and len(pipe.model.runners) == 0
@@ -204,7 +210,7 @@ def test_other_errors_are_not_turned_into_out_of_memory(tiny_model, monkeypatch)
         raise RuntimeError("Expected all tensors to be on the same device")
         yield
 
-    monkeypatch.setattr(pipe.model, "decode_steps", failing)
+    monkeypatch.setattr(decoding, "decode_steps", failing)
     with pytest.raises(RuntimeError, match="same device"):
         pipe.answer(tone(1.0), "Describe the audio.", generate=GREEDY)
 
@@ -259,12 +265,12 @@ def test_cuda_graph_is_captured_once_and_reused(tiny_model):
     m.runners.max_bytes = 1 << 30
     embeds = prompt_embeds(m, 1)
     first = tokens(m, embeds, 4.0, static=True)
-    assert m.last_decode["cuda_graph"], m.last_decode["graph_error"]
+    assert LAST["cuda_graph"], LAST["graph_error"]
     (runner,) = m.runners._runners.values()
     graph = runner.graph
     assert tokens(m, embeds, 4.0, static=True) == first == tokens(m, embeds, 4.0, static=False)
     other = tokens(m, embeds, 1.0, static=True)          # a new scale: the same graph, other tokens
-    assert m.last_decode["answers_on_runner"] == 3 and runner.graph is graph
+    assert LAST["answers_on_runner"] == 3 and runner.graph is graph
     assert other == tokens(m, embeds, 1.0, static=False)
 
 

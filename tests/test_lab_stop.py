@@ -15,12 +15,13 @@ pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app import lab, presets  # noqa: E402
-from app.ui import build_app  # noqa: E402
+from app.ui import build_app, gate_of  # noqa: E402
+from model import decoding  # noqa: E402
 from model.config import GenerateConfig  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
 from tests.conftest import randomize_lora  # noqa: E402
 from tests.test_reliability import answered, ask, demo_idle, serve, tone, wait_for, write  # noqa: E402
-from tests.tiny import tiny_config  # noqa: E402
+from model.random_tiny import tiny_config  # noqa: E402
 
 STEP_S = 0.1       # per decoding step: a lab run of 1024 tokens would take over 100 s
 
@@ -47,14 +48,14 @@ def clip(tmp_path_factory):
 
 def slow_endless_decoding(monkeypatch, model):
     """No EOS before max_new_tokens, STEP_S a step."""
-    real = model.decode_steps
+    real = decoding.decode_steps
 
-    def decode_steps(embeds, mask, gen, **kwargs):
-        for step in real(embeds, mask, replace(gen, min_length=gen.max_new_tokens), **kwargs):
+    def decode_steps(model, embeds, mask, gen, **kwargs):
+        for step in real(model, embeds, mask, replace(gen, min_length=gen.max_new_tokens), **kwargs):
             time.sleep(STEP_S)
             yield step
 
-    monkeypatch.setattr(model, "decode_steps", decode_steps)
+    monkeypatch.setattr(decoding, "decode_steps", decode_steps)
 
 
 def rss_bytes() -> int:
@@ -158,7 +159,7 @@ def test_a_perplexity_sweep_cancelled_mid_run_frees_the_model(app, pipe, monkeyp
 def test_a_lab_run_over_the_bound_is_refused_before_it_costs_anything(app, pipe, clip, monkeypatch):
     _, url = app
     calls = []
-    monkeypatch.setattr(pipe.model, "decode_steps", lambda *a, **k: calls.append(1) or iter(()))
+    monkeypatch.setattr(decoding, "decode_steps", lambda *a, **k: calls.append(1) or iter(()))
     monkeypatch.setattr(pipe.model, "encode_audio", lambda *a, **k: calls.append(1))
     scales = ", ".join(str(s / 4) for s in range(12))
     html_out, raw, status = Client(url, verbose=False).predict(*lab_args(clip, scales=scales, max_new=2048),
@@ -196,7 +197,7 @@ def test_a_lab_run_whose_tab_closes_frees_the_model(app, pipe, clip, monkeypatch
             updates += "process_generating" in line and "writing" in line
             if updates >= 2:
                 break                                  # ... and the connection closes mid-run
-    assert updates >= 2 and demo.model_gate._line, "the lab should be streaming"
+    assert updates >= 2 and gate_of(demo)._line, "the lab should be streaming"
     assert demo_idle(demo, within=15)
     assert pipe._lock.acquire(timeout=5)
     pipe._lock.release()

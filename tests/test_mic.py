@@ -291,7 +291,7 @@ def trained_config():
 
 def test_pipeline_answers_about_the_whole_mic_take(trained_config, spoken):
     """The desktop-mic take feeds the default model end to end: every window of the take becomes
-    audio tokens (one per query) and the model answers. (Word-accurate transcription is tracked by issue 4.)"""
+    audio tokens (one per query) and the model answers."""
     import math
 
     from model.pipeline import Pipeline

@@ -1,4 +1,4 @@
-"""Issue 2: the SALMONN core on tiny random parts (real loading code, no downloads)."""
+"""The SALMONN core on tiny random parts (real loading code, no downloads)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from model import decoding
 from model.audio import prepare_audio
 from model.checkpoint import from_official, load_checkpoint, read_state_dict, save_checkpoint, to_official
 from model.config import GenerateConfig, QFormerConfig, load_config
@@ -316,7 +317,7 @@ def test_beam_search_and_sampling_are_wired(tiny_pipeline):
 
 
 def test_agreed_prefix_reports_what_every_beam_that_can_still_win_starts_with():
-    from model.salmonn import AgreedPrefix
+    from model.decoding import AgreedPrefix
 
     def logp(row0: dict, row1: dict) -> torch.Tensor:
         s = torch.full((2, 10), -20.0)
@@ -367,7 +368,7 @@ def test_beam_search_streams_only_text_the_final_answer_keeps(tiny_pipeline):
         streamed_any |= len(events) > 1
         embeds, mask, _ = m.assemble([tiny_pipeline.encode(wav).tokens.embeds], [tiny_pipeline.prompt_text(prompt, [])])
         with torch.no_grad():
-            plain = m.beam_search(embeds, mask, gen)[0].tolist()
+            plain = decoding.beam_search(m, embeds, mask, gen)[0].tolist()
         assert final.text == m.decode_text(plain)
     assert streamed_any
 

@@ -1,4 +1,4 @@
-"""Issue #7: reliability and security. A corpus of bad inputs (generated here, nothing stored) through
+"""Reliability and security. A corpus of bad inputs (generated here, nothing stored) through
 the pipeline API and through gradio_client against the running app; many clients at once; faults
 (cancel, out of memory, hostile checkpoints); and the safe serving defaults.
 
@@ -33,12 +33,13 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from app import presets  # noqa: E402
 from app.runner import ModelGate, generate_config  # noqa: E402
-from app.ui import build_app, launch, launch_kwargs  # noqa: E402
+from app.ui import build_app, gate_of, launch, launch_kwargs  # noqa: E402
+from model import decoding  # noqa: E402
 from model.config import GenerateConfig  # noqa: E402
 from model.errors import OutOfMemory, SalmonnError  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
 from tests.conftest import randomize_lora  # noqa: E402
-from tests.tiny import tiny_config  # noqa: E402
+from model.random_tiny import tiny_config  # noqa: E402
 
 EXAMPLE = str(presets.EXAMPLES_DIR / "speech.wav")
 UPLOAD_CAP = "50mb"                       # the app's default; the pipeline is given the same cap
@@ -426,7 +427,7 @@ def test_twenty_clients_at_once_each_get_their_own_answer(app, pipe, tmp_path):
 def demo_idle(demo, within: float = 5.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if not demo.model_gate._line:
+        if not gate_of(demo)._line:
             return True
         time.sleep(0.05)
     return False
@@ -441,9 +442,9 @@ def test_busy_past_the_line_says_how_many_are_ahead(pipe, corpus):
         a, b, c = (Client(url, verbose=False) for _ in range(3))
         with pipe._lock:                     # the model is busy (held here), so requests pile up
             job_a = a.submit(**ask_args(corpus["valid"], beams=2), api_name="/ask")
-            assert wait_for(lambda: len(demo.model_gate._line) == 1)
+            assert wait_for(lambda: len(gate_of(demo)._line) == 1)
             job_b = b.submit(**ask_args(corpus["valid"], beams=2), api_name="/ask")
-            assert wait_for(lambda: len(demo.model_gate._line) == 2)
+            assert wait_for(lambda: len(gate_of(demo)._line) == 2)
             assert wait_for(lambda: any("1 ahead of you" in str(o) for o in job_b.outputs()))
             chat, *_ = c.predict(**ask_args(corpus["valid"], beams=2), api_name="/ask")
             busy = text_of(chat[-1])
@@ -550,11 +551,10 @@ def test_stop_ends_greedy_and_beam_search_promptly(pipe):
 def _endless_generation(monkeypatch, pipe):
     """No EOS until max_new_tokens, a few ms a token, alone or in the shared batch: an answer that is
     surely cut mid-stream."""
-    model = pipe.model
-    real, real_step, real_bias = model.decode_steps, pipe.batch._step, model._token_bias
+    real, real_step, real_bias = decoding.decode_steps, pipe.batch._step, decoding.token_bias
 
-    def decode_steps(embeds, mask, gen, **kwargs):
-        for step in real(embeds, mask, replace(gen, min_length=gen.max_new_tokens), **kwargs):
+    def decode_steps(model, embeds, mask, gen, **kwargs):
+        for step in real(model, embeds, mask, replace(gen, min_length=gen.max_new_tokens), **kwargs):
             time.sleep(0.005)
             yield step
 
@@ -562,9 +562,9 @@ def _endless_generation(monkeypatch, pipe):
         time.sleep(0.005)
         real_step()
 
-    monkeypatch.setattr(model, "decode_steps", decode_steps)
+    monkeypatch.setattr(decoding, "decode_steps", decode_steps)
     monkeypatch.setattr(pipe.batch, "_step", step)
-    monkeypatch.setattr(model, "_token_bias", lambda vocab, gen: (real_bias(vocab, gen)[1],) * 2)   # EOS banned
+    monkeypatch.setattr(decoding, "token_bias", lambda model, vocab, gen: (real_bias(model, vocab, gen)[1],) * 2)   # EOS banned
 
 
 def test_cancel_mid_stream_frees_the_model_then_ask_again(app, pipe, corpus, monkeypatch):
@@ -621,7 +621,7 @@ def test_a_client_that_goes_away_mid_stream_frees_the_model(app, pipe, corpus, m
 
 def _oom_during_generation(monkeypatch, model, after_tokens=2):
     """decode_steps raises a CUDA-style out-of-memory error after a few tokens, once."""
-    real = model.decode_steps
+    real = decoding.decode_steps
     calls = []
 
     def decode_steps(*args, **kwargs):
@@ -635,7 +635,7 @@ def _oom_during_generation(monkeypatch, model, after_tokens=2):
                 raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 20.00 GiB ({big.numel()})")
             yield step
 
-    monkeypatch.setattr(model, "decode_steps", decode_steps)
+    monkeypatch.setattr(decoding, "decode_steps", decode_steps)
     return calls
 
 

@@ -1,4 +1,4 @@
-"""Issue 6: every speed optimisation gives the same answers as the plain path (correctness, not time),
+"""Every speed optimisation gives the same answers as the plain path (correctness, not time),
 and a smoke run of the CPU benchmark on the tiny test model."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from model import decoding
 from model.config import GenerateConfig
 from model.kvcache import PrefixCache, common_prefix, sequence_ids
 from model.llm import lora_scale
@@ -26,7 +27,7 @@ def tone(seconds: float, freq: float = 440.0) -> np.ndarray:
 
 def tokens_of(model, embeds, gen, scale, **kwargs) -> list[list[int]]:
     with lora_scale(model.llama_model, scale):
-        return [step.tolist() for step in model.decode_steps(embeds, None, gen, **kwargs)]
+        return [step.tolist() for step in decoding.decode_steps(model, embeds, None, gen, **kwargs)]
 
 
 # ---------------------------------------------------------------- decoding paths
@@ -48,7 +49,7 @@ def test_static_cache_decoding_equals_dynamic(tiny_model, rows):
     # starting from a reused prefix (keys/values of the first positions) gives the same tokens too
     record = {}
     with lora_scale(m.llama_model, scales):
-        list(m.decode_steps(embeds, None, gen, static=False, record=record))
+        list(decoding.decode_steps(m, embeds, None, gen, static=False, record=record))
     cut = embeds.shape[1] - 3
     past = [(k[:, :, :cut], v[:, :, :cut]) for k, v in record["kv"]]
     for static in (False, True):
@@ -60,7 +61,7 @@ def test_decode_record_covers_every_fed_position(tiny_model):
     enc = m.encode_audio(tone(1.0), output_attentions=False)
     embeds, _, _ = m.assemble([enc.embeds], [m.prompt.conversation(["Describe."])])
     record = {}
-    steps = list(m.decode_steps(embeds, None, LONG, record=record))
+    steps = list(decoding.decode_steps(m, embeds, None, LONG, record=record))
     assert record["fed"] == len(steps) - 1          # the last token is yielded, never fed
     assert record["kv"][0][0].shape[2] == embeds.shape[1] + record["fed"]
 
@@ -90,7 +91,7 @@ def test_min_length_and_eos_on_every_path(tiny_model, static):
     embeds, _, _ = m.assemble([m.encode_audio(tone(1.0), output_attentions=False).embeds] * 2,
                               [m.prompt.conversation(["Describe."])] * 2)
     gen = GenerateConfig(max_new_tokens=8, num_beams=1, min_length=3)
-    steps = [s.tolist() for s in m.decode_steps(embeds, None, gen, static=static)]
+    steps = [s.tolist() for s in decoding.decode_steps(m, embeds, None, gen, static=static)]
     row0, row1 = [s[0] for s in steps], [s[1] for s in steps]
     assert eos not in row0[:3] and row0[3:] == [eos] * 5
     assert len(steps) == 8 and eos not in row1
@@ -241,7 +242,7 @@ def test_decode_loop_has_no_device_syncs_on_cuda(tiny_model):
     embeds, _, _ = m.assemble([m.encode_audio(tone(1.0), output_attentions=False).embeds],
                               [m.prompt.conversation(["Describe."])])
     for static in (False, True):
-        steps = m.decode_steps(embeds, None, LONG, static=static)
+        steps = decoding.decode_steps(m, embeds, None, LONG, static=static)
         next(steps)
         next(steps)                              # graph captured / caches warm
         torch.cuda.set_sync_debug_mode("error")

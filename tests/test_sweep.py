@@ -15,7 +15,7 @@ from model import metrics, sweep
 from model.annotation import BUNDLED_DATA, load_annotation
 from model.config import GenerateConfig
 from model.errors import ConfigError, SettingsError
-from model.pipeline import Score
+from model.answers import Score
 from model.sweep_report import summarise
 
 MAX_NEW = 3

@@ -1,4 +1,4 @@
-"""Issue 4: the training code lowers the loss, resumes exactly, and follows the official schedule."""
+"""The training code lowers the loss, resumes exactly, and follows the official schedule."""
 from __future__ import annotations
 
 import json

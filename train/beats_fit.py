@@ -1,7 +1,7 @@
 """Train a small BEATs audio encoder on the synthetic clips' labels, for SALMONN-tiny's audio slot.
 
 No BEATs weights exist offline, and Whisper tiny.en's frames do not hold key or major/minor at all
-(linear probes, MODEL_CARD). This fits our BEATs implementation (model/beats.py, the official
+(linear probes, docs/EXPERIMENTS.md). This fits our BEATs implementation (model/beats.py, the official
 architecture at a small size) from scratch, **supervised** on the labels `make_data` writes (sound
 kind, event count, key, mode, tempo, timbre, drums, speaker gender, ...) rather than by BEATs'
 self-supervised pre-training with an acoustic tokenizer: say so wherever it is used.

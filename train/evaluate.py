@@ -21,6 +21,11 @@ model/metrics.py's, shared with the scale sweep `python -m model.sweep`):
 - Story following rate: the official storytelling prompt; an answer counts as a story when it has at
   least 40 words and 3 sentences and is not a copy of the clip's transcript or caption (fewer than
   60 % of its words come from those references). This is the paper's "following rate" idea.
+- Grounded story rate: the share of those stories that name the clip's main sound, by the keyword
+  rule per label of ``train.grounding`` (rain, beep, siren, music, piano, speech, knock, dog, ...).
+- Held-out engine (``--held-engine``): everyday sentences never trained on, spoken by a TTS engine never
+  used in training (flite; ``train.hearing_data --everyday-eval``), WER per engine at the largest scale,
+  greedy and with the speech-recognition preset's decoding (beams + CTC guidance).
 - Per-task perplexity of the reference answers (teacher forcing), as in the paper's analysis of task
   over-fitting; the "story" references are written by the LLM itself from held-out clips' labels.
 """
@@ -34,13 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import decoding
 from model.config import GenerateConfig
 from model.defaults import ASSETS, CHECKPOINTS, CTC_WEIGHT, bundled_config
-from model.llm import lora_scale
 # The scoring rules live with the model's metrics (the scale sweep uses them too); imported from here
 # by the training tools as well.
 from model.metrics import answer_correct, is_story, wer, words  # noqa: F401
 from model.salmonn import SALMONN
+from train.grounding import grounded_rate
 from train.tasks import PROMPTS, QUESTIONS, describe, full_prompt, question_kind
 from train.trainer import load_annotations
 
@@ -81,28 +87,16 @@ OPEN_EVAL_SENTENCES = [
 @torch.no_grad()
 def generate(model: SALMONN, tokens: list[torch.Tensor], prompts: list[str], scale: float, max_new: int,
              batch: int = 16, beams: int = 1, ctc_weight: float = 0.0) -> list[str]:
-    """Answers for many (audio, prompt) rows, in batches, all at one LoRA scale: greedy, or beam search
-    with `beams` beams (transformers' generate on the left-padded batch); CTC-guided with `ctc_weight`."""
+    """Answers for many (audio, prompt) rows, in batches, all at one LoRA scale (`decoding.generate`):
+    greedy, or beam search with `beams` beams on the left-padded batch; CTC-guided with `ctc_weight`."""
     gen = GenerateConfig(max_new_tokens=max_new, num_beams=beams, repetition_penalty=model.cfg.generate.repetition_penalty,
                          ctc_weight=ctc_weight)
     out = []
     for i in range(0, len(prompts), batch):
         texts = [model.prompt.conversation([p]) for p in prompts[i:i + batch]]
         embeds, mask, _ = model.assemble(tokens[i:i + batch], texts)
-        guide = model.ctc_guide(tokens[i:i + batch], gen)
-        with lora_scale(model.llama_model, scale):
-            if beams > 1:
-                out += [model.decode_text(ids) for ids in model.beam_search(embeds, mask, gen, guide=guide).tolist()]
-                continue
-            rows = [[] for _ in texts]
-            done = [False] * len(texts)
-            for step in model.decode_steps(embeds, mask, gen, guide=guide):
-                for r, tok in enumerate(step.tolist()):
-                    if not done[r]:
-                        done[r] = tok == model.tokenizer.eos_token_id
-                        if not done[r]:
-                            rows[r].append(tok)
-        out += [model.decode_text(r) for r in rows]
+        *_, last = decoding.generate(model, embeds, mask, gen, scale, guide=model.ctc_guide(tokens[i:i + batch], gen))
+        out += [model.decode_text(t) for t in last.tokens]
     return out
 
 
@@ -136,9 +130,10 @@ def open_eval_clips(n: int) -> list[tuple[str, np.ndarray]]:
 
 def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], stories: list[dict], scales: list[float],
                         sizes: dict, everyday: list[tuple[str, np.ndarray]] = (), log=print, asr_beams: int = 1,
-                        asr_ctc: float = 0.0) -> dict:
+                        asr_ctc: float = 0.0, held_engine: list[dict] = ()) -> dict:
     """The weights at `ckpt`, reported under the name `variant`; `everyday` is (sentence, audio) pairs
-    for the out-of-domain WER (``open_eval_clips``). At the largest scale both WERs are measured again
+    for the out-of-domain WER (``open_eval_clips``); `held_engine` the ASR rows of the held-out engine's
+    everyday set (``held_engine_wer``, at the largest scale). At the largest scale both WERs are measured again
     on ``sizes["asr_decoding"]`` held-out clips (a larger, less noisy sample than the sweep's), greedy
     and, with `asr_beams` > 1, with beam search; and both again CTC-guided with weight `asr_ctc` when
     the checkpoint carries a CTC head."""
@@ -162,6 +157,7 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
     ppl_tasks = {t: select(rows, t, sizes["ppl"]) for t in ("asr", "audiocaption", "music_description", "QA", "speech_audio")}
     ppl_tasks["story"] = stories[: sizes["ppl"]]
     asr_prompt = full_prompt(PROMPTS["asr"][0])
+    labels_of = {r["path"]: r.get("labels", {}) for r in rows}
 
     def transcribe(scale: float, beams: int = 1, clips: list[dict] = asr, everyday: bool = True, ctc: float = 0.0) -> dict:
         """Held-out (`clips`) and, with `everyday`, everyday WER at one scale, with three examples of each."""
@@ -192,12 +188,15 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
                 if asr_beams > 1:
                     entry["decoding"]["ctc"]["beams"] = {"beams": asr_beams,
                                                          **transcribe(scale, asr_beams, asr_decoding, ctc=asr_ctc)}
+            if held_engine:
+                entry["decoding"]["held_engine"] = held_engine_wer(model, held_engine, scale, asr_beams, asr_ctc)
             entry["decoding"]["seconds"] = round(time.perf_counter() - t1, 1)
         entry["attribute_accuracy"], entry["attribute_by_kind"], _ = attribute_scores(model, tokens_for(qa), qa, scale)
         hyp = generate(model, tokens_for(gender), [r["prompt"] for r in gender], scale, 8)
         entry["gender_accuracy"] = float(np.mean([answer_correct(r["text"], h) for r, h in zip(gender, hyp)]))
         hyp = generate(model, tokens_for(story_rows), [STORY_PROMPT] * len(story_rows), scale, 120)
         entry["story_following_rate"] = float(np.mean([is_story(h, s["references"]) for s, h in zip(story_rows, hyp)]))
+        entry["grounded_story_rate"] = grounded_rate(hyp, [labels_of.get(s["path"], {}) for s in story_rows])
         entry["story_examples"] = hyp[:2]
         entry["perplexity"] = {t: perplexity(model, tokens_for(sel), [r["prompt"] if t != "story" else STORY_PROMPT for r in sel],
                                              [r["text"] for r in sel], scale) for t, sel in ppl_tasks.items()}
@@ -211,6 +210,23 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
                       if isinstance(v, dict)))
         result[f"{scale:g}"] = entry
     return result
+
+
+def held_engine_wer(model: SALMONN, rows: list[dict], scale: float, beams: int, ctc: float) -> dict:
+    """Everyday WER on speech of an engine never used in training (``train.hearing_data --everyday-eval``),
+    per engine, greedy and with the speech-recognition preset's decoding (`beams` beams + CTC `ctc`)."""
+    from model.audio import prepare_audio
+
+    tokens = [model.encode_audio(prepare_audio(r["path"]).wav, output_attentions=False).embeds for r in rows]
+    refs, prompts = [r["text"] for r in rows], [r["prompt"] for r in rows]
+    out = {}
+    for engine in sorted({r["labels"]["speech"]["engine"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["labels"]["speech"]["engine"] == engine]
+        sel_t, sel_p, sel_r = [tokens[i] for i in idx], [prompts[i] for i in idx], [refs[i] for i in idx]
+        out[engine] = {"clips": len(idx), "greedy": wer(sel_r, generate(model, sel_t, sel_p, scale, 48))}
+        if model.ctc_head is not None and ctc:
+            out[engine]["preset"] = wer(sel_r, generate(model, sel_t, sel_p, scale, 48, beams=beams, ctc_weight=ctc))
+    return out
 
 
 def attribute_scores(model: SALMONN, tokens: list[torch.Tensor], rows: list[dict], scale: float) -> tuple[float, dict, list[str]]:
@@ -261,14 +277,16 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = ["| checkpoint | LoRA scale | ASR WER ↓ | everyday WER ↓ | attribute acc ↑ | gender acc ↑ | story rate ↑ | PPL asr | PPL caption | PPL music | PPL story |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | LoRA scale | ASR WER ↓ | everyday WER ↓ | attribute acc ↑ | gender acc ↑ | story rate ↑ | grounded stories ↑ | PPL asr | PPL caption | PPL music | PPL story |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, per_scale in results["checkpoints"].items():
         for s, e in per_scale.items():
             p = e["perplexity"]
             everyday = f"{e['open_asr_wer'] * 100:.1f} %" if "open_asr_wer" in e else "–"
+            g = e.get("grounded_story_rate")
+            grounded = "–" if g is None or np.isnan(g) else f"{g * 100:.0f} %"
             lines.append(f"| {variant} | {s} | {e['asr_wer'] * 100:.1f} % | {everyday} | {e['attribute_accuracy'] * 100:.1f} % | "
-                         f"{e['gender_accuracy'] * 100:.1f} % | {e['story_following_rate'] * 100:.0f} % | {p['asr']:.2f} | "
+                         f"{e['gender_accuracy'] * 100:.1f} % | {e['story_following_rate'] * 100:.0f} % | {grounded} | {p['asr']:.2f} | "
                          f"{p['audiocaption']:.2f} | {p['music_description']:.2f} | {p['story']:.2f} |")
     top = f"{max(scales):g}"
     names = [n for n, per in results["checkpoints"].items() if "attribute_by_kind" in per.get(top, {})]
@@ -294,6 +312,7 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
             for label, e in rows:
                 everyday = f"{e['open_asr_wer'] * 100:.1f} %" if "open_asr_wer" in e else "–"
                 lines.append(f"| {n} | {label} | {e['asr_wer'] * 100:.1f} % | {everyday} |")
+    lines += held_engine_lines(results, top)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     panels = [("asr_wer", "ASR WER"), ("attribute_accuracy", "attribute accuracy"),
@@ -309,6 +328,20 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=80)
+
+
+def held_engine_lines(results: dict, top: str) -> list[str]:
+    """The report's table of everyday WER per held-out engine (none measured: no lines)."""
+    cells = [(n, engine, e) for n, per in results["checkpoints"].items()
+             for engine, e in per.get(top, {}).get("decoding", {}).get("held_engine", {}).items()]
+    if not cells:
+        return []
+    lines = ["", f"Everyday sentences never trained on, spoken by a TTS engine never used in training, LoRA scale {top}:",
+             "", "| checkpoint | engine | clips | greedy WER ↓ | preset WER ↓ |", "|---|---|---|---|---|"]
+    for n, engine, e in cells:
+        preset = f"{e['preset'] * 100:.1f} %" if "preset" in e else "–"
+        lines.append(f"| {n} | {engine} | {e['clips']} | {e['greedy'] * 100:.1f} % | {preset} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gender", type=int, default=20)
     ap.add_argument("--story", type=int, default=12)
     ap.add_argument("--ppl", type=int, default=12)
+    ap.add_argument("--held-engine", default="",
+                    help="folder from python -m train.hearing_data --everyday-eval: everyday WER per held-out engine")
     ap.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH",
                     help="evaluate these trained weights instead of the shipped two (repeatable), e.g. to compare runs")
     args = ap.parse_args(argv)
@@ -347,9 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {"sizes": sizes, "checkpoints": {}}
     chosen = chosen or {v: CHECKPOINTS[v] for v in ("instruction", "activation") if CHECKPOINTS[v].is_file()}
     everyday = open_eval_clips(args.open)    # synthesized once for all checkpoints
+    held_engine = load_annotations(Path(args.held_engine) / "eval.json") if args.held_engine else []
     for name, path in chosen.items():
         results["checkpoints"][name] = evaluate_checkpoint(name, path, rows, stories, scales, sizes, everyday,
-                                                                asr_beams=args.asr_beams, asr_ctc=args.asr_ctc)
+                                                                asr_beams=args.asr_beams, asr_ctc=args.asr_ctc,
+                                                                held_engine=held_engine)
     write_report(results, Path(args.out), scales)
     print((Path(args.out) / "results.md").read_text())
     return 0

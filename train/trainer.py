@@ -23,7 +23,6 @@ from model.audio import prepare_audio
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.ctc import CTCHead
 from model.llm import AUDIO_PREFIX, PLACEHOLDER
-from model.qformer import cut_windows
 from model.salmonn import SALMONN
 
 
@@ -120,15 +119,13 @@ def encode_clips(model: SALMONN, paths: list[str], cache_file: Path | None = Non
     if cache_file is not None and cache_file.is_file():
         store = torch.load(cache_file, weights_only=True)
     todo = sorted(set(p for p in paths if p not in store))
-    stride = model.window_qformer.stride_frames
-    kernel = model.window_qformer.window_frames
     start = time.perf_counter()
     for i in range(0, len(todo), batch_size):
         batch = todo[i:i + batch_size]
         wavs = [prepare_audio(p, max_seconds=model.cfg.chunk_seconds).wav for p in batch]
         speech, audio, lengths, _ = model.run_encoders(wavs)
         for j, (path, wav) in enumerate(zip(batch, wavs)):
-            frames = (model.chunk_windows(len(wav)) - 1) * stride + kernel
+            frames = model.window_span(len(wav))
             a = None if audio is None else audio[j, : min(lengths[j], frames)].half().cpu()
             store[path] = (speech[j, :frames].half().cpu(), a)
         if (i // batch_size) % 20 == 0:
@@ -158,24 +155,6 @@ def base_llm_write(model: SALMONN, texts: list[str], max_new_tokens: int, temper
     finally:
         tok.padding_side = side
     return answers
-
-
-def audio_tokens(model: SALMONN, feats: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
-    """Cached encoder frames -> projected audio tokens, all windows of the batch in one Q-Former call."""
-    qf = model.window_qformer
-    windows, counts = [], []
-    for speech, audio in feats:
-        speech = speech.to(model.device)[None]
-        audio = None if audio is None else audio.to(model.device)[None]
-        lengths = None if audio is None else torch.tensor([audio.shape[1]])
-        fused = qf.fuse(speech, audio, lengths)
-        w = cut_windows(fused, qf.window_frames, qf.stride_frames)[0]
-        windows.append(w)
-        counts.append(w.shape[0])
-    tokens, _ = qf.attend(torch.cat(windows))
-    tokens = model.speech_llama_proj(tokens.reshape(-1, tokens.shape[-1]))
-    n = model.cfg.qformer.num_query_tokens
-    return list(torch.split(tokens, [c * n for c in counts]))
 
 
 def ctc_head_for(model: SALMONN, trainer_state: str | Path | None = None) -> CTCHead:
@@ -227,6 +206,13 @@ def ctc_greedy(head: CTCHead, tokens: torch.Tensor, embeddings: torch.Tensor,
             out.append(k if vocab is None else int(vocab[k]))
         prev = k
     return out
+
+
+@torch.no_grad()
+def ctc_spell(model: SALMONN, head: CTCHead, tokens: list[torch.Tensor], vocab: torch.Tensor | None = None) -> list[str]:
+    """What each clip's audio tokens spell under `head` (``ctc_greedy``, decoded to text; no LLM)."""
+    table = model.llama_model.get_input_embeddings().weight.float()
+    return [model.tokenizer.decode(ctc_greedy(head, t, table, vocab)) for t in tokens]
 
 
 def fit_ctc_head(head: CTCHead, tokens: list[torch.Tensor], targets: list[list[int]], embeddings: torch.Tensor,
@@ -346,7 +332,7 @@ class Trainer:
         """(LM loss or None in a CTC-only warm-up, CTC loss or None when off or no row of the batch
         is a CTC task)."""
         m, cfg = self.model, self.cfg
-        tokens = audio_tokens(m, [self.features(r) for r in rows])
+        tokens = m.clip_tokens([self.features(r) for r in rows])
         lm = None
         if cfg.lm_weight > 0:
             texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]

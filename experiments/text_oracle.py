@@ -1,7 +1,7 @@
 """The reading ceiling: how well SALMONN-tiny's LLM side answers the attribute questions when it is told
 in words what the audio holds.
 
-    python -m train.text_oracle [--data data] [--ckpt WEIGHTS] [--steps 100] [--out DIR]
+    python -m experiments.text_oracle [--data data] [--ckpt WEIGHTS] [--steps 100] [--out DIR]
 
 The model is SALMONN-tiny itself (same prompt template, LoRA, loss and greedy decoding as
 ``train.evaluate``), but each clip's audio tokens are replaced by the LLM's own input embeddings of the
@@ -11,7 +11,7 @@ i.e. perfect hearing in the LLM's own language. It reports held-out attribute ac
 questions and rule) before training and after every ``--eval-every`` steps of LoRA-only training on the
 training QA rows (answer tokens only, AdamW, warm-up then cosine as the recipe).
 
-Session 14 used it to split the attribute gap (53 % at scale 4 against the 80 % target) into hearing and
+It splits the attribute gap (53 % at scale 4 against the 80 % target) into hearing and
 reading: when the words are given, a LoRA of our size learns to answer most questions within a hundred
 steps, so the missing part is the audio tokens' interface to the LLM, not the LLM. ``--ckpt`` starts from
 trained weights (their LoRA) instead of a fresh LoRA.

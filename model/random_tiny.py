@@ -1,5 +1,6 @@
-"""Tiny random-weight stand-ins for Whisper and a LLaMA LLM, written as real local HF directories,
-so the same loading code as for the official weights runs in tests without any download."""
+"""A tiny SALMONN with random weights: stand-ins for Whisper and a LLaMA LLM written as real local HF
+directories, so the same loading code as for the official weights runs (tests, benchmark smoke runs,
+`launch_app.py --tiny-test-model DIR`) without any download. It answers nonsense."""
 from __future__ import annotations
 
 from pathlib import Path

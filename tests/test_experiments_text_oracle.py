@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from model.salmonn import SALMONN
-from train import recipe, text_oracle
+from experiments import text_oracle
+from train import recipe
 from train.tasks import full_prompt
 from train.trainer import TrainConfig, answer_targets
 

@@ -1,12 +1,12 @@
 """Where does held-out ASR error come from: new voices or new sentences?
 
-    python -m train.split_probe --ckpt assets/salmonn-tiny-instruction.safetensors [--scale 4 --n 40]
+    python -m experiments.split_probe --ckpt assets/salmonn-tiny-instruction.safetensors [--scale 4 --n 40]
 
 Five cells of clean espeak speech, greedy decoding: clips the model was trained on; fresh renderings of
 training sentences in training voices; the same sentences in held-out voices; held-out sentences in
 training voices; both held out (what the evaluation measures). The gaps between the cells say whether
-more voices or more sentences would help most: session 9 found a new voice cost as much as a new
-sentence, which led to ``make_data --more-voices`` and ``--speed-perturb``.
+more voices or more sentences would help most: on the earlier weights a new voice cost as much as a
+new sentence, which led to ``make_data --more-voices`` and ``--speed-perturb`` (docs/EXPERIMENTS.md).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def split_wer(model, data: Path, n: int = 40, scale: float = 4.0) -> dict[str, f
     if not train or not held:
         raise ValueError(f"{data}: no ASR rows in stage2_instruct.json / eval.json")
     prompt = train[0]["prompt"]
-    seen = train[::30][:n]   # fixed strides: the numbers in the model card are reproducible
+    seen = train[::30][:n]   # fixed strides: the numbers in docs/EXPERIMENTS.md are reproducible
     sentences = {"train": list(dict.fromkeys(r["text"] for r in train))[::7][:n],
                  "eval": list(dict.fromkeys(r["text"] for r in held))[:n]}
 

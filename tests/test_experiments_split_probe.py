@@ -1,11 +1,12 @@
 import pytest
 
 from model.defaults import CHECKPOINTS
-from train import make_data, split_probe
+from experiments import split_probe
+from train import make_data
 
 
 def test_split_probe_reports_each_cell_and_the_shipped_model_reads_training_sentences(tmp_path, capsys):
-    """`python -m train.split_probe` splits held-out ASR error into voice and sentence gaps; on training
+    """`python -m experiments.split_probe` splits held-out ASR error into voice and sentence gaps; on training
     sentences in training voices the shipped instruction-tuned checkpoint must be nearly right."""
     data = tmp_path / "data"
     make_data.generate(data, seed=0, scale=0.02, workers=1, types=["speech"])

@@ -1,0 +1,53 @@
+"""The product's docs: the committed model card is exactly what its generator writes from the recorded
+results (assets/eval/training.json, assets/eval/results.json and results.md), the README's block table
+names every module of model/, and the docs and code speak of the product, not of its development history
+(that lives in docs/EXPERIMENTS.md)."""
+import json
+import math
+import re
+
+from model.defaults import ASSETS, REPO
+from train import model_card
+
+
+def test_committed_card_is_generated(tmp_path):
+    out = tmp_path / "MODEL_CARD.md"
+    assert model_card.main(["--out", str(out)]) == 0
+    assert out.read_text() == (ASSETS / "MODEL_CARD.md").read_text(), \
+        "assets/MODEL_CARD.md is stale or hand-edited: run `python -m train.model_card`"
+
+
+def test_card_has_every_section():
+    card = (ASSETS / "MODEL_CARD.md").read_text()
+    for heading in ("## Parts", "## Data", "## Training", "## Held-out results", "## CTC-guided transcription",
+                    "## Limitations", "## Reproduce"):
+        assert heading in card
+
+
+def test_recorded_training_summary_matches_the_shipped_weights():
+    from safetensors import safe_open
+
+    parts = json.loads((ASSETS / "eval" / "training.json").read_text())["parts"]
+    with safe_open(str(ASSETS / "salmonn-tiny-activation.safetensors"), framework="pt") as f:
+        total = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        queries = f.get_slice("speech_query_tokens").get_shape()[1]
+    assert (queries, total) == (parts["queries_per_window"], parts["trained_parameters"])
+
+
+def test_readme_block_table_names_every_model_file():
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## The model, block by block"):]
+    table = table[:table.index("\n## ")]
+    missing = [p.name for p in sorted((REPO / "model").glob("*.py"))
+               if p.name != "__init__.py" and f"`{p.name}`" not in table]
+    assert not missing, f"README's block table lacks {missing}"
+
+
+def test_docs_and_code_keep_no_diary():
+    diary = re.compile(r"\b[Ss]ession[ -]\d|\b[Ii]ssue #?\d")
+    files = [REPO / "README.md", ASSETS / "MODEL_CARD.md", REPO / "launch_app.py", *REPO.glob("*.sh")]
+    for folder in ("model", "app", "train", "bench", "experiments", "tests"):
+        files += [p for ext in ("py", "md", "sh") for p in sorted((REPO / folder).rglob(f"*.{ext}"))]
+    hits = [f"{p.relative_to(REPO)}:{n}" for p in files
+            for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if diary.search(line)]
+    assert not hits, f"development history belongs in docs/EXPERIMENTS.md: {hits}"
