@@ -129,12 +129,31 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * unit
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def main(argv=None) -> int:
     from app import tempfiles
 
     tempfiles.setup()     # before gradio is imported (it reads GRADIO_TEMP_DIR then): a temp folder of our own
     args = parse_args(argv)
     say = Progress()
+    loaded = load(args, say)
+    if isinstance(loaded, int):
+        return loaded
+    pipes, auth, max_bytes = loaded
+    api = api_of(args, pipes)
+    if api is None and args.api_only:
+        print(f"error: serving the API on {args.host} needs a key: --api-key KEY (or SALMONN_API_KEY).",
+              file=sys.stderr)
+        return 2
+    if args.api_only:
+        return serve_api(api, args.host, args.port, say)
+    return serve_app(args, pipes, api, auth, max_bytes, say)
+
+
+def load(args, say):
+    """(pipelines, auth, upload cap) ready to serve, or the exit code after a message."""
     from model.errors import SalmonnError
 
     try:
@@ -159,40 +178,39 @@ def main(argv=None) -> int:
         else:
             print(f"error: the model could not be loaded ({type(err).__name__}: {err})", file=sys.stderr)
         return 2
-    for _, pipe in pipes:
-        pipe.max_file_bytes = max_bytes       # the same cap for uploads and for the pipeline's own reads
     for label, pipe in pipes:
+        pipe.max_file_bytes = max_bytes       # the same cap for uploads and for the pipeline's own reads
         info = pipe.info()
         say(f"ready: {label} on {info['device']} ({info['dtype']}), "
             f"{'speech encoder only' if info['speech_only'] else 'Whisper + BEATs'}")
+    return pipes, auth, max_bytes
 
-    loopback = args.host in ("127.0.0.1", "localhost", "::1")
-    api = None
-    if loopback or args.api_key:
+
+def api_of(args, pipes):
+    """The OpenAI-compatible API over the pipelines: on loopback, or elsewhere only with a key."""
+    if args.host in LOOPBACK or args.api_key:
         from app.api import Api
 
-        api = Api(dict(pipes), api_key=args.api_key, max_waiting=args.queue_size)
-    elif args.api_only:
-        print(f"error: serving the API on {args.host} needs a key: --api-key KEY (or SALMONN_API_KEY).",
-              file=sys.stderr)
-        return 2
-    else:
+        return Api(dict(pipes), api_key=args.api_key, max_waiting=args.queue_size)
+    if not args.api_only:
         print(f"note: the OpenAI-compatible API is off: on {args.host} it needs --api-key KEY (or SALMONN_API_KEY).",
               file=sys.stderr)
-    if args.api_only:
-        return serve_api(api, args.host, args.port, say)
+    return None
 
+
+def serve_app(args, pipes, api, auth, max_bytes: int, say) -> int:
+    """The studio (and the API beside it) until Ctrl+C, SIGTERM or its window closes."""
     say("building the interface")
     from app.ui import build_app, launch
 
-    local_only = loopback and not args.share
+    local_only = args.host in LOOPBACK and not args.share
     demo = build_app(pipes[0][1], dict(pipes[1:]), primary_name=pipes[0][0], queue_size=args.queue_size,
                      desktop_mic=None if local_only else False)
     if args.share:
         print("WARNING: --share puts this demo on a public gradio.live address for 72 hours. Anyone with the link "
               "can use your machine's model" + ("" if auth else " (no --auth given: no login required!)") + ".",
               file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):   # (the desktop microphone panel is off then)
+    if args.host not in LOOPBACK:   # (the desktop microphone panel is off then)
         print(f"WARNING: binding {args.host} makes the demo reachable from other machines. Browsers only allow the "
               "microphone on https or localhost.", file=sys.stderr)
     desktop = args.desktop and _has_webview()

@@ -1,17 +1,23 @@
 """Scale lab: one audio + prompt answered at several LoRA scales (one batched pass per model), and
-perplexity of reference answers versus LoRA scale for bundled clips."""
+perplexity of reference answers versus LoRA scale for bundled clips; `Lab` holds the tab's handlers."""
 from __future__ import annotations
 
 import html
 import math
 import threading
+import time
+from contextlib import closing
 from typing import Iterator, Mapping, Sequence
+
+import gradio as gr
 
 from model.config import GenerateConfig, Limit
 from model.errors import PromptError, SettingsError
 from model.pipeline import BatchEvent, Pipeline
 
-from .presets import EXAMPLES_DIR, LAB_ITEMS_BY_LABEL, PRESETS_BY_KEY
+from . import plots
+from .presets import EXAMPLES_DIR, LAB_ITEMS_BY_LABEL, PRESETS_BY_KEY, PRESETS_BY_LABEL
+from .studio import session_of, warn
 
 MAX_SCALES = 12
 
@@ -128,3 +134,97 @@ def perplexity_sweep(pipelines: Mapping[str, Pipeline], item_labels: Sequence[st
             curves[name][label] = [(s.lora_scale, s.perplexity) for s in scores]
             table += [[name, label, s.lora_scale, round(s.perplexity, 3), round(s.nll, 4)] for s in scores]
             yield curves, table, len(table) // len(scales), total
+
+
+class Lab:
+    """The Scale lab's handlers (mixed into the studio): every checkpoint's answers at every scale,
+    and the perplexity sweep, each streamed as it goes, waiting in line, and stopped on demand."""
+
+    def run_lab(self, path, prompt, scales_text, beams, sample, temperature, top_p, top_k, rep, max_new, seed,
+                ctc=0.0, request: gr.Request = None):
+        """Yields (answers, raw results, status)."""
+        if not path:
+            gr.Warning("Upload or record some audio on the Chat tab first (or click an example there).")
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        try:       # every check before the request waits for the model
+            scales = parse_scales(scales_text, self.pipeline.scale_limit)
+            gen = self.gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc)
+            for p in self.pipes.values():
+                p.check_generate(gen)
+                p.prompt_text(prompt)
+            gen = self.pipeline.check_generate(gen)
+            check_budget(scales, gen, len(self.pipes))
+            audio = self.pipeline.prepare(path)
+        except Exception as err:  # noqa: BLE001
+            yield f"<p>⚠️ {warn(err)}</p>", None, ""
+            return
+        session, progress, t0 = session_of(request), {}, None
+        stop = self.stops.start(session)
+        ticket = None
+        try:
+            ticket = self.gate.join()
+            for status in self.take_turn(stop, ticket):
+                yield gr.skip(), gr.skip(), status
+            t0 = time.monotonic()
+            with closing(compare_scales(self.pipes, audio, prompt, scales, generate=gen, stop=stop)) as runs:
+                for progress in runs:
+                    yield (answers_html(progress, scales, self.trained_of), gr.skip(),
+                           self._lab_status(progress, scales, t0))
+        except Exception as err:  # noqa: BLE001
+            yield answers_html(progress, scales, self.trained_of) + f"<p>⚠️ {warn(err)}</p>", None, ""
+            return
+        finally:     # also when Gradio closes this generator (cancelled, tab closed): the model is freed
+            if ticket is not None:
+                self.gate.leave(ticket)
+            self.stops.finish(session, stop)
+        yield (answers_html(progress, scales, self.trained_of), answers_json(progress),
+               self._lab_status(progress, scales, t0, stopped=stop.is_set()))
+
+    def _lab_status(self, progress, scales, t0, stopped=False) -> str:
+        done = sum(sum(e.finished) for e in progress.values())
+        total = len(scales) * len(self.pipes)
+        took = f" in {time.monotonic() - t0:.1f} s" if t0 is not None else ""
+        if stopped:
+            return f"⏹ Stopped: {done} of {total} answers finished{took}."
+        if done == total and all(e.answers for e in progress.values()):
+            return f"✅ Done: {total} answers{took}."
+        running = next((n for n, e in progress.items() if not e.answers), "")
+        return f"⏳ Answering{f' ({running})' if len(self.pipes) > 1 else ''}: {done} of {total} answers finished{took}…"
+
+    def run_sweep(self, items, scales_text, request: gr.Request = None):
+        """Perplexity vs LoRA scale, drawn as each clip is measured. Yields (plot, table, status)."""
+        try:
+            scales = parse_scales(scales_text, self.pipeline.scale_limit)
+            check_items(items)
+        except Exception as err:  # noqa: BLE001
+            yield gr.skip(), gr.skip(), f"⚠️ {warn(err)}"
+            return
+        session = session_of(request)
+        stop = self.stops.start(session)
+        ticket, done, total, t0 = None, 0, len(items) * len(self.pipes), None
+        figure, table = gr.skip(), gr.skip()
+        try:
+            ticket = self.gate.join()
+            for status in self.take_turn(stop, ticket):
+                yield gr.skip(), gr.skip(), status
+            t0 = time.monotonic()
+            with closing(perplexity_sweep(self.pipes, items, scales, stop=stop)) as sweep:
+                for curves, table, done, total in sweep:
+                    figure = plots.perplexity_figure(curves, self.trained)
+                    yield figure, table, f"⏳ Measured {done} of {total} clips ({time.monotonic() - t0:.1f} s)…"
+        except Exception as err:  # noqa: BLE001
+            yield gr.skip(), gr.skip(), f"⚠️ {warn(err)}"
+            return
+        finally:     # also when Gradio closes this generator (cancelled, tab closed)
+            if ticket is not None:
+                self.gate.leave(ticket)
+            self.stops.finish(session, stop)
+        took = f" in {time.monotonic() - t0:.1f} s" if t0 is not None else ""
+        word = "⏹ Stopped" if stop.is_set() else "✅ Done"
+        yield figure, table, f"{word}: {done} of {total} clips measured{took}."
+
+    @staticmethod
+    def lab_preset(label):
+        preset = PRESETS_BY_LABEL.get(label)
+        return preset.prompt if preset else gr.skip()

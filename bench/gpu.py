@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import RESULTS, Table, in_worker_thread, append_results, check, environment, sync, timed
+from .common import RESULTS, Table, in_worker_thread, append_results, check, environment, timed
 from .measure import bytes_per_token, copy_bandwidth, decode_run, fixed_length, median_answer, sweep_times, test_audio
 
 PROMPT = "Describe the audio in detail."
@@ -211,14 +211,15 @@ def run_config(shape: str, dtype_name: str, args, device: torch.device, bandwidt
     # 5-scale sweep vs one answer
     scales = [0.0, scale / 4, scale / 2, 3 * scale / 4, scale]
     res.update({f"sweep_{k}": v for k, v in sweep_times(pipe, wav, PROMPT, gen, scales, max(1, reps - 1)).items()})
-    del model, official, pipe
+    # free this model before the next is built (rebound, not `del`: the closures above name them)
+    model = official = pipe = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--shapes", nargs="+", default=["7b", "13b"], choices=["7b", "13b"])
@@ -229,7 +230,87 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test of the same code")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU smoke runs)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def ours_table(args, results: dict, tag: str) -> Table:
+    t = Table(f"Ours, batch 1, greedy, {args.audio:g} s audio, {args.tokens} tokens{tag}",
+              ["config", "encoders ms", "prefill ms", "TTFT new audio ms", "TTFT follow-up ms",
+               "decode ms/token", "bandwidth limit ms/token", "% of limit", "peak GiB"])
+    for (shape, dt), r in results.items():
+        t.add(f"{shape} {dt}", r["encode_s"] * 1000, r["prefill_s"] * 1000, r["ttft_s"] * 1000,
+              r["followup_ttft_s"] * 1000, r["decode_ms"], r["limit_ms"], 100 * r["limit_ms"] / r["decode_ms"],
+              r["peak_gib"])
+    t.print()
+    return t
+
+
+def official_table(results: dict, tag: str) -> Table:
+    o = Table(f"Official-style path vs ours, end to end per question{tag}",
+              ["config", "official encoders ms", "official answer s (beam 4)", "official greedy s",
+               "ours, new audio s", "ours, follow-up s", "speed-up new audio", "speed-up follow-up",
+               "official peak GiB"])
+    for (shape, dt), r in results.items():
+        o.add(f"{shape} {dt}", r["official_encode_s"] * 1000, r["official_s"], r["official_greedy_s"], r["total_s"],
+              r["followup_total_s"], r["official_s"] / r["total_s"], r["official_s"] / r["followup_total_s"],
+              r["official_peak_gib"])
+    o.print()
+    return o
+
+
+def decode_table(results: dict, tag: str) -> Table:
+    d = Table(f"Decode loop before/after, ms/token{tag}",
+              ["config", "dynamic cache, host waits each token (before)", "dynamic cache, sync-free loop",
+               "static cache + CUDA graph (ours)", "ours, 2nd token (no re-capture)", "speed-up",
+               "encoders: fp32 autocast -> LLM dtype"])
+    for (shape, dt), r in results.items():
+        d.add(f"{shape} {dt}", r["synced_decode_ms"], r["eager_decode_ms"], r["decode_ms"], r["second_ms"],
+              f"{r['synced_decode_ms'] / r['decode_ms']:.2f}x", f"{r['official_encode_s'] / r['encode_s']:.2f}x")
+    d.print()
+    return d
+
+
+def sweep_table(args, results: dict, tag: str) -> Table:
+    s = Table(f"LoRA scale sweep, 5 scales x {args.tokens} tokens{tag}",
+              ["config", "one answer s", "5 one by one s", "5 batched s", "batched / one", "batched rerun s"])
+    for (shape, dt), r in results.items():
+        s.add(f"{shape} {dt}", r["sweep_one_s"], r["sweep_sequential_s"], r["sweep_batched_s"],
+              r["sweep_batched_s"] / r["sweep_one_s"], r["sweep_rerun_s"])
+    s.print()
+    return s
+
+
+def targets_table(results: dict, tag: str) -> Table:
+    g = Table("GPU targets (13B shapes, batch 1, greedy)" + tag, ["config", "target", "measured", "status"])
+    for (shape, dt), r in results.items():
+        if shape not in ("13b", "tiny"):
+            continue
+        pct = r["limit_ms"] / r["decode_ms"]
+        g.add(f"{shape} {dt}", "decode >= 85 % of bandwidth limit", f"{100 * pct:.0f} %", check(pct, 0.85, "higher"))
+        g.add(f"{shape} {dt}", "TTFT, 30 s new audio <= 150 ms", f"{r['ttft_s'] * 1000:.0f} ms",
+              check(r["ttft_s"], 0.150, "lower"))
+        sp = r["official_s"] / r["total_s"]
+        g.add(f"{shape} {dt}", ">= 2x official, end to end", f"{sp:.2f}x", check(sp, 2.0, "higher"))
+        ratio = r["sweep_batched_s"] / r["sweep_one_s"]
+        g.add(f"{shape} {dt}", "5-scale sweep <= 1.5x one answer", f"{ratio:.2f}x", check(ratio, 1.5, "lower"))
+    g.print()
+    return g
+
+
+def result_notes(results: dict, bandwidth: float) -> list[str]:
+    notes = [f"device-to-device copy bandwidth (2 x bytes / time): {bandwidth / 1e9:.0f} GB/s",
+             "bandwidth limit = (LLM weights except the input embedding + KV cache at mid-answer) / copy bandwidth",
+             "random weights; EOS is forbidden until the token count, so every path generates the same number of tokens",
+             "official-style: Whisper + BEATs fp32 weights under autocast for every question, 4-beam search "
+             "(transformers generate); 'ours': encoders in the LLM dtype once per audio, prompt-prefix KV cache, "
+             "greedy static-cache decoding replayed as a CUDA graph"]
+    notes += [f"{k[0]} {k[1]}: model built in {r['build_s']:.0f} s; decoding path {r['decode_path']}"
+              for k, r in results.items()]
+    return notes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("No CUDA GPU here: run on a GPU machine, or `--device cpu --tiny` for a smoke test.", file=sys.stderr)
@@ -246,60 +327,11 @@ def main(argv=None) -> int:
             results[(shape, dt)] = run_config(shape, dt, args, device, bandwidth, workdir)
 
     tag = " (tiny shapes)" if args.tiny else ""
-    t = Table(f"Ours, batch 1, greedy, {args.audio:g} s audio, {args.tokens} tokens{tag}",
-              ["config", "encoders ms", "prefill ms", "TTFT new audio ms", "TTFT follow-up ms",
-               "decode ms/token", "bandwidth limit ms/token", "% of limit", "peak GiB"])
-    for (shape, dt), r in results.items():
-        t.add(f"{shape} {dt}", r["encode_s"] * 1000, r["prefill_s"] * 1000, r["ttft_s"] * 1000,
-              r["followup_ttft_s"] * 1000, r["decode_ms"], r["limit_ms"], 100 * r["limit_ms"] / r["decode_ms"],
-              r["peak_gib"])
-    t.print()
-    o = Table(f"Official-style path vs ours, end to end per question{tag}",
-              ["config", "official encoders ms", "official answer s (beam 4)", "official greedy s",
-               "ours, new audio s", "ours, follow-up s", "speed-up new audio", "speed-up follow-up",
-               "official peak GiB"])
-    for (shape, dt), r in results.items():
-        o.add(f"{shape} {dt}", r["official_encode_s"] * 1000, r["official_s"], r["official_greedy_s"], r["total_s"],
-              r["followup_total_s"], r["official_s"] / r["total_s"], r["official_s"] / r["followup_total_s"],
-              r["official_peak_gib"])
-    o.print()
-    d = Table(f"Decode loop before/after, ms/token{tag}",
-              ["config", "dynamic cache, host waits each token (before)", "dynamic cache, sync-free loop",
-               "static cache + CUDA graph (ours)", "ours, 2nd token (no re-capture)", "speed-up",
-               "encoders: fp32 autocast -> LLM dtype"])
-    for (shape, dt), r in results.items():
-        d.add(f"{shape} {dt}", r["synced_decode_ms"], r["eager_decode_ms"], r["decode_ms"], r["second_ms"],
-              f"{r['synced_decode_ms'] / r['decode_ms']:.2f}x", f"{r['official_encode_s'] / r['encode_s']:.2f}x")
-    d.print()
-    s = Table(f"LoRA scale sweep, 5 scales x {args.tokens} tokens{tag}",
-              ["config", "one answer s", "5 one by one s", "5 batched s", "batched / one", "batched rerun s"])
-    for (shape, dt), r in results.items():
-        s.add(f"{shape} {dt}", r["sweep_one_s"], r["sweep_sequential_s"], r["sweep_batched_s"],
-              r["sweep_batched_s"] / r["sweep_one_s"], r["sweep_rerun_s"])
-    s.print()
-    g = Table("GPU targets (13B shapes, batch 1, greedy)" + tag, ["config", "target", "measured", "status"])
-    for (shape, dt), r in results.items():
-        if shape not in ("13b", "tiny"):
-            continue
-        pct = r["limit_ms"] / r["decode_ms"]
-        g.add(f"{shape} {dt}", "decode >= 85 % of bandwidth limit", f"{100 * pct:.0f} %", check(pct, 0.85, "higher"))
-        g.add(f"{shape} {dt}", "TTFT, 30 s new audio <= 150 ms", f"{r['ttft_s'] * 1000:.0f} ms",
-              check(r["ttft_s"], 0.150, "lower"))
-        sp = r["official_s"] / r["total_s"]
-        g.add(f"{shape} {dt}", ">= 2x official, end to end", f"{sp:.2f}x", check(sp, 2.0, "higher"))
-        ratio = r["sweep_batched_s"] / r["sweep_one_s"]
-        g.add(f"{shape} {dt}", "5-scale sweep <= 1.5x one answer", f"{ratio:.2f}x", check(ratio, 1.5, "lower"))
-    g.print()
-    notes = [f"device-to-device copy bandwidth (2 x bytes / time): {bandwidth / 1e9:.0f} GB/s",
-             "bandwidth limit = (LLM weights except the input embedding + KV cache at mid-answer) / copy bandwidth",
-             "random weights; EOS is forbidden until the token count, so every path generates the same number of tokens",
-             "official-style: Whisper + BEATs fp32 weights under autocast for every question, 4-beam search "
-             "(transformers generate); 'ours': encoders in the LLM dtype once per audio, prompt-prefix KV cache, "
-             "greedy static-cache decoding replayed as a CUDA graph"]
-    notes += [f"{k[0]} {k[1]}: model built in {r['build_s']:.0f} s; decoding path {r['decode_path']}"
-              for k, r in results.items()]
+    tables = [ours_table(args, results, tag), official_table(results, tag), decode_table(results, tag),
+              sweep_table(args, results, tag), targets_table(results, tag)]
     env = environment(device, ", ".join(args.dtypes))
-    out = append_results("GPU, SALMONN shapes with random weights" + tag, env, [t, o, d, s, g], notes, args.results)
+    out = append_results("GPU, SALMONN shapes with random weights" + tag, env, tables,
+                         result_notes(results, bandwidth), args.results)
     print(f"appended to {out}")
     return 0
 

@@ -77,7 +77,7 @@ class BatchDecoder:
         `fed_ids` the LLM was fed) when the row ends by itself."""
         if gen.num_beams != 1:
             raise ValueError("beam search is not batched; the pipeline runs it on its own")
-        row = Row(embeds, float(scale), gen, Picker(self.model, gen, guide), stop, past, on_finish)
+        row = Row(embeds, float(scale), gen, Picker.for_row(self.model, gen, guide), stop, past, on_finish)
         with self._cond:
             self._pending.append(row)
             if self._thread is None:
@@ -153,7 +153,7 @@ class BatchDecoder:
                 logits = llm(inputs_embeds=row.embeds[:, reused:], attention_mask=mask, position_ids=pos,
                              past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             row.position = length
-            if self._emit(row, row.picker.pick(logits)):
+            if self._emit(row, int(row.picker.pick(logits)[0])):
                 self._join(row, cache)
             elif row.on_finish is not None:
                 row.on_finish([(layer.keys, layer.values) for layer in cache.layers], [])
@@ -232,7 +232,7 @@ class BatchDecoder:
             row.position += 1
             if row.halted():
                 row.out.put(None)
-            elif self._emit(row, row.picker.pick(logits[i:i + 1])):
+            elif self._emit(row, int(row.picker.pick(logits[i:i + 1])[0])):
                 keep.append(i)
             elif row.on_finish is not None:       # prompt + every answer token but the last were fed
                 fed = row.produced - 1

@@ -23,29 +23,31 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 
-# (ours, official) prefix pairs for the window Q-Former; checked in order.
-_QFORMER_RULES = [
-    (re.compile(r"^window_qformer\.qformer\.layernorm\."), "speech_Qformer.bert.embeddings.LayerNorm."),
-    (re.compile(r"^window_qformer\.qformer\.encoder\.layer\.(\d+)\.attention\.attention\."),
-     r"speech_Qformer.bert.encoder.layer.\1.attention.self."),
-    (re.compile(r"^window_qformer\.qformer\.encoder\.layer\.(\d+)\.crossattention\.attention\."),
-     r"speech_Qformer.bert.encoder.layer.\1.crossattention.self."),
-    (re.compile(r"^window_qformer\.qformer\.encoder\.layer\."), "speech_Qformer.bert.encoder.layer."),
-    (re.compile(r"^window_qformer\.query_tokens$"), "speech_query_tokens"),
-    (re.compile(r"^window_qformer\.ln_speech\."), "ln_speech."),
-    (re.compile(r"^window_qformer\.ln_audio\."), "ln_audio."),
+# (ours, official) name prefixes of the window Q-Former, checked in order; "{n}" stands for a layer
+# number, and a name not ending in "." must match whole.
+_QFORMER_NAMES = [
+    ("window_qformer.qformer.layernorm.", "speech_Qformer.bert.embeddings.LayerNorm."),
+    ("window_qformer.qformer.encoder.layer.{n}.attention.attention.", "speech_Qformer.bert.encoder.layer.{n}.attention.self."),
+    ("window_qformer.qformer.encoder.layer.{n}.crossattention.attention.",
+     "speech_Qformer.bert.encoder.layer.{n}.crossattention.self."),
+    ("window_qformer.qformer.encoder.layer.", "speech_Qformer.bert.encoder.layer."),
+    ("window_qformer.query_tokens", "speech_query_tokens"),
+    ("window_qformer.ln_speech.", "ln_speech."),
+    ("window_qformer.ln_audio.", "ln_audio."),
 ]
-_OFFICIAL_RULES = [
-    (re.compile(r"^speech_Qformer\.bert\.embeddings\.LayerNorm\."), "window_qformer.qformer.layernorm."),
-    (re.compile(r"^speech_Qformer\.bert\.encoder\.layer\.(\d+)\.attention\.self\."),
-     r"window_qformer.qformer.encoder.layer.\1.attention.attention."),
-    (re.compile(r"^speech_Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.self\."),
-     r"window_qformer.qformer.encoder.layer.\1.crossattention.attention."),
-    (re.compile(r"^speech_Qformer\.bert\.encoder\.layer\."), "window_qformer.qformer.encoder.layer."),
-    (re.compile(r"^speech_query_tokens$"), "window_qformer.query_tokens"),
-    (re.compile(r"^ln_speech\."), "window_qformer.ln_speech."),
-    (re.compile(r"^ln_audio\."), "window_qformer.ln_audio."),
-]
+
+
+def _rules(pairs: list[tuple[str, str]]) -> list[tuple[re.Pattern, str]]:
+    """(source, target) name prefixes -> (pattern, replacement) pairs for `re.sub`."""
+    rules = []
+    for source, target in pairs:
+        pattern = "^" + re.escape(source).replace(re.escape("{n}"), r"(\d+)") + ("" if source.endswith(".") else "$")
+        rules.append((re.compile(pattern), target.replace("{n}", r"\1")))
+    return rules
+
+
+_QFORMER_RULES = _rules(_QFORMER_NAMES)
+_OFFICIAL_RULES = _rules([(official, ours) for ours, official in _QFORMER_NAMES])
 # Buffers and aliases the official training code writes that carry nothing we need.
 _IGNORABLE = [
     re.compile(r"\.position_ids$"),

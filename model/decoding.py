@@ -178,40 +178,16 @@ def decode_steps(model, embeds: torch.Tensor, mask: torch.Tensor | None, gen: Ge
         pos = model.positions(mask)[:, past_len:]
     else:
         pos = torch.arange(past_len, past_len + new_len, device=device).expand(rows, -1)
-    eos = model.tokenizer.eos_token_id
-    procs = logits_processors(gen)
-    if guide is not None:
-        procs.append(guide)
     rng = None
     if gen.do_sample and gen.seed is not None:
         rng = torch.Generator(device=device).manual_seed(gen.seed)
+    picker = Picker(model, gen, guide, rows, rng)
+    eos = model.tokenizer.eos_token_id
     overlap = device.type == "cuda" if lookahead is None else lookahead
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    generated = torch.zeros(rows, 0, dtype=torch.long, device=device)
-    biases = None
-
-    def pick(logits: torch.Tensor, step: int) -> torch.Tensor:
-        nonlocal generated, finished, biases
-        logits = logits.float()
-        if biases is None:
-            biases = token_bias(model, logits.shape[-1], gen)
-        logits = logits + biases[1 if step < gen.min_length else 0]
-        if len(procs):
-            logits = procs(generated, logits)
-        if gen.do_sample:
-            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng).squeeze(1)
-        else:
-            nxt = logits.argmax(dim=-1)
-        if eos is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
-            finished = finished | (nxt == eos)
-        if len(procs):
-            generated = torch.cat([generated, nxt[:, None]], dim=1)
-        return nxt
 
     fed = 0
     try:
-        nxt = pick(runner.prefill(embeds, pos), 0)
+        nxt = picker.pick(runner.prefill(embeds, pos))
         done_host = torch.zeros(rows, dtype=torch.bool)
         for step in range(gen.max_new_tokens):
             host = nxt.to("cpu", non_blocking=overlap)
@@ -224,7 +200,7 @@ def decode_steps(model, embeds: torch.Tensor, mask: torch.Tensor | None, gen: Ge
             # queue step+1 on the GPU before waiting for this token; not before the first token,
             # which should reach the user at once (the first feed may capture a CUDA graph)
             if overlap and step > 0 and not last:
-                following = pick(runner.feed(nxt), step + 1)
+                following = picker.pick(runner.feed(nxt))
                 fed += 1
             if ready is not None:
                 ready.synchronize()
@@ -234,7 +210,7 @@ def decode_steps(model, embeds: torch.Tensor, mask: torch.Tensor | None, gen: Ge
             if bool(done_host.all()) or (stop is not None and stop.is_set()) or last:
                 return
             if following is None:
-                following = pick(runner.feed(nxt), step + 1)
+                following = picker.pick(runner.feed(nxt))
                 fed += 1
             nxt = following
     finally:
@@ -286,24 +262,35 @@ def beam_search(model, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateCo
 
 
 class Picker:
-    """One row's choice of its next token, for a row decoded beside others that are at other steps
-    (the shared batch): the same processors, biases and sampling as `decode_steps`, on that row's
-    logits and its own generated ids, with its own random generator when it samples."""
+    """How the next token of each row is chosen: banned ids, and EOS until `min_length`, held back
+    (additive biases on the device, built once: indexing with a list each step would copy it to the
+    device every token), the settings' processors (repetition penalty, temperature / top-k / top-p),
+    an extra last processor (CTC guidance), then argmax or a draw from `rng` (None: the global
+    generator). A row that has ended keeps getting EOS. `generated` holds every row's tokens so far."""
 
-    def __init__(self, model, gen: GenerateConfig, guide=None):
-        self.model, self.gen = model, gen
+    def __init__(self, model, gen: GenerateConfig, guide=None, rows: int = 1, rng: torch.Generator | None = None):
+        self.model, self.gen, self.rng = model, gen, rng
         self.procs = logits_processors(gen)
         if guide is not None:
             self.procs.append(guide)
+        self.eos = model.tokenizer.eos_token_id
+        device = model.llm_device
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.generated = torch.zeros(rows, 0, dtype=torch.long, device=device)
         self.bias = None
-        self.generated = torch.zeros(1, 0, dtype=torch.long, device=model.llm_device)
-        self.rng = None
-        if gen.do_sample:
-            self.rng = torch.Generator(device=model.llm_device)
-            self.rng.manual_seed(gen.seed if gen.seed is not None else int(torch.randint(0, 2**62, ()).item()))
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """logits [1, V] -> the next token id."""
+    @classmethod
+    def for_row(cls, model, gen: GenerateConfig, guide=None) -> "Picker":
+        """A row decoded beside others that are at other steps (the shared batch): its own generator
+        when it samples, so its draws do not depend on who else is in the batch."""
+        rng = None
+        if gen.do_sample:
+            rng = torch.Generator(device=model.llm_device)
+            rng.manual_seed(gen.seed if gen.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return cls(model, gen, guide, 1, rng)
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> the next token of every row [B] (on the device)."""
         logits = logits.float()
         if self.bias is None:
             self.bias = token_bias(self.model, logits.shape[-1], self.gen)
@@ -311,11 +298,14 @@ class Picker:
         if len(self.procs):
             logits = self.procs(self.generated, logits)
         if self.gen.do_sample:
-            token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.rng)[0]
+            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.rng).squeeze(1)
         else:
-            token = logits.argmax(dim=-1)
-        self.generated = torch.cat([self.generated, token.view(1, 1)], dim=1)
-        return int(token)
+            nxt = logits.argmax(dim=-1)
+        if self.eos is not None:
+            nxt = torch.where(self.finished, torch.full_like(nxt, self.eos), nxt)
+            self.finished = self.finished | (nxt == self.eos)
+        self.generated = torch.cat([self.generated, nxt[:, None]], dim=1)
+        return nxt
 
 
 @dataclass

@@ -58,3 +58,19 @@ def tiny_pipeline(tiny_model):
     from model.pipeline import Pipeline
 
     return Pipeline(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of small tensors: on a busy 2-core box, intra-op threads only fight each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_near(actual: torch.Tensor, expected: torch.Tensor, atol: float):
+    # torch.testing.assert_close costs ~2 s of lazy imports on first use; this is all we need.
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert err <= atol, f"max abs difference {err:.3g} > {atol}"

@@ -22,7 +22,7 @@ from app.ui import build_app  # noqa: E402
 from model import decoding  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
 from tests.conftest import randomize_lora  # noqa: E402
-from tests.test_reliability import CASES, HAS_FFMPEG, serve, tone, wait_for, write  # noqa: E402
+from tests.corpus import CASES, HAS_FFMPEG, serve, tone, wait_for, write  # noqa: E402
 from model.random_tiny import tiny_config  # noqa: E402
 
 EXAMPLE = presets.EXAMPLES_DIR / "speech.wav"

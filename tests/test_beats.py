@@ -15,22 +15,10 @@ from model.beats import (
 )
 from model.errors import AudioError, CheckpointError
 from model.fbank import beats_fbank
+from tests.conftest import assert_near
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are small: on a busy 2-core box, intra-op threads only fight each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_near(actual: torch.Tensor, expected: torch.Tensor, atol: float):
-    # torch.testing.assert_close costs ~2 s of lazy imports on first use; this is all we need.
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert err <= atol, f"max abs difference {err:.3g} > {atol}"
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Small but complete: relative bias + GRU gate + deep norm + classifier head, like the real file.
 TINY = dict(

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
+from tests.conftest import assert_near
 from scipy.signal import chirp, resample_poly
 
 from model.fbank import BEATS_FBANK_MEAN, BEATS_FBANK_STD, beats_fbank, kaldi_fbank, mel_banks, num_frames
@@ -19,20 +21,7 @@ LOG_EPS = math.log(np.finfo(np.float32).eps)
 DYNAMIC_RANGE = 18.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are small: on a busy 2-core box, intra-op threads only fight each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_near(actual: torch.Tensor, expected: torch.Tensor, atol: float):
-    # torch.testing.assert_close costs ~2 s of lazy imports on first use; this is all we need.
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert err <= atol, f"max abs difference {err:.3g} > {atol}"
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def knf_fbank(wav: np.ndarray, num_bins: int, low: float = 20.0, high: float = 0.0) -> np.ndarray:

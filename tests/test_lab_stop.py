@@ -20,7 +20,7 @@ from model import decoding  # noqa: E402
 from model.config import GenerateConfig  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
 from tests.conftest import randomize_lora  # noqa: E402
-from tests.test_reliability import answered, ask, demo_idle, serve, tone, wait_for, write  # noqa: E402
+from tests.corpus import answered, ask, demo_idle, serve, tone, wait_for, write  # noqa: E402
 from model.random_tiny import tiny_config  # noqa: E402
 
 STEP_S = 0.1       # per decoding step: a lab run of 1024 tokens would take over 100 s

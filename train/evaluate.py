@@ -251,7 +251,7 @@ def story_references(data: Path, rows: list[dict], n: int, seed: int = 0) -> lis
     cache = data / "eval_stories.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    from train.recipe import write_activation_data
+    from train.stories import write_activation_data
 
     clips = {}
     for r in rows:
@@ -344,6 +344,20 @@ def held_engine_lines(results: dict, top: str) -> list[str]:
     return lines
 
 
+def held_engine_only(chosen: dict, folder: Path, beams: int, ctc: float) -> int:
+    """Print (and write to `folder`/wer.json) each checkpoint's everyday WER per held-out engine."""
+    if not (folder / "eval.json").is_file():
+        raise SystemExit(f"--held-engine {folder}: no eval.json (python -m train.hearing_data --everyday-eval --out {folder})")
+    rows = load_annotations(folder / "eval.json")
+    results = {}
+    for name, path in chosen.items():
+        model = SALMONN.from_config(bundled_config(path))
+        results[name] = held_engine_wer(model, rows, model.cfg.trained_lora_scale, beams, ctc)
+        print(f"{name} ({path}): {json.dumps(results[name])}", flush=True)
+    (folder / "wer.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data")
@@ -364,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ppl", type=int, default=12)
     ap.add_argument("--held-engine", default="",
                     help="folder from python -m train.hearing_data --everyday-eval: everyday WER per held-out engine")
+    ap.add_argument("--held-engine-only", action="store_true",
+                    help="with --held-engine: only that table, at the checkpoints' trained scale (no data folder needed)")
     ap.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH",
                     help="evaluate these trained weights instead of the shipped two (repeatable), e.g. to compare runs")
     args = ap.parse_args(argv)
@@ -374,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--ckpt {item!r}: expected NAME=PATH of an existing checkpoint")
         chosen[name] = path
     torch.manual_seed(0)
+    if args.held_engine_only:
+        return held_engine_only(chosen or {v: CHECKPOINTS[v] for v in ("instruction", "activation")},
+                                Path(args.held_engine), args.asr_beams, args.asr_ctc)
     data = Path(args.data)
     rows = load_annotations(data / "eval.json")
     scales = [float(s) for s in args.scales.split(",")]

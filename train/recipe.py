@@ -27,19 +27,10 @@ import torch
 from model.checkpoint import load_checkpoint, match_weights, read_state_dict, save_checkpoint, set_trainable
 from model.defaults import CHECKPOINTS, beats_for, bundled_config
 from model.salmonn import SALMONN
-from train.tasks import background_questions, full_prompt, sound_spelling
-from train.trainer import (Trainer, TrainConfig, base_llm_write, ctc_head_for, ctc_targets, encode_clips,
+from train.stories import write_activation_data
+from train.tasks import background_questions, sound_spelling
+from train.trainer import (Trainer, TrainConfig, ctc_head_for, ctc_targets, encode_clips,
                            fit_ctc_head, load_annotations)
-
-STORY_PROMPTS = [
-    "Based on the audio, write a story in detail. Your story should be highly related to the audio.",
-    "Listen to the audio and write a short story inspired by it.",
-    "Write a creative story about what is happening in this audio.",
-]
-DETAIL_PROMPTS = [
-    "Describe the audio in detail.",
-    "Tell me everything you can hear in this audio, in a few sentences.",
-]
 
 
 def log(msg: str) -> None:
@@ -64,34 +55,6 @@ def build_model(llm_dtype: torch.dtype, beats_path: str = "", ckpt: str = "") ->
         if "lora_" not in name:
             p.data = p.data.to(llm_dtype)
     return model
-
-
-def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_detail: int, seed: int) -> list[dict]:
-    """The LLM itself (LoRA off, text only) writes long answers from each clip's label description."""
-    rng = random.Random(seed)
-    pool = [c for c in clips if c["split"] == "train" and c["type"] != "speech"]
-    rng.shuffle(pool)
-    chosen = pool[: n_story + n_detail]
-    tok = model.tokenizer
-    requests = []
-    for i, clip in enumerate(chosen):
-        story = i < n_story
-        if story:
-            ask = (f"Write a short, vivid story of 5 to 7 sentences inspired by this sound: {clip['description']} "
-                   "Make the sound important in the story.")
-        else:
-            ask = (f"An audio clip contains the following: {clip['description']} "
-                   "Describe this audio in detail in 3 to 4 sentences, as if you were listening to it.")
-        requests.append((clip, story, ask))
-    texts = [tok.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True, tokenize=False)
-             for _, _, ask in requests]
-    torch.manual_seed(seed)
-    rows = []
-    for (clip, story, _), text in zip(requests, base_llm_write(model, texts, 180, temperature=0.8, top_p=0.9)):
-        prompt = rng.choice(STORY_PROMPTS if story else DETAIL_PROMPTS)
-        rows.append({"path": clip["path"], "text": text, "task": "audio_story_telling" if story else "detailed_description",
-                     "Q": "", "prompt": full_prompt(prompt), "id": clip["id"]})
-    return rows
 
 
 def init_weights(model: SALMONN, path: str, audio_init: float = 0.0) -> str:
@@ -156,7 +119,7 @@ def spell_out(model: SALMONN, trainer: Trainer, tokens: list[torch.Tensor]) -> l
 
 def spelled_wer(model: SALMONN, trainer: Trainer, refs: list[str], tokens: list[torch.Tensor]) -> float:
     """Word error rate of what audio tokens spell under the CTC head (no LLM)."""
-    from train.evaluate import wer
+    from model.metrics import wer
 
     return wer(refs, spell_out(model, trainer, tokens))
 

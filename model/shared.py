@@ -1,0 +1,99 @@
+"""Answers in the shared batch (mixed into `Pipeline`): one user's greedy or sampled answer decoded
+beside everyone else's (batching.py), streamed as text; beam search goes to `Pipeline.stream`."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Iterator, Sequence
+
+from .answers import Answer, Encoding, Request, StreamEvent
+from .batching import BatchDecoder
+from .config import GenerateConfig
+from .guards import MemoryGuard
+
+_POLL_S = 0.05                # how often a waiting stream looks at its stop event
+_STOP_GRACE_S = 0.5           # after Stop, how long to wait for the model before answering "stopped"
+
+
+class SharedAnswers:
+    """The Pipeline's answers in the shared batch."""
+
+    @property
+    def batch(self) -> BatchDecoder:
+        """The shared batch in which greedy and sampled answers of every user decode together."""
+        if self._batch is None:
+            self._batch = BatchDecoder(self.model, self._lock, max_rows=self.max_batch_rows)
+        return self._batch
+
+    def stream_shared(self, audio, prompt: str = "", history: Sequence[tuple[str, str]] = (),
+                      lora_scale: float | None = None, generate: GenerateConfig | None = None,
+                      stop: threading.Event | None = None) -> Iterator[StreamEvent]:
+        """As `stream`, but decoded in the shared batch beside other users' answers (`batch`), each at
+        its own LoRA scale and settings, so many users are answered at once. Beam search runs on its own
+        (`stream`). Closing the stream, or `stop`, retires the answer at the next step. `audio` may be a
+        checked `Request`, as for `stream`."""
+        req = audio if isinstance(audio, Request) else self.check_request(audio, prompt, history, lora_scale, generate)
+        if req.gen.num_beams > 1:
+            yield from self.stream(req, "", stop=stop)
+            return
+        audio, text, scale, gen = req.audio, req.text, req.scale, req.gen
+        t0 = time.perf_counter()
+        cached = (audio.audio if isinstance(audio, Encoding) else audio).key in self._cache
+        with MemoryGuard(self, "answering", gen=gen):
+            enc = self.encode(audio)
+            with self._lock:         # the embedding table and CTC head are this pipeline's while it holds the lock
+                embeds, _, _ = self.model.assemble([enc.tokens.embeds], [text])
+                guide = self.model.ctc_guide([enc.tokens.embeds], gen)
+                ids = self._row_ids(enc, text)
+                past, reused = self._reusable(enc, [ids], [scale])
+        timings = {"encode_s": round(time.perf_counter() - t0, 4), "audio_cached": cached,
+                   "prompt_tokens": len(ids), "audio_tokens": int(enc.tokens.embeds.shape[0]), "reused_tokens": reused}
+
+        def remember(kv, fed_ids):
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(enc.audio.key, scale, tuple(ids) + tuple(fed_ids), kv)
+
+        row = self.batch.submit(embeds, scale, gen, stop, guide, past=past if reused else None, on_finish=remember)
+        with MemoryGuard(self, "answering", gen=gen):
+            yield from self._read_row(row, text, scale, timings, t0)
+
+    def _read_row(self, row, text: str, scale: float, timings: dict, t0: float) -> Iterator[StreamEvent]:
+        """A shared-batch row's tokens as text events, then the answer. Polls, so a Stop is seen even
+        while the batch waits for the model."""
+        m = self.model
+        eos = m.tokenizer.eos_token_id
+        ids: list[int] = []
+        shown, t_first, stop_seen = "", None, None
+        try:
+            while True:
+                try:
+                    item = row.out.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if row.halted():
+                        stop_seen = stop_seen or time.monotonic()
+                        if time.monotonic() - stop_seen > _STOP_GRACE_S:
+                            break
+                    continue
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                t_first = t_first or time.perf_counter() - t0
+                if item == eos:
+                    continue
+                ids.append(item)
+                now = m.decode_text(ids)
+                if now.endswith("\ufffd") or now == shown:      # wait for the rest of a multi-byte character
+                    continue
+                delta = now[len(shown):] if now.startswith(shown) else now
+                shown = now
+                yield StreamEvent(delta=delta, text=shown)
+        finally:
+            row.cancelled.set()
+        total = time.perf_counter() - t0
+        timings.update(first_token_s=round(t_first or total, 4), total_s=round(total, 4),
+                       tokens_per_s=round(max(len(ids) - 1, 0) / max(total - (t_first or 0), 1e-9), 2))
+        final = m.decode_text(ids)
+        yield StreamEvent(delta=final[len(shown):] if final.startswith(shown) else "", text=final, done=True,
+                          answer=Answer(final, text, scale, len(ids), not row.ended, timings))
