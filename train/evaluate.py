@@ -131,12 +131,9 @@ def open_eval_clips(n: int) -> list[tuple[str, np.ndarray]]:
 def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], stories: list[dict], scales: list[float],
                         sizes: dict, everyday: list[tuple[str, np.ndarray]] = (), log=print, asr_beams: int = 1,
                         asr_ctc: float = 0.0, held_engine: list[dict] = ()) -> dict:
-    """The weights at `ckpt`, reported under the name `variant`; `everyday` is (sentence, audio) pairs
-    for the out-of-domain WER (``open_eval_clips``); `held_engine` the ASR rows of the held-out engine's
-    everyday set (``held_engine_wer``, at the largest scale). At the largest scale both WERs are measured again
-    on ``sizes["asr_decoding"]`` held-out clips (a larger, less noisy sample than the sweep's), greedy
-    and, with `asr_beams` > 1, with beam search; and both again CTC-guided with weight `asr_ctc` when
-    the checkpoint carries a CTC head."""
+    """`ckpt`'s weights, reported as `variant`. `everyday`: (sentence, audio) pairs (``open_eval_clips``);
+    `held_engine`: the held-out engine's everyday ASR rows (``held_engine_wer``). At the largest scale the WERs
+    are measured again on ``sizes["asr_decoding"]`` clips: greedy, `asr_beams` beams, CTC-guided (`asr_ctc`)."""
     model = SALMONN.from_config(bundled_config(ckpt))
     cache: dict[str, torch.Tensor] = {}
 

@@ -14,7 +14,7 @@ Every ``--eval-every`` steps (and before the first) it measures the CTC-greedy s
 a sample of training clips, under two vocabularies: the training transcripts' tokens (what the loss
 scores) and the whole LLM table. The curve goes to ``<runs>/curve.json``; the weights with the best
 held-out WER so far to ``<runs>/best.safetensors`` (a full checkpoint: LoRA as ``--init`` had it).
-Resumable: rerun the same command.
+Resumable: rerun the same command. ``--steps 0`` only measures the ``--init`` weights.
 """
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 
 from model.defaults import CHECKPOINTS
-from train.evaluate import wer
+from train.evaluate import OPEN_EVAL_SENTENCES, wer
 from train.recipe import build_model, cached_tokens, log
 from train.trainer import Trainer, TrainConfig, ctc_spell, encode_clips, load_annotations
+
+START = time.perf_counter()     # curve points say when they were measured
 
 
 def asr_rows(folders: list[Path], limit: int = 0, seed: int = 0) -> list[dict]:
@@ -42,14 +44,20 @@ def asr_rows(folders: list[Path], limit: int = 0, seed: int = 0) -> list[dict]:
 
 
 def spelling_wer(model, head, tokens: list[torch.Tensor], rows: list[dict], vocab: torch.Tensor | None) -> dict:
-    """Corpus WER of what `tokens` spell, overall and per engine voice."""
+    """Corpus WER of what `tokens` spell, overall, per engine voice and per sentence set (the fixed
+    everyday sentences of the evaluation, or others)."""
     hyp = ctc_spell(model, head, tokens, vocab)
     refs = [r["text"] for r in rows]
     by_voice: dict[str, list[int]] = {}
+    by_set: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         by_voice.setdefault(r["labels"]["speech"]["voice"], []).append(i)
-    return {"wer": wer(refs, hyp),
-            "by_voice": {v: wer([refs[i] for i in idx], [hyp[i] for i in idx]) for v, idx in sorted(by_voice.items())},
+        by_set.setdefault("fixed" if r["text"] in OPEN_EVAL_SENTENCES else "other", []).append(i)
+
+    def part(groups: dict[str, list[int]]) -> dict[str, float]:
+        return {k: wer([refs[i] for i in idx], [hyp[i] for i in idx]) for k, idx in sorted(groups.items())}
+
+    return {"wer": wer(refs, hyp), "by_voice": part(by_voice), "by_set": part(by_set),
             "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyp))[:3]]}
 
 
@@ -66,7 +74,7 @@ class Curve:
         held_tokens = cached_tokens(m, self.held[0], self.held[1])
         point = {"step": step, "seconds": round(time.perf_counter() - START, 1),
                  "held_out": spelling_wer(m, t.ctc_head, held_tokens, self.held[0], t.ctc_vocab),
-                 "held_out_full_vocab": spelling_wer(m, t.ctc_head, held_tokens, self.held[0], None)["wer"],
+                 "held_out_full_vocab": spelling_wer(m, t.ctc_head, held_tokens, self.held[0], None),
                  "train": spelling_wer(m, t.ctc_head, cached_tokens(m, *self.seen), self.seen[0], t.ctc_vocab)["wer"]}
         if t.history:
             point["loss"] = t.history[-1]["loss"]
@@ -76,15 +84,13 @@ class Curve:
         if point["held_out"]["wer"] < best and step > 0:
             shutil.copyfile(t.out / "latest.safetensors", self.best)
         log(f"  spelling WER at step {step}: held out {point['held_out']['wer']:.1%} "
-            f"(full vocabulary {point['held_out_full_vocab']:.1%}; by voice "
+            f"(full vocabulary {point['held_out_full_vocab']['wer']:.1%}; by voice "
             + ", ".join(f"{v} {w:.0%}" for v, w in point["held_out"]["by_voice"].items())
             + f"), training clips {point['train']:.1%}")
         m.train()       # Trainer.train set training mode once; measuring switched it off
         m.speech_encoder.eval()
         return point
 
-
-START = time.perf_counter()
 
 
 def main(argv: list[str] | None = None) -> dict:
