@@ -239,12 +239,9 @@ def serve_app(args, pipes, api, auth, max_bytes: int, say) -> int:
 def serve_api(api, host: str, port: int, say) -> int:
     """The API alone (no UI) on uvicorn, until Ctrl+C or SIGTERM."""
     import uvicorn
-    from fastapi import FastAPI
 
-    app = FastAPI(title="SALMONN Studio API", docs_url=None, redoc_url=None)
-    api.mount(app)
     say(f"serving the API on http://{host}:{port}/v1")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(api.asgi(), host=host, port=port, log_level="warning")
     return 0
 
 

@@ -44,6 +44,14 @@ class Api:
         self.in_flight = 0
         self.created = int(time.time())
 
+    def asgi(self):
+        """The API alone as an ASGI app (`--api-only`, benchmarks)."""
+        from fastapi import FastAPI
+
+        app = FastAPI(title="SALMONN Studio API", docs_url=None, redoc_url=None)
+        self.mount(app)
+        return app
+
     def mount(self, app) -> None:
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])

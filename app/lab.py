@@ -11,6 +11,7 @@ from typing import Iterator, Mapping, Sequence
 
 import gradio as gr
 
+from model import sweep
 from model.config import GenerateConfig, Limit
 from model.errors import PromptError, SettingsError
 from model.pipeline import BatchEvent, Pipeline
@@ -26,17 +27,9 @@ MAX_LAB_TOKENS = 8192     # scales x beams x max new tokens x checkpoints: no la
 
 
 def parse_scales(text: str, limit: Limit) -> list[float]:
-    """"0, 1, 2.5" -> [0.0, 1.0, 2.5]; each within the pipeline's LoRA-scale limit; at most MAX_SCALES."""
-    parts = [p for p in str(text or "").replace(";", ",").replace(" ", ",").split(",") if p.strip()]
-    if not parts:
-        raise SettingsError("Give at least one LoRA scale, e.g. 0, 1, 2, 3, 4.")
-    scales = []
-    for p in parts:
-        try:
-            value = float(p)
-        except ValueError:
-            raise SettingsError(f"{p!r} is not a number; give LoRA scales as a comma list, e.g. 0, 1, 2, 3, 4.") from None
-        scales.append(limit.check(value))
+    """"0, 1, 2.5" -> [0.0, 1.0, 2.5] (`model.sweep.parse_scales`); each within the pipeline's
+    LoRA-scale limit; at most MAX_SCALES."""
+    scales = [limit.check(value) for value in sweep.parse_scales(text or "")]
     if len(scales) > MAX_SCALES:
         raise SettingsError(f"At most {MAX_SCALES} scales at once (got {len(scales)}).")
     return scales

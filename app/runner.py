@@ -23,7 +23,7 @@ def generate_config(base: GenerateConfig, *, num_beams, do_sample, temperature, 
     given = dict(num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                  repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, ctc_weight=ctc_weight)
     values = {name: value for name, value in given.items() if value is not None}
-    values["seed"] = None if seed is None or (isinstance(seed, (str, int, float)) and seed in ("", -1)) else seed
+    values["seed"] = None if seed in (None, "", -1) else seed
     return dataclasses.replace(base, **values)
 
 

@@ -36,14 +36,12 @@ def _free_port() -> int:
 def serve(pipes: dict) -> tuple[str, object]:
     """The API alone on a local uvicorn thread: (base URL, server)."""
     import uvicorn
-    from fastapi import FastAPI
 
     from app.api import Api
 
-    app = FastAPI()
-    Api(pipes, max_waiting=64).mount(app)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(Api(pipes, max_waiting=64).asgi(), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)

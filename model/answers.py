@@ -3,6 +3,7 @@ streamed events, a checked request, a batch's progress, a teacher-forced score."
 from __future__ import annotations
 
 import re
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -99,3 +100,33 @@ def clean_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS, specials: Sequenc
     if len(text) > max_chars:
         raise PromptError(f"The prompt is too long ({len(text)} characters); the limit is {max_chars}.")
     return text
+
+
+class TextStream:
+    """A growing answer's token ids as streamed text: an event for each longer text (an incomplete
+    multi-byte character waits for the rest; `grow_only`: only text that extends what is shown, as a
+    beam prefix must), then the answer, with the timings of first and last token."""
+
+    def __init__(self, model, t0: float, grow_only: bool = False):
+        self.model, self.t0, self.grow_only = model, t0, grow_only
+        self.shown, self.t_first = "", None
+
+    def update(self, ids: Sequence[int]) -> StreamEvent | None:
+        self.t_first = self.t_first or time.perf_counter() - self.t0
+        now = self.model.decode_text(ids)
+        if now.endswith("\ufffd") or now == self.shown or (self.grow_only and not now.startswith(self.shown)):
+            return None
+        delta, self.shown = (now[len(self.shown):] if now.startswith(self.shown) else now), now
+        return StreamEvent(delta=delta, text=now)
+
+    def finish(self, ids: Sequence[int], text: str, scale: float, stopped: bool, timings: dict,
+               first_key: str = "first_token_s") -> StreamEvent:
+        """The last event: the whole answer, with `first_key`, total_s and tokens_per_s in `timings`."""
+        total = time.perf_counter() - self.t0
+        first = self.t_first or total
+        timings.update({first_key: round(first, 4), "total_s": round(total, 4),
+                        "tokens_per_s": round(max(len(ids) - 1, 0) / max(total - first, 1e-9), 2)})
+        final = self.model.decode_text(ids)
+        return StreamEvent(delta=final[len(self.shown):] if final.startswith(self.shown) else "", text=final,
+                           done=True, answer=Answer(final, text, scale, len(ids), stopped, timings))
+

@@ -19,7 +19,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .answers import _PLACEHOLDER_TEXT, Answer, BatchEvent, Encoding, Request, Score, StreamEvent, clean_prompt
+from .answers import (_PLACEHOLDER_TEXT, Answer, BatchEvent, Encoding, Request, Score, StreamEvent, TextStream,
+                      clean_prompt)
 from .audio import MAX_FILE_BYTES, AudioSource, PreparedAudio, prepare_audio
 from .batching import BatchDecoder
 from .config import GENERATE_LIMITS, GenerateConfig, Limit, SALMONNConfig
@@ -177,9 +178,6 @@ class Pipeline(SharedAnswers, ManyAnswers):
                 self._cache.popitem(last=False)
             return enc
 
-    def is_cached(self, source: AudioSource | PreparedAudio) -> bool:
-        return self.prepare(source).key in self._cache
-
     def clear_caches(self) -> None:
         """Forget encoded audio and cached prompt prefixes (e.g. after changing the model's weights)."""
         with self._lock:
@@ -336,27 +334,17 @@ class Pipeline(SharedAnswers, ManyAnswers):
         progress = generate(m, embeds[:, reused:], None if greedy else mask, gen, [scale], stop=stop, past=past,
                             record=record, trace=timings.setdefault("decode", {}),
                             guide=m.ctc_guide([enc.tokens.embeds], gen), stream=True)
-        shown, t_first = "", None
+        text_stream = TextStream(m, t0, grow_only=not greedy)   # beams only ever add to what is shown
         for last in progress:
             if last.done:
                 break
-            t_first = t_first or time.perf_counter() - t0
-            now = m.decode_text(last.tokens[0])
-            # an incomplete multi-byte character waits for the rest; beams only ever add to what is shown
-            if now.endswith("\ufffd") or now == shown or (not greedy and not now.startswith(shown)):
-                continue
-            delta, shown = (now[len(shown):] if now.startswith(shown) else now), now
-            yield StreamEvent(delta=delta, text=shown)
+            event = text_stream.update(last.tokens[0])
+            if event is not None:
+                yield event
         if greedy:
             self._remember(enc, [row], [scale], last.fed, record, [0])
-        total = time.perf_counter() - t0
-        count = len(last.tokens[0])
-        timings.update({"first_token_s" if greedy else "first_text_s": round(t_first or total, 4),
-                        "total_s": round(total, 4),
-                        "tokens_per_s": round(max(count - 1, 0) / max(total - (t_first or 0), 1e-9), 2)})
-        final = m.decode_text(last.tokens[0])
-        yield StreamEvent(delta=final[len(shown):] if final.startswith(shown) else "", text=final, done=True,
-                          answer=Answer(final, text, scale, count, last.stopped, timings))
+        yield text_stream.finish(last.tokens[0], text, scale, last.stopped, timings,
+                                 "first_token_s" if greedy else "first_text_s")
 
     def answer(self, audio, prompt: str, **kwargs) -> Answer:
         event = None

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Iterator, Sequence
 
-from .answers import Answer, Encoding, Request, StreamEvent
+from .answers import Encoding, Request, StreamEvent, TextStream
 from .batching import BatchDecoder
 from .config import GenerateConfig
 from .guards import MemoryGuard
@@ -61,10 +61,9 @@ class SharedAnswers:
     def _read_row(self, row, text: str, scale: float, timings: dict, t0: float) -> Iterator[StreamEvent]:
         """A shared-batch row's tokens as text events, then the answer. Polls, so a Stop is seen even
         while the batch waits for the model."""
-        m = self.model
-        eos = m.tokenizer.eos_token_id
+        eos = self.model.tokenizer.eos_token_id
         ids: list[int] = []
-        shown, t_first, stop_seen = "", None, None
+        text_stream, stop_seen = TextStream(self.model, t0), None
         try:
             while True:
                 try:
@@ -79,21 +78,11 @@ class SharedAnswers:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                t_first = t_first or time.perf_counter() - t0
-                if item == eos:
-                    continue
-                ids.append(item)
-                now = m.decode_text(ids)
-                if now.endswith("\ufffd") or now == shown:      # wait for the rest of a multi-byte character
-                    continue
-                delta = now[len(shown):] if now.startswith(shown) else now
-                shown = now
-                yield StreamEvent(delta=delta, text=shown)
+                if item != eos:
+                    ids.append(item)
+                event = text_stream.update(ids)
+                if event is not None:
+                    yield event
         finally:
             row.cancelled.set()
-        total = time.perf_counter() - t0
-        timings.update(first_token_s=round(t_first or total, 4), total_s=round(total, 4),
-                       tokens_per_s=round(max(len(ids) - 1, 0) / max(total - (t_first or 0), 1e-9), 2))
-        final = m.decode_text(ids)
-        yield StreamEvent(delta=final[len(shown):] if final.startswith(shown) else "", text=final, done=True,
-                          answer=Answer(final, text, scale, len(ids), not row.ended, timings))
+        yield text_stream.finish(ids, text, scale, not row.ended, timings)
