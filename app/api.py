@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from model.errors import OutOfMemory, SalmonnError
+from model.errors import Busy, OutOfMemory, SalmonnError
 from model.pipeline import Answer, Pipeline
 from model.pipeline import Request as Checked
 
@@ -40,8 +40,7 @@ class Api:
         self.api_key = api_key or None
         first = next(iter(self.pipes.values()))
         self.cap = max_body_bytes or first.max_file_bytes
-        self.max_in_flight = first.max_batch_rows + max(0, int(max_waiting))
-        self.in_flight = 0
+        self.max_waiting = max(0, int(max_waiting))
         self.created = int(time.time())
 
     def asgi(self):
@@ -76,12 +75,12 @@ class Api:
             raise ApiError(413, f"The request is larger than the limit of {limit / 2**20:.0f} MB.")
         return body
 
-    def _admit(self, rows: int = 1) -> None:
-        if self.in_flight + rows > self.max_in_flight:
-            raise ApiError(429, f"The server is busy: {self.in_flight} answers in flight (at most "
-                                f"{self.max_in_flight}). Try again shortly.", "rate_limit_error",
-                           headers={"Retry-After": "2"})
-        self.in_flight += rows
+    def _admit(self, pipe: Pipeline, rows: int = 1):
+        """Room in the pipeline's shared batch (shared with the studio's chat), or 429."""
+        try:
+            return pipe.reserve(rows, self.max_waiting)
+        except Busy as err:
+            raise ApiError(429, str(err), "rate_limit_error", headers={"Retry-After": "2"}) from None
 
     # ------------------------------------------------------------------ routes
     async def models(self, request: Request) -> Response:
@@ -105,20 +104,20 @@ class Api:
             req = parse_chat(body, list(self.pipes), self.cap)
             pipe = self.pipes[req.model]
             checked = await run_in_threadpool(self._checked, pipe, req)
-            self._admit(req.n)
+            room = self._admit(pipe, req.n)
         except ApiError as err:
             return err.response()
         except SalmonnError as err:
             return ApiError(400, str(err)).response()
         streams = Choices(pipe, checked, req.n, req.stop)
         if req.stream:
-            return StreamingResponse(self._released(self._chunks(streams, req), req.n), media_type="text/event-stream")
+            return StreamingResponse(self._released(self._chunks(streams, req), room), media_type="text/event-stream")
         try:
             answers = await streams.collect(request)
         except SalmonnError as err:
             return ApiError(503 if isinstance(err, OutOfMemory) else 400, str(err)).response()
         finally:
-            self.in_flight -= req.n
+            room.release()
         return JSONResponse(completion(req, answers, streams))
 
     @staticmethod
@@ -132,12 +131,11 @@ class Api:
             raise ApiError(400, str(err)) from None
         return pipe.check_request(req.audio, req.question, req.history, req.scale, gen, "upload")
 
-    async def _released(self, chunks: AsyncIterator[str], rows: int) -> AsyncIterator[str]:
-        try:
+    @staticmethod
+    async def _released(chunks: AsyncIterator[str], room) -> AsyncIterator[str]:
+        with room:
             async for chunk in chunks:
                 yield chunk
-        finally:
-            self.in_flight -= rows
 
     async def _chunks(self, streams: "Choices", req: ChatRequest) -> AsyncIterator[str]:
         base = {"id": streams.id, "object": "chat.completion.chunk", "created": streams.created, "model": req.model}
@@ -178,7 +176,7 @@ class Api:
                 req.overrides.update(num_beams=beams, ctc_weight=ctc if pipe.has_ctc_head else 0.0)
             req.scale = scale
             checked = await run_in_threadpool(self._checked, pipe, req)
-            self._admit()
+            room = self._admit(pipe)
         except ApiError as err:
             return err.response()
         except SalmonnError as err:
@@ -188,7 +186,7 @@ class Api:
         except SalmonnError as err:
             return ApiError(503 if isinstance(err, OutOfMemory) else 400, str(err)).response()
         finally:
-            self.in_flight -= 1
+            room.release()
         if fmt == "text":
             return PlainTextResponse(answer.text)
         if fmt == "verbose_json":

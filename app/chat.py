@@ -85,7 +85,7 @@ class Chat:
                     shown[-1] = {"role": "assistant", "content": status}
                     yield shown, *skip()
             else:                           # answered in the shared batch, beside every other user's answer
-                room.enter_context(self.room_in_the_batch(pipe))
+                room.enter_context(pipe.reserve(1, self.gate.max_waiting))
             if stop.is_set():
                 return
             shown[-1] = {"role": "assistant", "content": waiting}

@@ -12,7 +12,7 @@ import time
 from typing import Iterator
 
 from model.config import GenerateConfig
-from model.errors import SalmonnError
+from model.errors import Busy
 
 
 def generate_config(base: GenerateConfig, *, num_beams, do_sample, temperature, top_p, top_k,
@@ -52,10 +52,6 @@ class StopRegistry:
         with self._lock:
             if self._events.get(session) is event:
                 del self._events[session]
-
-
-class Busy(SalmonnError):
-    """The waiting line for the model is full."""
 
 
 class ModelGate:

@@ -8,8 +8,6 @@ The handlers themselves live beside it: `view.View` (what the model sees), `chat
 from __future__ import annotations
 
 import logging
-import threading
-from contextlib import contextmanager
 from typing import Iterator, Mapping
 
 import gradio as gr
@@ -17,7 +15,7 @@ import gradio as gr
 from model.errors import SalmonnError
 from model.pipeline import Pipeline
 
-from .runner import Busy, ModelGate, StopRegistry, generate_config
+from .runner import ModelGate, StopRegistry, generate_config
 
 log = logging.getLogger("salmonn.app")
 
@@ -57,8 +55,6 @@ class Studio:
         self.stops = StopRegistry()
         self.gate = ModelGate(queue_size)     # one model job at a time; a bounded line with a "busy, N ahead" message
         self.slots = queue_size + 2           # Gradio runs this many model events at once: the gate orders them
-        self._shared = 0                      # chat answers in the shared batch (written or waiting)
-        self._shared_lock = threading.Lock()
 
     def pipe_of(self, name) -> Pipeline:
         return self.pipes.get(name) or self.pipeline
@@ -68,21 +64,6 @@ class Studio:
         return generate_config(self.gen0, num_beams=beams, do_sample=sample, temperature=temperature, top_p=top_p,
                                top_k=top_k, repetition_penalty=rep, max_new_tokens=max_new, seed=seed,
                                ctc_weight=ctc)
-
-    @contextmanager
-    def room_in_the_batch(self, pipe: Pipeline) -> Iterator[None]:
-        """The shared batch takes `max_batch_rows` answers at once and `queue_size` more waiting."""
-        with self._shared_lock:
-            taken, most = self._shared, pipe.max_batch_rows + self.gate.max_waiting
-            if taken >= most:
-                raise Busy(f"The model is busy: {taken} answers are being written or waiting, and at most "
-                           f"{most} may. Please try again in a minute.")
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._shared_lock:
-                self._shared -= 1
 
     def take_turn(self, stop, ticket) -> Iterator[str]:
         """While a model job waits in line: how many are ahead, as a status line."""

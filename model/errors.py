@@ -27,3 +27,8 @@ class SettingsError(SalmonnError):
 
 class OutOfMemory(SalmonnError):
     """The model ran out of (GPU) memory on this request; the next request can still work."""
+
+
+class Busy(SalmonnError):
+    """No room for the request now (the model's line or the shared batch is full): try again shortly."""
+

@@ -46,6 +46,8 @@ class Pipeline(SharedAnswers, ManyAnswers):
         self._lock = ModelLock(CountedLock(), self)
         self._batch: BatchDecoder | None = None
         self.max_batch_rows = 16          # answers decoded together in the shared batch
+        self._reserved = 0                # answers given room in it (see `reserve`)
+        self._room_lock = threading.Lock()
         self._weights: dict[str, torch.Tensor] | None = None   # set when the model is shared (variant)
         self.max_file_bytes = MAX_FILE_BYTES     # the app lowers it to its upload cap
         # None turns prefix reuse off (benchmarks measure both ways)

@@ -10,14 +10,46 @@ from typing import Iterator, Sequence
 from .answers import Encoding, Request, StreamEvent, TextStream
 from .batching import BatchDecoder
 from .config import GenerateConfig
+from .errors import Busy
 from .guards import MemoryGuard
 
 _POLL_S = 0.05                # how often a waiting stream looks at its stop event
 _STOP_GRACE_S = 0.5           # after Stop, how long to wait for the model before answering "stopped"
 
 
+class Reservation:
+    """Room held for answers in the shared batch; `release` (or leaving the `with` block) gives it back, once."""
+
+    def __init__(self, owner: "SharedAnswers", rows: int):
+        self.owner, self.rows = owner, rows
+
+    def release(self) -> None:
+        with self.owner._room_lock:
+            self.owner._reserved -= self.rows
+            self.rows = 0
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+
 class SharedAnswers:
     """The Pipeline's answers in the shared batch."""
+
+    def reserve(self, rows: int = 1, waiting: int = 16) -> Reservation:
+        """Room for `rows` more answers: the shared batch decodes `max_batch_rows` at once and lets
+        `waiting` more wait; past that a request is refused at once (`Busy`) instead of waiting for
+        minutes. The studio's chat and the API take room here, so together they stay within it."""
+        with self._room_lock:
+            taken, most = self._reserved, self.max_batch_rows + max(0, int(waiting))
+            if taken + rows > most:
+                raise Busy(f"The model is busy: {taken} answers are being written or waiting, and at most "
+                           f"{most} may. Please try again in a minute.")
+            self._reserved += rows
+        return Reservation(self, rows)
 
     @property
     def batch(self) -> BatchDecoder:

@@ -170,9 +170,10 @@ def post_chat(url: str, clip, **body) -> httpx.Response:
     return httpx.post(f"{url}v1/chat/completions", json={"messages": messages, **body}, timeout=30)
 
 
-def test_queue_full_is_429_with_retry_after(server, clips, monkeypatch):
+def test_queue_full_is_429_with_retry_after(server, clips, pipe, monkeypatch):
     url, api = server
-    monkeypatch.setattr(api, "max_in_flight", 0)
+    monkeypatch.setattr(api, "max_waiting", 0)
+    monkeypatch.setattr(pipe, "max_batch_rows", 0)
     r = post_chat(url, clips[0])
     assert r.status_code == 429 and r.headers["retry-after"] and "busy" in r.json()["error"]["message"]
 
