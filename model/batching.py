@@ -63,6 +63,7 @@ class BatchDecoder:
         self._cache = None             # the batch's DynamicCache
         self._mask: torch.Tensor | None = None
         self._layers = None            # the LLM's LoRA layers, found once
+        self._scales: LoraScale | None = None   # the current rows' per-row scales
         self.steps = 0                 # decode steps run (for tests and benchmarks)
         self.max_batch = 0             # the most rows decoded together so far
 
@@ -220,7 +221,12 @@ class BatchDecoder:
         pos = torch.tensor([[r.position] for r in rows], device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
         scales = [r.scale for r in rows]
-        scale = scales[0] if len(set(scales)) == 1 else LoraScale(scales)
+        if len(set(scales)) == 1:
+            scale = scales[0]
+        else:   # the same rows step after step: keep their scales on the device instead of copying them each step
+            if self._scales is None or self._scales.floats() != scales:
+                self._scales = LoraScale(scales)
+            scale = self._scales
         if self._layers is None:
             self._layers = lora_layers(llm)
         with lora_scale(llm, scale, self._layers), torch.no_grad():

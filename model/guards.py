@@ -78,9 +78,7 @@ class MemoryGuard:
         traceback.clear_frames(tb)
         if self.pipe.prefix_cache is not None:    # cached keys/values are the first memory to give back
             self.pipe.prefix_cache.clear()
-        runners = getattr(self.pipe.model, "runners", None)
-        if runners is not None:
-            runners.clear()
+        self.pipe.model.runners.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -142,7 +142,7 @@ def test_a_client_that_goes_away_mid_stream_frees_the_model(app, pipe, corpus, m
     assert answered(text), text
 
 
-def _oom_during_generation(monkeypatch, model, after_tokens=2):
+def _oom_during_generation(monkeypatch, after_tokens=2):
     """decode_steps raises a CUDA-style out-of-memory error after a few tokens, once."""
     real = decoding.decode_steps
     calls = []
@@ -163,7 +163,7 @@ def _oom_during_generation(monkeypatch, model, after_tokens=2):
 
 
 def test_out_of_memory_is_a_message_and_the_next_request_works(pipe, corpus, monkeypatch):
-    calls = _oom_during_generation(monkeypatch, pipe.model)
+    calls = _oom_during_generation(monkeypatch)
     with pytest.raises(OutOfMemory, match=r"Out of memory while answering: try shorter audio.*fewer new tokens"):
         pipe.answer(corpus["valid"], "Describe the audio.", generate=GREEDY)
     assert pipe._lock.acquire(timeout=1)

@@ -46,7 +46,7 @@ def clip(tmp_path_factory):
     return write(tmp_path_factory.mktemp("clip") / "clip.wav", tone(1.5, freq=330), 16000)
 
 
-def slow_endless_decoding(monkeypatch, model):
+def slow_endless_decoding(monkeypatch):
     """No EOS before max_new_tokens, STEP_S a step."""
     real = decoding.decode_steps
 
@@ -78,7 +78,7 @@ def model_is_free(demo, pipe) -> bool:
 
 
 def test_stream_many_reports_progress_and_stops_mid_batch(pipe, monkeypatch):
-    slow_endless_decoding(monkeypatch, pipe.model)
+    slow_endless_decoding(monkeypatch)
     stop = threading.Event()
     gen = GenerateConfig(max_new_tokens=1024, num_beams=1)
     events = []
@@ -115,7 +115,7 @@ def test_a_lab_run_stopped_mid_run_frees_the_model_and_its_memory(app, pipe, cli
     c = Client(url, verbose=False)
     c.predict(*lab_args(clip, max_new=64), api_name="/scale_lab")     # warm: one-time allocations
     before = rss_bytes()
-    slow_endless_decoding(monkeypatch, pipe.model)
+    slow_endless_decoding(monkeypatch)
     job = c.submit(*lab_args(clip), api_name="/scale_lab")
     assert wait_for(lambda: any("⏳ Answering" in str(o) for o in job.outputs()), within=30), job.outputs()
     assert wait_for(lambda: any("writing…" in str(o) for o in job.outputs()), within=30), "answers stream as written"
@@ -180,7 +180,7 @@ def test_a_lab_run_whose_tab_closes_frees_the_model(app, pipe, clip, monkeypatch
     import httpx
 
     demo, url = app
-    slow_endless_decoding(monkeypatch, pipe.model)
+    slow_endless_decoding(monkeypatch)
     base = f"{url}gradio_api"
     uploaded = httpx.post(f"{base}/upload", files={"files": ("c.wav", clip.read_bytes(), "audio/wav")},
                           timeout=30).json()[0]
