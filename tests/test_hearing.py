@@ -45,6 +45,38 @@ def test_grounding_rule_on_hand_made_answers():
     assert grounded_rate([rain_story, "The wind howled.", "no label here"], clips) == 0.5
 
 
+def test_activation_stories_that_ignore_the_sound_are_rewritten_or_dropped(monkeypatch):
+    """Stage 3 learns only stories that name the clip's main sound: an answer that does not is
+    written again, and dropped if it never does; with the option off every answer is kept as written."""
+    from train import stories
+
+    class Tok:
+        def apply_chat_template(self, messages, **kw):
+            return messages[0]["content"]
+
+    class Model:
+        tokenizer = Tok()
+
+    def clip(i, kind):
+        return {"path": f"/c{i}.wav", "split": "train", "type": "sound", "id": f"c{i}",
+                "description": f"clip {i}", "labels": {"sound": {"kind": kind}}}
+
+    clips = [clip(0, "rain"), clip(1, "dog_bark"), clip(2, "knock")]
+    calls = []
+
+    def writer(model, texts, *a, **kw):     # rain: grounded at once; dog: on the second try; knock: never
+        calls.append(len(texts))
+        return ["Rain fell all night." if "clip 0" in t else
+                ("A dog barked twice." if "clip 1" in t and len(calls) > 1 else "The city slept.") for t in texts]
+
+    monkeypatch.setattr(stories, "base_llm_write", writer)
+    rows = stories.write_activation_data(Model(), clips, 3, 0, seed=0, grounded_only=True, tries=3)
+    assert sorted(r["text"] for r in rows) == ["A dog barked twice.", "Rain fell all night."]
+    assert calls == [3, 2, 1]
+    calls.clear()
+    assert len(stories.write_activation_data(Model(), clips, 3, 0, seed=0)) == 3 and calls == [3]
+
+
 def test_engines_refuse_a_missing_engine_clearly(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(engines.EngineMissing, match="apt-get install -y flite"):

@@ -51,3 +51,25 @@ def test_docs_and_code_keep_no_diary():
     hits = [f"{p.relative_to(REPO)}:{n}" for p in files
             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if diary.search(line)]
     assert not hits, f"development history belongs in docs/EXPERIMENTS.md: {hits}"
+
+
+def test_card_records_open_vocabulary_speech_and_the_spelling_stage(tmp_path):
+    """A run that used train.hearing_data folders and started from a spelling stage says so: the folder's
+    voices and engines, the held-out engine, the spelling stage's curve end points and its command."""
+    training = json.loads((ASSETS / "eval" / "training.json").read_text())
+    training["data"]["speech_a"] = {"seed": 0, "clips": 3000, "engines": {"espeak": 0.5, "festival": 0.5},
+                                    "template_share": 0.2, "noise_share": 0.3, "speed_perturb": 0.1,
+                                    "by_engine": {"festival": 1473, "espeak": 1527}, "voices": 391, "hours": 3.185}
+    curve = tmp_path / "curve.json"
+    curve.write_text(json.dumps({"points": [
+        {"step": 0, "seconds": 10, "held_out": {"wer": 0.778}},
+        {"step": 100, "seconds": 70, "held_out": {"wer": 0.425}},
+        {"step": 200, "seconds": 130, "held_out": {"wer": 0.432}}]}))
+    training["spelling"] = model_card.spelling_record(str(curve), "python -m train.spell --data speech_a")
+    results = json.loads((ASSETS / "eval" / "results.json").read_text())
+    card = model_card.render(training, results, (ASSETS / "eval" / "results.md").read_text())
+    assert "| `speech_a` | `hearing_data --clips 3000 --seed 0 --noise-share 0.3` | 3000 | 3.185 | 391 voices" in card
+    assert "the flite engine is never used for training" in card
+    assert "ran 200 steps and kept step 100" in card and "from 77.8 % to 42.5 %" in card
+    assert "python -m train.spell --data speech_a" in card
+    assert "synthetic voices (espeak-ng and festival)" in card

@@ -323,3 +323,25 @@ def test_init_from_weights_with_fewer_queries_repeats_them(tiny_cfg, tmp_path):
     for name in p1:
         if not name.endswith("query_tokens"):
             assert torch.equal(p1[name], p2[name]), name
+
+
+def test_init_can_take_the_audio_side_from_a_spelling_stage(tiny_cfg, tmp_path):
+    """--init-audio: the LoRA from one checkpoint, the Q-Former, projection and CTC head from another."""
+    from model.checkpoint import save_checkpoint
+    from train.recipe import init_weights
+
+    torch.manual_seed(0)
+    lora_side = SALMONN.from_config(tiny_cfg)
+    torch.manual_seed(1)
+    audio_side = SALMONN.from_config(tiny_cfg)
+    for p in audio_side.trainable_parameters().values():   # LoRA B starts at zero: make every weight differ
+        torch.nn.init.normal_(p)
+    a = save_checkpoint(lora_side, tmp_path / "lora.safetensors")
+    b = save_checkpoint(audio_side, tmp_path / "audio.safetensors")
+    model = SALMONN.from_config(tiny_cfg)
+    assert "from" in init_weights(model, str(a), audio_from=str(b))
+    got, lora, audio = (m.trainable_parameters() for m in (model, lora_side, audio_side))
+    for name, p in got.items():
+        want = lora[name] if "lora_" in name else audio[name]
+        assert torch.equal(p, want), name
+    assert any("lora_" in n for n in got) and any("lora_" not in n for n in got)

@@ -70,9 +70,20 @@ def beats_part(path: str | None) -> dict | None:
             "development": json.loads(meta.get("development", "{}"))}
 
 
-def summary_from_log(log: dict, init: str | None, old: dict) -> dict:
+def spelling_record(curve_file: str, command: str | None) -> dict:
+    """A spelling stage (``train.spell``) as its curve.json recorded it: held-out spelling WER before, at
+    the best step (the weights it kept) and at the last."""
+    points = json.loads(Path(curve_file).read_text())["points"]
+    best = min(points, key=lambda p: p["held_out"]["wer"])
+    return {"command": command, "steps": points[-1]["step"], "best_step": best["step"],
+            "held_out_wer": [round(points[0]["held_out"]["wer"], 3), round(best["held_out"]["wer"], 3)],
+            "minutes": round(points[-1]["seconds"] / 60)}
+
+
+def summary_from_log(log: dict, init: str | None, old: dict, spelling: dict | None = None) -> dict:
     """The recorded training summary of a recipe run (`runs/training_log.json`), read with the weights it
-    wrote; the CTC head's development-set record is kept from `old` (train.ctc_head measures it)."""
+    wrote; the CTC head's development-set record is kept from `old` (train.ctc_head measures it), and so is
+    the spelling stage's unless `spelling` records a new one."""
     from safetensors import safe_open
 
     from train import synth
@@ -95,7 +106,8 @@ def summary_from_log(log: dict, init: str | None, old: dict) -> dict:
                       "trained_parameters": sum(math.prod(s) for s in shapes.values()),
                       "beats": beats_part(log.get("beats")), "llm_dtype": log.get("llm_dtype"), "cores": 2},
             "data": data, "stages": stages, "continued_from": init if init is not None else log.get("init"),
-            "command": log.get("command"), "minutes": round(log.get("seconds", 0) / 60), "ctc_head": head}
+            "command": log.get("command"), "minutes": round(log.get("seconds", 0) / 60), "ctc_head": head,
+            "spelling": spelling or old.get("spelling"), "grounded_stories": log.get("grounded_stories", False)}
 
 
 # ---------------------------------------------------------------- the card
@@ -138,10 +150,18 @@ def data_section(t: dict) -> list[str]:
              "Synthetic and license-clean, generated on the machine by `python -m train.make_data`: espeak-ng speech, "
              "synthesized sound events and music, speech over backgrounds, spoken questions about the background. "
              "Held-out voices and sentences are the same for every seed, so no training folder overlaps the "
-             "evaluation set. Stage 3 uses stories and detailed descriptions the LLM itself wrote from clip labels. "
-             "Training folders of the last run:", "",
+             "evaluation set."
+             + (" `python -m train.hearing_data` adds open-vocabulary speech: everyday sentences in many espeak-ng and "
+                "festival voices, over backgrounds; the flite engine is never used for training (it speaks the "
+                "held-out everyday test)." if any("engines" in m for m in t["data"].values()) else "")
+             + " Stage 3 uses stories and detailed descriptions the LLM itself wrote from clip labels"
+             + (", kept only when they name the clip's main sound (`train.grounding`)" if t.get("grounded_stories") else "")
+             + ". Training folders of the last run:", "",
              "| folder | `make_data` options | training clips | hours | speech |", "|---|---|---|---|---|"]
     for folder, m in t["data"].items():
+        if "engines" in m:
+            lines.append(hearing_row(folder, m))
+            continue
         opts = [f"--seed {m.get('seed', '?')}"] + ([f"--scale {m['scale']:g}"] if m.get("scale", 1) != 1 else [])
         opts += [f"--types {' '.join(m['types'])}"] if m.get("types") else []
         opts += ["--more-voices"] if m.get("more_voices") else []
@@ -159,6 +179,28 @@ def data_section(t: dict) -> list[str]:
     if held:
         lines += ["", f"The evaluation uses the {held} held-out clips of `data`."]
     return lines + [""]
+
+
+def hearing_row(folder: str, m: dict) -> str:
+    """A data-table row for a folder of ``train.hearing_data`` (open-vocabulary speech in many voices)."""
+    opts = f"hearing_data --clips {m['clips']} --seed {m['seed']} --noise-share {m['noise_share']:g}"
+    engines = ", ".join(f"{e} {n}" for e, n in sorted(m["by_engine"].items()))
+    speech = (f"{m['voices']} voices ({engines} clips); {1 - m['template_share']:.0%} everyday sentences of Debian's "
+              f"`fortunes` (`train.sentences --fortunes`), the rest template sentences; speed-perturbed by "
+              f"{1 - m['speed_perturb']:g}-{1 + m['speed_perturb']:g}; {m['noise_share']:.0%} over a background at "
+              "0-20 dB SNR")
+    return f"| `{folder}` | `{opts}` | {m['clips']} | {m['hours']} | {speech} |"
+
+
+def spelling_lines(t: dict) -> list[str]:
+    sp = t.get("spelling")
+    if not sp:
+        return []
+    before, best = sp["held_out_wer"]
+    return [f"Before it, a spelling stage (`train.spell`: the Q-Former, projection and CTC head trained with the CTC loss "
+            f"alone, no LLM, one core, {sp['minutes']} min) ran {sp['steps']} steps and kept step {sp['best_step']}: "
+            f"the audio tokens' CTC spelling WER on the held-out engine's everyday sentences went from {pct(before)} "
+            f"to {pct(best)}. Its command:", "", f"    {sp['command']}", ""]
 
 
 def training_section(t: dict) -> list[str]:
@@ -179,6 +221,7 @@ def training_section(t: dict) -> list[str]:
         lines.append(f"| {s['stage']} | {s['steps']} × {s['batch']}{rows} | {s['lr'][0]:g} → {s['lr'][1]:g} | "
                      f"{loss} | {s['minutes']} min |")
     lines.append("")
+    lines += spelling_lines(t)
     if t.get("continued_from"):
         lines += [f"It continued from {t['continued_from']}; wall time {t['minutes']} min.", ""]
     else:
@@ -219,7 +262,9 @@ def ctc_section(t: dict, results: dict) -> list[str]:
     return lines
 
 
-def limits_section(results: dict) -> list[str]:
+def limits_section(results: dict, training: dict) -> list[str]:
+    heard = {e for m in training["data"].values() for e in m.get("engines", {})}
+    engines = " and ".join(sorted(heard | {"espeak"})).replace("espeak", "espeak-ng")
     act, ins = results["checkpoints"]["activation"], results["checkpoints"]["instruction"]
     top = max(act, key=float)
     a, i = act[top], ins[top]
@@ -230,12 +275,10 @@ def limits_section(results: dict) -> list[str]:
     stories = scales_where(ins, "story_following_rate", 1.0)
     return [
         "## Limitations", "",
-        f"- **Transcription works only inside the training sentences' grammar.** Held-out sentences of that grammar: "
-        f"{pct(preset['asr_wer'])} WER with the speech-recognition preset's decoding, {pct(d.get('greedy', a)['asr_wer'])} "
-        "greedy (default checkpoint, all held-out ASR clips); errors are mostly single names, objects and numbers. "
-        f"Everyday sentences outside it: {everyday[0] * 100:.0f}-{everyday[-1] * 100:.0f} % WER. The model mostly does "
-        "not understand everyday speech: it answers with a plausible sentence of its training grammar. It is no "
-        "dictation model.",
+        f"- **Transcripts of sentences like its training ones** (held-out sentences of the template grammar, held-out "
+        f"voices): {pct(preset['asr_wer'])} WER with the speech-recognition preset's decoding, "
+        f"{pct(d.get('greedy', a)['asr_wer'])} greedy (default checkpoint, all held-out ASR clips).",
+        everyday_bullet(d, everyday),
         f"- **Sounds and music are partly heard.** Attribute questions: {pct(a['attribute_accuracy'])} "
         f"(activation-tuned) and {pct(i['attribute_accuracy'])} (instruction-tuned) at scale {top}; speaker gender "
         f"{pct(a['gender_accuracy'])} (chance is 50 %). Keys and major/minor are not in Whisper tiny.en's features, "
@@ -244,9 +287,36 @@ def limits_section(results: dict) -> list[str]:
         f"- **The LoRA scale matters, as in the paper.** At scale {top} the instruction-tuned checkpoint tells "
         f"{i['story_following_rate'] * 100:.0f} % stories (reference-story perplexity "
         f"{i['perplexity']['story']:.0f})" + (f" and at scale {stories} it always does" if stories else "")
-        + f"; the activation-tuned checkpoint tells stories at scale {top} ({a['story_following_rate'] * 100:.0f} %).",
-        "- English only; synthetic espeak-ng voices; speech encoder only (no sound-event encoder); a few CPU-hours "
+        + f"; the activation-tuned checkpoint tells stories at scale {top} ({a['story_following_rate'] * 100:.0f} %)"
+        + (f", and {a['grounded_story_rate'] * 100:.0f} % of them name the clip's main sound (keyword rule of "
+           "`train.grounding`)." if not math.isnan(a.get("grounded_story_rate", math.nan)) else "."),
+        f"- English only; synthetic voices ({engines}); speech encoder only (no sound-event encoder); a few CPU-hours "
         "of training in all.", ""]
+
+
+def verdict(wer: float) -> str:
+    """Plain words for an everyday-speech WER."""
+    if wer <= 0.15:
+        return "it transcribes everyday speech well"
+    if wer <= 0.35:
+        return "it follows everyday speech, with errors on rarer words and names"
+    if wer <= 0.6:
+        return "it gets the gist of many everyday sentences but drops or swaps words; it is no dictation model"
+    return "it mostly does not understand everyday speech and answers with a plausible sentence of its own"
+
+
+def everyday_bullet(d: dict, everyday: list[float]) -> str:
+    """Everyday speech: on the held-out TTS engine when it was measured, else the fixed everyday sentences."""
+    held = d.get("held_engine") or {}
+    if not held:
+        return (f"- **Everyday sentences outside the training grammar**: {everyday[0] * 100:.0f}-{everyday[-1] * 100:.0f} % "
+                f"WER: {verdict(everyday[0])}.")
+    clips = sum(e["clips"] for e in held.values())
+    greedy = sum(e["greedy"] * e["clips"] for e in held.values()) / clips
+    preset = sum(e.get("preset", e["greedy"]) * e["clips"] for e in held.values()) / clips
+    return (f"- **Everyday speech in voices it never trained on** ({clips} clips of sentences never used in training, "
+            f"spoken by a TTS engine never used in training: {', '.join(sorted(held))}): {pct(preset)} WER with the "
+            f"preset's decoding, {pct(greedy)} greedy: {verdict(preset)}.")
 
 
 def reproduce_section(t: dict) -> list[str]:
@@ -279,7 +349,7 @@ def render(training: dict, results: dict, tables: str) -> str:
               "its docstring).", "", tables.rstrip("\n"), "", "![results](eval/results.png)", "",
               "Answers to the bundled example clips at every scale: [eval/sweep.md](eval/sweep.md) "
               "(`python -m model.sweep`).", ""]
-    lines += ctc_section(training, results) + limits_section(results) + reproduce_section(training)
+    lines += ctc_section(training, results) + limits_section(results, training) + reproduce_section(training)
     return "\n".join(lines) + "\n"
 
 
@@ -288,13 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--training", default=str(TRAINING), help="recorded training summary (JSON)")
     ap.add_argument("--log", default=None, help="a recipe log (runs/training_log.json) to record into --training first")
     ap.add_argument("--init", default=None, help="with --log: what the run continued from, in words (default: the log's)")
+    ap.add_argument("--spelling", default=None, metavar="CURVE",
+                    help="with --log: the curve.json of the spelling stage (train.spell) the run started from")
+    ap.add_argument("--spelling-command", default=None, help="with --spelling: the command that ran it")
     ap.add_argument("--eval", default=str(RESULTS), help="results.json of train.evaluate (results.md beside it)")
     ap.add_argument("--out", default=str(ASSETS / "MODEL_CARD.md"))
     args = ap.parse_args(argv)
     training_path = Path(args.training)
     if args.log:
         old = json.loads(training_path.read_text()) if training_path.is_file() else {}
-        summary = summary_from_log(json.loads(Path(args.log).read_text()), args.init, old)
+        spelling = spelling_record(args.spelling, args.spelling_command) if args.spelling else None
+        summary = summary_from_log(json.loads(Path(args.log).read_text()), args.init, old, spelling)
         training_path.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {training_path}")
     eval_path = Path(args.eval)

@@ -57,12 +57,20 @@ def build_model(llm_dtype: torch.dtype, beats_path: str = "", ckpt: str = "") ->
     return model
 
 
-def init_weights(model: SALMONN, path: str, audio_init: float = 0.0) -> str:
+def init_weights(model: SALMONN, path: str, audio_init: float = 0.0, audio_from: str = "") -> str:
     """Start from earlier trainable weights. If they make fewer audio tokens per window than this
     model (SALMONN-tiny went from 1 to 2), each learned query is repeated, with a little noise so the
-    copies can part; everything else must match exactly."""
+    copies can part; everything else must match exactly. With `audio_from`, everything but the LoRA
+    (the Q-Former, projection and CTC head) comes from those weights instead, e.g. a spelling stage's."""
     raw = read_state_dict(path)
     key, note = "speech_query_tokens", path
+    if audio_from:
+        audio = read_state_dict(audio_from)
+        missing = sorted(k for k in raw if "lora_" not in k and k not in audio)
+        if missing:
+            raise SystemExit(f"--init-audio {audio_from}: lacks {len(missing)} of --init's weights, e.g. {missing[:3]}")
+        raw = {k: v if "lora_" in k else audio[k] for k, v in raw.items()}
+        note = f"{path}, its Q-Former, projection and CTC head from {audio_from}"
     want = model.window_qformer.query_tokens.shape
     if key in raw and raw[key].shape != want and raw[key].shape[2] == want[2] and want[1] % raw[key].shape[1] == 0:
         reps = want[1] // raw[key].shape[1]
@@ -204,6 +212,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--stories", type=int, default=32)
     ap.add_argument("--details", type=int, default=16)
+    ap.add_argument("--grounded-stories", action=argparse.BooleanOptionalAction, default=True,
+                    help="stage 3 keeps only answers that name the clip's main sound (train.grounding), writing "
+                         "the others again: stories that ignore the sound teach the model to ignore the audio")
     ap.add_argument("--llm-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="the frozen LLM's dtype (auto: bfloat16 where the CPU has native bfloat16, else float32)")
     ap.add_argument("--seed", type=int, default=0)
@@ -215,6 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "cross-attention start random at this fraction of the speech columns' scale (0: zeros)")
     ap.add_argument("--init", default="", help="start stage 1 from these trainable weights (e.g. a shipped "
                     "checkpoint, to continue training it) instead of from scratch; --stage1-steps 0 skips to stage 2")
+    ap.add_argument("--init-audio", default="",
+                    help="with --init: take everything but the LoRA (Q-Former, projection, CTC head) from these "
+                         "weights, e.g. the best.safetensors of a spelling stage (python -m train.spell)")
     ap.add_argument("--ctc-head", default="", help="with --init: take over the CTC head kept in an earlier run's "
                     "trainer state (e.g. runs/stage2/latest_state.pt) instead of starting a fresh one")
     ap.add_argument("--ctc-head-fit", type=int, default=300,
@@ -237,12 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     args.beats = beats_for(args.init, args.beats)      # weights trained with our BEATs continue with it
     model = build_model(frozen_llm_dtype(args.llm_dtype), args.beats)
     if args.init:
-        log(f"initialised from {init_weights(model, args.init, args.beats_init)}")
+        log(f"initialised from {init_weights(model, args.init, args.beats_init, args.init_audio)}")
     stage1, stage2 = training_rows(args, data)
     log("caching frozen-encoder features")
     feats = encode_clips(model, sorted({r["path"] for r in stage2}), cache_file=runs / "features-train.pt", log=log)
     card: dict = {"init": args.init, "beats": args.beats, "ctc_head": args.ctc_head,
-                  "sound_spelling": args.sound_spelling, "stages": {}, "data": _meta(data),
+                  "sound_spelling": args.sound_spelling, "grounded_stories": args.grounded_stories, "stages": {}, "data": _meta(data),
                   "extra_data": {e: _meta(Path(e)) for e in args.extra_data}}
     head = initial_ctc_head(model, args, stage2, feats, card)
     if args.align_steps:
@@ -266,6 +280,8 @@ def check_inputs(args) -> None:
         if not (extra / "stage2_instruct.json").is_file():
             raise SystemExit(f"--extra-data {extra}: no stage2_instruct.json there (make it with "
                              f"python -m train.make_data --out {extra} --seed N)")
+    if args.init_audio and not (args.init and Path(args.init_audio).is_file()):
+        raise SystemExit(f"--init-audio {args.init_audio}: needs --init and an existing weights file")
     if args.ctc_head and not Path(args.ctc_head).is_file():
         raise SystemExit(f"--ctc-head {args.ctc_head}: no such trainer state file")
 
@@ -371,7 +387,8 @@ def stage3(model: SALMONN, args, data: Path, runs: Path, stage2: list[dict], fea
         clips = [json.loads(line) for line in (data / "clips.jsonl").read_text().splitlines()]
         for c in clips:
             c["path"] = str((data / c["path"]).resolve())
-        act = write_activation_data(model, clips, args.stories, args.details, args.seed)
+        act = write_activation_data(model, clips, args.stories, args.details, args.seed,
+                                    grounded_only=args.grounded_stories)
         act_file.write_text(json.dumps({"annotation": act}, indent=1, ensure_ascii=False))
     s3 = TrainConfig(steps=args.stage3_steps, batch_size=args.stage3_batch, init_lr=args.stage3_lr, min_lr=args.stage3_lr,
                      warmup_start_lr=args.stage3_lr, warmup_steps=0, max_txt_len=256, seed=args.seed + 2, log_every=4,

@@ -8,6 +8,7 @@ import random
 import torch
 
 from model.salmonn import SALMONN
+from train.grounding import clip_labels, grounded
 from train.tasks import full_prompt
 from train.trainer import base_llm_write
 
@@ -22,29 +23,47 @@ DETAIL_PROMPTS = [
 ]
 
 
-def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_detail: int, seed: int) -> list[dict]:
-    """The LLM itself (LoRA off, text only) writes long answers from each clip's label description."""
+def _ask(clip: dict, story: bool) -> str:
+    if story:
+        return (f"Write a short, vivid story of 5 to 7 sentences inspired by this sound: {clip['description']} "
+                "Make the sound important in the story.")
+    return (f"An audio clip contains the following: {clip['description']} "
+            "Describe this audio in detail in 3 to 4 sentences, as if you were listening to it.")
+
+
+def _names_sound(clip: dict, text: str) -> bool:
+    labels = clip_labels(clip.get("labels") or {})
+    return not labels or grounded(text, labels)
+
+
+def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_detail: int, seed: int,
+                          grounded_only: bool = False, tries: int = 3) -> list[dict]:
+    """The LLM itself (LoRA off, text only) writes long answers from each clip's label description.
+
+    With `grounded_only`, an answer that never names the clip's main sound (``train.grounding``; clips
+    with labels) is written again, up to `tries` times, and dropped if it still does not: a story the
+    model learns to tell about a sound it does not mention teaches it to ignore the audio."""
     rng = random.Random(seed)
     pool = [c for c in clips if c["split"] == "train" and c["type"] != "speech"]
     rng.shuffle(pool)
-    chosen = pool[: n_story + n_detail]
+    chosen = [(clip, i < n_story) for i, clip in enumerate(pool[: n_story + n_detail])]
     tok = model.tokenizer
-    requests = []
-    for i, clip in enumerate(chosen):
-        story = i < n_story
-        if story:
-            ask = (f"Write a short, vivid story of 5 to 7 sentences inspired by this sound: {clip['description']} "
-                   "Make the sound important in the story.")
-        else:
-            ask = (f"An audio clip contains the following: {clip['description']} "
-                   "Describe this audio in detail in 3 to 4 sentences, as if you were listening to it.")
-        requests.append((clip, story, ask))
-    texts = [tok.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True, tokenize=False)
-             for _, _, ask in requests]
     torch.manual_seed(seed)
+    written: dict[int, str] = {}
+    todo = list(range(len(chosen)))
+    for _ in range(tries if grounded_only else 1):
+        texts = [tok.apply_chat_template([{"role": "user", "content": _ask(*chosen[i])}], add_generation_prompt=True,
+                                         tokenize=False) for i in todo]
+        for i, text in zip(todo, base_llm_write(model, texts, 180, temperature=0.8, top_p=0.9)):
+            if not grounded_only or _names_sound(chosen[i][0], text):
+                written[i] = text
+        todo = [i for i in todo if i not in written]
+        if not todo:
+            break
     rows = []
-    for (clip, story, _), text in zip(requests, base_llm_write(model, texts, 180, temperature=0.8, top_p=0.9)):
+    for i, (clip, story) in enumerate(chosen):
         prompt = rng.choice(STORY_PROMPTS if story else DETAIL_PROMPTS)
-        rows.append({"path": clip["path"], "text": text, "task": "audio_story_telling" if story else "detailed_description",
-                     "Q": "", "prompt": full_prompt(prompt), "id": clip["id"]})
+        if i in written:
+            rows.append({"path": clip["path"], "text": written[i], "task": "audio_story_telling" if story else
+                         "detailed_description", "Q": "", "prompt": full_prompt(prompt), "id": clip["id"]})
     return rows
