@@ -18,8 +18,10 @@ import math
 from pathlib import Path
 
 from model.defaults import ASSETS, CHECKPOINTS
+from train.engines import HELD_OUT
 
 TRAINING = ASSETS / "eval" / "training.json"
+ENGINE_NAMES = {"espeak": "espeak-ng"}     # train.engines' names as people know the programs
 RESULTS = ASSETS / "eval" / "results.json"
 STAGE_NAMES = {"0_align": "0 alignment warm-up (CTC only, no LLM)", "1_pretrain": "1 pre-training (ASR, captions)",
                "2_instruct": "2 instruction tuning (all tasks)", "3_activation": "3 activation tuning (stories, descriptions)"}
@@ -152,7 +154,7 @@ def data_section(t: dict) -> list[str]:
              "Held-out voices and sentences are the same for every seed, so no training folder overlaps the "
              "evaluation set."
              + (" `python -m train.hearing_data` adds open-vocabulary speech: everyday sentences in many espeak-ng and "
-                "festival voices, over backgrounds; the flite engine is never used for training (it speaks the "
+                f"festival voices, over backgrounds; the {HELD_OUT} engine is never used for training (it speaks the "
                 "held-out everyday test)." if any("engines" in m for m in t["data"].values()) else "")
              + " Stage 3 uses stories and detailed descriptions the LLM itself wrote from clip labels"
              + (", kept only when they name the clip's main sound (`train.grounding`)" if t.get("grounded_stories") else "")
@@ -263,8 +265,9 @@ def ctc_section(t: dict, results: dict) -> list[str]:
 
 
 def limits_section(results: dict, training: dict) -> list[str]:
-    heard = {e for m in training["data"].values() for e in m.get("engines", {})}
-    engines = " and ".join(sorted(heard | {"espeak"})).replace("espeak", "espeak-ng")
+    # make_data speaks with espeak-ng; hearing_data folders record their engines by train.engines' names
+    heard = {e for m in training["data"].values() for e in m.get("engines", {})} | {"espeak"}
+    engines = " and ".join(ENGINE_NAMES.get(e, e) for e in sorted(heard))
     act, ins = results["checkpoints"]["activation"], results["checkpoints"]["instruction"]
     top = max(act, key=float)
     a, i = act[top], ins[top]
