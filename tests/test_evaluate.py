@@ -83,3 +83,17 @@ def test_batched_beam_search_answers_as_each_row_alone():
     batched = evaluate.generate(model, tokens, prompts, 4.0, 12, beams=3)
     alone = [evaluate.generate(model, [t], [p], 4.0, 12, beams=3)[0] for t, p in zip(tokens, prompts)]
     assert batched == alone and all(batched)
+
+
+def test_a_skipped_measure_reads_as_a_dash_not_a_score(tmp_path):
+    """Parts of the evaluation left out (size 0) have no score: the table must not print 0 % WER for them."""
+    from train import evaluate
+
+    nan = float("nan")
+    entry = {"asr_wer": nan, "attribute_accuracy": 0.5, "gender_accuracy": nan,
+             "story_following_rate": nan, "grounded_story_rate": nan,
+             "perplexity": {t: nan for t in ("asr", "audiocaption", "music_description", "QA", "speech_audio", "story")}}
+    evaluate.write_report({"checkpoints": {"c": {"4": entry}}}, tmp_path, [4.0])
+    row = next(line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| c | 4 |"))
+    assert row == "| c | 4 | – | – | 50.0 % | – | – | – | – | – | – | – |"
+    assert evaluate.mean([]) != evaluate.mean([])          # nan: skipped, not 0

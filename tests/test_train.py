@@ -213,6 +213,34 @@ def test_ctc_only_warmup_trains_the_qformer_without_running_the_llm(tiny_cfg, ti
         Trainer(model, rows, feats, TrainConfig(lm_weight=0.0), tmp_path / "x", log=lambda m: None)
 
 
+def test_anchor_term_keeps_the_sound_clips_audio_tokens_while_the_spelling_trains(tiny_cfg, tiny_data, tmp_path):
+    from train.trainer import anchor_distance, reference_tokens
+
+    def run(anchor_weight: float) -> tuple[float, list[dict]]:
+        torch.manual_seed(0)
+        model = SALMONN.from_config(tiny_cfg)
+        rows = load_annotations(tiny_data)
+        for r in rows[:6]:
+            r["task"] = "asr"
+        feats = encode_clips(model, [r["path"] for r in rows])
+        sounds = [r["path"] for r in rows[6:]]          # never spelled: only the anchor reaches them
+        reference = reference_tokens(model, feats, sounds)
+        cfg = TrainConfig(steps=30, batch_size=4, init_lr=3e-3, min_lr=1e-3, warmup_start_lr=1e-4, warmup_steps=3,
+                          log_every=10, save_every=30, seed=0, ctc_weight=1.0, lm_weight=0.0,
+                          anchor_weight=anchor_weight, anchor_batch=2)
+        trainer = Trainer(model, rows, feats, cfg, tmp_path / f"a{anchor_weight}", log=lambda m: None,
+                          anchors=reference if anchor_weight else None)
+        history = trainer.train()
+        after = reference_tokens(model, feats, sounds)
+        return float(anchor_distance([after[p] for p in sounds], [reference[p] for p in sounds])), history
+
+    free, _ = run(0.0)
+    kept, history = run(10.0)
+    assert history[-1]["ctc"] < history[0]["ctc"]          # the spelling still trains
+    assert "anchor" in history[-1]
+    assert kept < free / 3, (kept, free)
+
+
 def test_rows_with_ctc_text_get_the_ctc_loss_toward_that_text_not_their_answer(tiny_cfg, tiny_data, tmp_path):
     torch.manual_seed(0)
     model = SALMONN.from_config(tiny_cfg)
@@ -282,7 +310,7 @@ def test_example_mean_gives_a_short_answer_the_weight_of_a_long_one(tiny_cfg, ti
     def lm(example_mean, batch):
         cfg = TrainConfig(example_mean=example_mean)
         with torch.no_grad():
-            return float(Trainer(model, rows, feats, cfg, tmp_path, prompts, log=lambda m: None).loss_terms(batch)[0])
+            return float(Trainer(model, rows, feats, cfg, tmp_path, prompts, log=lambda m: None).loss_terms(batch)["lm"])
 
     long, short = lm(True, rows[:1]), lm(True, rows[1:])
     n_long, n_short = (len(t) for t in Trainer(model, rows, feats, TrainConfig(), tmp_path, log=print).targets(rows))

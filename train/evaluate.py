@@ -110,7 +110,7 @@ def perplexity(model: SALMONN, tokens, prompts, refs, scale: float, batch: int =
         for lp in model.target_logprobs(tokens[i:i + batch], texts, targets, scale):
             nll -= float(lp.sum())
             count += len(lp)
-    return float(np.exp(nll / max(1, count)))
+    return float(np.exp(nll / count)) if count else float("nan")
 
 
 def select(rows: list[dict], task: str, n: int) -> list[dict]:
@@ -159,7 +159,7 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
     def transcribe(scale: float, beams: int = 1, clips: list[dict] = asr, everyday: bool = True, ctc: float = 0.0) -> dict:
         """Held-out (`clips`) and, with `everyday`, everyday WER at one scale, with three examples of each."""
         hyp = generate(model, tokens_for(clips), [r["prompt"] for r in clips], scale, 48, beams=beams, ctc_weight=ctc)
-        out = {"asr_wer": wer([r["text"] for r in clips], hyp),
+        out = {"asr_wer": wer([r["text"] for r in clips], hyp) if clips else float("nan"),
                "asr_examples": [{"ref": r["text"], "hyp": h} for r, h in list(zip(clips, hyp))[:3]]}
         if open_refs and everyday:
             hyp = generate(model, open_tokens, [asr_prompt] * len(open_refs), scale, 48, beams=beams, ctc_weight=ctc)
@@ -190,9 +190,9 @@ def evaluate_checkpoint(variant: str, ckpt: str | Path, rows: list[dict], storie
             entry["decoding"]["seconds"] = round(time.perf_counter() - t1, 1)
         entry["attribute_accuracy"], entry["attribute_by_kind"], _ = attribute_scores(model, tokens_for(qa), qa, scale)
         hyp = generate(model, tokens_for(gender), [r["prompt"] for r in gender], scale, 8)
-        entry["gender_accuracy"] = float(np.mean([answer_correct(r["text"], h) for r, h in zip(gender, hyp)]))
+        entry["gender_accuracy"] = mean([answer_correct(r["text"], h) for r, h in zip(gender, hyp)])
         hyp = generate(model, tokens_for(story_rows), [STORY_PROMPT] * len(story_rows), scale, 120)
-        entry["story_following_rate"] = float(np.mean([is_story(h, s["references"]) for s, h in zip(story_rows, hyp)]))
+        entry["story_following_rate"] = mean([is_story(h, s["references"]) for s, h in zip(story_rows, hyp)])
         entry["grounded_story_rate"] = grounded_rate(hyp, [labels_of.get(s["path"], {}) for s in story_rows])
         entry["story_examples"] = hyp[:2]
         entry["perplexity"] = {t: perplexity(model, tokens_for(sel), [r["prompt"] if t != "story" else STORY_PROMPT for r in sel],
@@ -230,7 +230,7 @@ def attribute_scores(model: SALMONN, tokens: list[torch.Tensor], rows: list[dict
     """(share right, ``attribute_by_kind``, answers) for short questions `rows` asked about `tokens`."""
     answers = generate(model, tokens, [r["prompt"] for r in rows], scale, 16)
     correct = [answer_correct(r["text"], a) for r, a in zip(rows, answers)]
-    return float(np.mean(correct)) if correct else 0.0, attribute_by_kind(rows, correct), answers
+    return mean(correct), attribute_by_kind(rows, correct), answers
 
 
 def attribute_by_kind(rows: list[dict], correct: list[bool]) -> dict:
@@ -267,6 +267,19 @@ def story_references(data: Path, rows: list[dict], n: int, seed: int = 0) -> lis
     return out
 
 
+def mean(hits: list[bool]) -> float:
+    """The rate of a measure; nan when it was skipped (no examples), which the table shows as "–"."""
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None or np.isnan(x) else f"{x * 100:.{digits}f} %"
+
+
+def num(x: float) -> str:
+    return "–" if np.isnan(x) else f"{x:.2f}"
+
+
 def write_report(results: dict, out: Path, scales: list[float]) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -279,12 +292,10 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
     for variant, per_scale in results["checkpoints"].items():
         for s, e in per_scale.items():
             p = e["perplexity"]
-            everyday = f"{e['open_asr_wer'] * 100:.1f} %" if "open_asr_wer" in e else "–"
-            g = e.get("grounded_story_rate")
-            grounded = "–" if g is None or np.isnan(g) else f"{g * 100:.0f} %"
-            lines.append(f"| {variant} | {s} | {e['asr_wer'] * 100:.1f} % | {everyday} | {e['attribute_accuracy'] * 100:.1f} % | "
-                         f"{e['gender_accuracy'] * 100:.1f} % | {e['story_following_rate'] * 100:.0f} % | {grounded} | {p['asr']:.2f} | "
-                         f"{p['audiocaption']:.2f} | {p['music_description']:.2f} | {p['story']:.2f} |")
+            lines.append(f"| {variant} | {s} | {pct(e['asr_wer'])} | {pct(e.get('open_asr_wer'))} | "
+                         f"{pct(e['attribute_accuracy'])} | {pct(e['gender_accuracy'])} | {pct(e['story_following_rate'], 0)} | "
+                         f"{pct(e.get('grounded_story_rate'), 0)} | "
+                         + " | ".join(num(p[t]) for t in ("asr", "audiocaption", "music_description", "story")) + " |")
     top = f"{max(scales):g}"
     names = [n for n, per in results["checkpoints"].items() if "attribute_by_kind" in per.get(top, {})]
     if names:
@@ -307,8 +318,7 @@ def write_report(results: dict, out: Path, scales: list[float]) -> None:
             rows += [(f"greedy + CTC {ctc['weight']:g}", ctc["greedy"])] if ctc else []
             rows += [(f"{ctc['beams']['beams']} beams + CTC {ctc['weight']:g}", ctc["beams"])] if "beams" in ctc else []
             for label, e in rows:
-                everyday = f"{e['open_asr_wer'] * 100:.1f} %" if "open_asr_wer" in e else "–"
-                lines.append(f"| {n} | {label} | {e['asr_wer'] * 100:.1f} % | {everyday} |")
+                lines.append(f"| {n} | {label} | {pct(e['asr_wer'])} | {pct(e.get('open_asr_wer'))} |")
     lines += held_engine_lines(results, top)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))

@@ -9,6 +9,10 @@ The Q-Former, projection and CTC head learn, with the CTC loss against the LLM's
 of an LLM step and the stage can see each clip many times. It starts from ``--init`` weights with their
 CTC head (the recipe's stage 0 starts from scratch).
 
+With ``--keep-sounds`` (``train.make_data`` folders) the audio tokens of their sound and music clips
+are held near the ``--init`` model's (the trainer's anchor term, ``--keep-weight``): spelling speech
+alone moves the Q-Former away from sounds, and the LLM stage after it did not bring them back.
+
 Every ``--eval-every`` steps (and before the first) it measures the CTC-greedy spelling WER on the
 ``--eval`` folder (the held-out engine's everyday set, ``hearing_data --everyday-eval``), per voice, and on
 a sample of training clips, under two vocabularies: the training transcripts' tokens (what the loss
@@ -30,7 +34,7 @@ import torch
 from model.defaults import CHECKPOINTS
 from train.evaluate import OPEN_EVAL_SENTENCES, wer
 from train.recipe import build_model, cached_tokens, log
-from train.trainer import Trainer, TrainConfig, ctc_spell, encode_clips, load_annotations
+from train.trainer import Trainer, TrainConfig, ctc_spell, encode_clips, load_annotations, reference_tokens
 
 START = time.perf_counter()     # curve points say when they were measured
 
@@ -41,6 +45,12 @@ def asr_rows(folders: list[Path], limit: int = 0, seed: int = 0) -> list[dict]:
     if limit and limit < len(rows):
         rows = random.Random(seed).sample(rows, limit)
     return rows
+
+
+def sound_clips(folders: list[Path]) -> list[str]:
+    """The training clips of the folders that hold a sound or music and no speech."""
+    return sorted({r["path"] for f in folders for r in load_annotations(f / "stage2_instruct.json")
+                   if "sound" in r.get("labels", {}) and "speech" not in r.get("labels", {})})
 
 
 def spelling_wer(model, head, tokens: list[torch.Tensor], rows: list[dict], vocab: torch.Tensor | None) -> dict:
@@ -105,13 +115,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3, help="peak LR (50 warm-up steps, cosine to a tenth)")
     ap.add_argument("--feature-masking", type=float, default=1.0)
     ap.add_argument("--limit", type=int, default=0, help="use only this many training clips (data-size curves)")
+    ap.add_argument("--keep-sounds", nargs="*", default=[],
+                    help="train.make_data folders whose sound and music clips keep their --init audio tokens")
+    ap.add_argument("--keep-weight", type=float, default=1.0, help="weight of that anchor term")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves the other core free)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     folders, runs, held_dir = [Path(d) for d in args.data], Path(args.runs), Path(args.eval)
-    for f in folders + [held_dir]:
+    keep = [Path(d) for d in args.keep_sounds]
+    for f in folders + keep + [held_dir]:
         if not (f / ("eval.json" if f == held_dir else "stage2_instruct.json")).is_file():
             raise SystemExit(f"{f}: not a data folder (make it with python -m train.hearing_data)")
     model = build_model(torch.float32, ckpt=args.init)
@@ -122,13 +136,24 @@ def main(argv: list[str] | None = None) -> dict:
     for f in folders:      # one cache per folder, so runs over other subsets reuse it
         paths = sorted({r["path"] for r in rows if Path(r["path"]).is_relative_to(f.resolve())})
         feats.update(encode_clips(model, paths, cache_file=f / "features.pt", log=log))
+    anchors = {}
+    if keep:
+        paths = sound_clips(keep)
+        if not paths:
+            raise SystemExit(f"--keep-sounds {' '.join(args.keep_sounds)}: no sound or music clips there")
+        for f in keep:
+            feats.update(encode_clips(model, [p for p in paths if Path(p).is_relative_to(f.resolve())],
+                                      cache_file=f / "features.pt", log=log))
+        anchors = reference_tokens(model, feats, paths)
     held = load_annotations(held_dir / "eval.json")
     held_feats = encode_clips(model, [r["path"] for r in held], cache_file=held_dir / "features.pt", log=log)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, init_lr=args.lr, min_lr=args.lr / 10,
                       warmup_start_lr=1e-5, warmup_steps=50, max_txt_len=96, seed=args.seed, log_every=25,
-                      save_every=args.eval_every, ctc_weight=1.0, lm_weight=0.0, feature_masking=args.feature_masking)
-    trainer = Trainer(model, rows, feats, cfg, runs, log=log, ctc_head=model.ctc_head)
-    log(f"spelling stage: {len(rows)} clips, {len(trainer.ctc_vocab)} token types, {cfg.steps} steps x {cfg.batch_size}")
+                      save_every=args.eval_every, ctc_weight=1.0, lm_weight=0.0, feature_masking=args.feature_masking,
+                      anchor_weight=args.keep_weight if anchors else 0.0)
+    trainer = Trainer(model, rows, feats, cfg, runs, log=log, ctc_head=model.ctc_head, anchors=anchors)
+    log(f"spelling stage: {len(rows)} clips, {len(trainer.ctc_vocab)} token types, {cfg.steps} steps x {cfg.batch_size}"
+        + (f"; {len(anchors)} sound clips keep their audio tokens (weight {args.keep_weight})" if anchors else ""))
     resumed = trainer.resume()
     seen = random.Random(args.seed + 1).sample(rows, min(80, len(rows)))
     curve = Curve(model, trainer, (held, held_feats), (seen, feats), runs / "curve.json", runs / "best.safetensors")

@@ -61,6 +61,12 @@ class TrainConfig:
     # official rule). With long stories beside short replayed answers the token mean gives the
     # stories nearly all the weight; this gives each example the same.
     example_mean: bool = False
+    # Hold the audio tokens of the Trainer's anchor clips (e.g. sounds and music) near a reference
+    # model's, by their squared distance relative to the reference's squared norm, on anchor_batch
+    # clips a step. A stage that trains the Q-Former on speech alone otherwise moves it away from
+    # sounds, and a later LLM stage did not bring them back.
+    anchor_weight: float = 0.0
+    anchor_batch: int = 8
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -245,6 +251,28 @@ def fit_ctc_head(head: CTCHead, tokens: list[torch.Tensor], targets: list[list[i
     return before, after
 
 
+@torch.no_grad()
+def reference_tokens(model: SALMONN, feats: dict, paths: list[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """The model's audio tokens for the cached clips at `paths`, as at inference: the anchor term's
+    reference (take it before training moves the model)."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for i in range(0, len(paths), batch_size):
+        chunk = paths[i:i + batch_size]
+        out.update(zip(chunk, (t.detach().clone() for t in model.clip_tokens([feats[p] for p in chunk]))))
+    model.train(was_training)
+    return out
+
+
+def anchor_distance(tokens: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.Tensor:
+    """Squared distance of the clips' audio tokens from their references, relative to the references'
+    squared norm (0 = unchanged, 1 = as far as all-zero tokens)."""
+    num = sum(((t - r.to(t)) ** 2).sum() for t, r in zip(tokens, reference))
+    den = sum((r.float() ** 2).sum() for r in reference)
+    return num / den
+
+
 def mask_features(speech: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
     """SpecAugment-style masks on cached encoder frames [T, C]: 2 time bands (up to 6 x strength
     frames) and 2 channel bands (up to 48 x strength) set to the clip's mean frame, plus Gaussian noise
@@ -278,7 +306,7 @@ def ctc_targets(tokenizer, rows: list[dict], max_txt_len: int) -> list[list[int]
 class Trainer:
     def __init__(self, model: SALMONN, rows: list[dict], feats: dict, cfg: TrainConfig, out_dir: str | Path,
                  prompts: dict[str, list[str]] | None = None, log: Callable[[str], None] = print,
-                 ctc_head: CTCHead | None = None):
+                 ctc_head: CTCHead | None = None, anchors: dict[str, torch.Tensor] | None = None):
         if cfg.lm_weight <= 0:
             if cfg.ctc_weight <= 0:
                 raise ValueError("lm_weight 0 needs ctc_weight > 0: there would be nothing to train.")
@@ -305,6 +333,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(groups, lr=cfg.init_lr, betas=(0.9, 0.999))
         self.step = 0
         self.history: list[dict] = []
+        # reference audio tokens per clip path (``reference_tokens``), for the anchor term
+        self.anchors = anchors or {}
+        self.anchor_paths = sorted(self.anchors)
 
     def batch(self) -> list[dict]:
         return [self.rows[self.rng.randrange(len(self.rows))] for _ in range(self.cfg.batch_size)]
@@ -328,29 +359,33 @@ class Trainer:
             speech = mask_features(speech, self.cfg.feature_masking, self.gen)
         return speech, audio
 
-    def loss_terms(self, rows: list[dict]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(LM loss or None in a CTC-only warm-up, CTC loss or None when off or no row of the batch
-        is a CTC task)."""
+    def loss_terms(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """The batch's loss terms by name: "lm" (not in a CTC-only warm-up), "ctc" (when on and a row of
+        the batch spells), "anchor" (when the Trainer has anchor clips)."""
         m, cfg = self.model, self.cfg
         tokens = m.clip_tokens([self.features(r) for r in rows])
-        lm = None
+        terms = {}
         if cfg.lm_weight > 0:
             texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
-            lm = m.loss(tokens, texts, self.targets(rows), per_example=cfg.example_mean)
+            terms["lm"] = m.loss(tokens, texts, self.targets(rows), per_example=cfg.example_mean)
         picked = [i for i, r in enumerate(rows) if self.spells(r, cfg)]
-        if cfg.ctc_weight <= 0 or not picked:
-            return lm, None
-        ctc = ctc_alignment_loss(self.ctc_head, [tokens[i] for i in picked], self.ctc_targets([rows[i] for i in picked]),
-                                 m.llama_model.get_input_embeddings().weight, self.ctc_vocab)
-        return lm, ctc
+        if cfg.ctc_weight > 0 and picked:
+            terms["ctc"] = ctc_alignment_loss(self.ctc_head, [tokens[i] for i in picked],
+                                              self.ctc_targets([rows[i] for i in picked]),
+                                              m.llama_model.get_input_embeddings().weight, self.ctc_vocab)
+        if cfg.anchor_weight > 0 and self.anchors:
+            paths = [self.anchor_paths[self.rng.randrange(len(self.anchor_paths))] for _ in range(cfg.anchor_batch)]
+            terms["anchor"] = anchor_distance(m.clip_tokens([self.feats[p] for p in paths]),
+                                              [self.anchors[p] for p in paths])
+        return terms
 
-    def objective(self, lm: torch.Tensor | None, ctc: torch.Tensor | None) -> torch.Tensor:
-        """lm_weight x LM loss + ctc_weight x CTC loss: what the optimiser minimises."""
-        terms = ([] if lm is None else [self.cfg.lm_weight * lm]) + ([] if ctc is None else [self.cfg.ctc_weight * ctc])
-        return sum(terms[1:], terms[0])
+    def objective(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of the loss terms: what the optimiser minimises."""
+        weights = {"lm": self.cfg.lm_weight, "ctc": self.cfg.ctc_weight, "anchor": self.cfg.anchor_weight}
+        return sum(weights[k] * v for k, v in terms.items())
 
     def loss_on(self, rows: list[dict]) -> torch.Tensor:
-        return self.objective(*self.loss_terms(rows))
+        return self.objective(self.loss_terms(rows))
 
     def train(self, on_save: Callable[[int], None] | None = None) -> list[dict]:
         m, cfg = self.model, self.cfg
@@ -360,13 +395,13 @@ class Trainer:
             m.audio_encoder.eval()
         if cfg.lora_only:   # frozen audio side: its tokens as at inference (no dropout)
             m.window_qformer.eval()
-        start, running, running_ctc = time.perf_counter(), [], []
+        start, running, parts = time.perf_counter(), [], {}
         while self.step < cfg.steps:
             lr = lr_at(self.step, cfg)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            lm, ctc = self.loss_terms(self.batch())
-            loss = self.objective(lm, ctc)
+            terms = self.loss_terms(self.batch())
+            loss = self.objective(terms)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -374,17 +409,17 @@ class Trainer:
             self.opt.step()
             self.step += 1
             running.append(loss.item())
-            if ctc is not None:
-                running_ctc.append(ctc.item())
+            for k in ("ctc", "anchor"):
+                if k in terms:
+                    parts.setdefault(k, []).append(terms[k].item())
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 entry = {"step": self.step, "loss": float(np.mean(running)), "lr": lr,
                          "seconds": round(time.perf_counter() - start, 1)}
-                if running_ctc:
-                    entry["ctc"] = float(np.mean(running_ctc))
+                entry.update({k: float(np.mean(v)) for k, v in parts.items()})
                 self.history.append(entry)
-                ctc_note = f" (ctc {entry['ctc']:.3f})" if running_ctc else ""
-                self.log(f"  step {self.step}/{cfg.steps} loss {entry['loss']:.4f}{ctc_note} lr {lr:.2e} ({entry['seconds']} s)")
-                running, running_ctc = [], []
+                note = "".join(f" ({k} {entry[k]:.3f})" for k in parts)
+                self.log(f"  step {self.step}/{cfg.steps} loss {entry['loss']:.4f}{note} lr {lr:.2e} ({entry['seconds']} s)")
+                running, parts = [], {}
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
                 if on_save:
