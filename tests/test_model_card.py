@@ -73,3 +73,13 @@ def test_card_records_open_vocabulary_speech_and_the_spelling_stage(tmp_path):
     assert "ran 200 steps and kept step 100" in card and "from 77.8 % to 42.5 %" in card
     assert "python -m train.spell --data speech_a" in card
     assert "synthetic voices (espeak-ng and festival)" in card
+
+
+def test_stage_row_says_when_sound_clips_were_anchored_and_shows_the_lm_part_alone():
+    stage = {"config": {"steps": 450, "batch_size": 16, "init_lr": 2.5e-4, "min_lr": 2.5e-5, "ctc_weight": 1.0,
+                        "lm_weight": 1.0, "anchor_weight": 1.0},
+             "history": [{"step": 10, "loss": 5.0, "ctc": 2.0, "anchor": 0.5, "seconds": 40},
+                         {"step": 450, "loss": 2.2, "ctc": 1.0, "anchor": 0.2, "seconds": 1800}]}
+    row = model_card.stage_row("instruction tuning", stage)
+    assert "audio tokens held near the initial weights' (anchor × 1, relative distance 0.50 → 0.20)" in row["stage"]
+    assert row["lm_loss"] == [2.5, 1.0] and row["minutes"] == 30

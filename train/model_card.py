@@ -33,9 +33,9 @@ def stage_row(name: str, stage: dict, sound_spelling: bool = False) -> dict:
     """One stage of a recipe log as a row of the recorded stage table."""
     cfg, hist = stage["config"], stage.get("history") or []
     w = cfg.get("ctc_weight") or 0.0
-    lm_w = cfg.get("lm_weight", 1.0)
-    # the logged loss is lm_w * LM + w * CTC when the CTC term is on; the table shows the LM part
-    lm = [(h["loss"] - w * h.get("ctc", 0.0)) / lm_w for h in hist] if lm_w else []
+    lm_w, aw = cfg.get("lm_weight", 1.0), cfg.get("anchor_weight") or 0.0
+    # the logged loss is lm_w * LM + w * CTC + aw * anchor when those terms are on; the table shows the LM part
+    lm = [(h["loss"] - w * h.get("ctc", 0.0) - aw * h.get("anchor", 0.0)) / lm_w for h in hist] if lm_w else []
     rows = [f"{stage['examples']} examples"] if "examples" in stage else []
     rows += [f"ASR rows × {stage['asr_repeat']}"] if stage.get("asr_repeat", 1) > 1 else []
     rows += [f"QA rows × {stage['qa_repeat']}"] if stage.get("qa_repeat", 1) > 1 else []
@@ -44,6 +44,9 @@ def stage_row(name: str, stage: dict, sound_spelling: bool = False) -> dict:
     if w and hist and "ctc" in hist[0]:
         name += (f"{'' if not lm_w else f' + CTC × {w:g}'} on ASR rows{' and sound clips' if sound_spelling else ''} "
                  f"(CTC {hist[0]['ctc']:.1f} → {hist[-1]['ctc']:.2f})")
+    if aw and hist and "anchor" in hist[0]:
+        name += (f", sound and music clips' audio tokens held near the initial weights' (anchor × {aw:g}, "
+                 f"relative distance {hist[0]['anchor']:.2f} → {hist[-1]['anchor']:.2f})")
     name += ", LoRA only (Q-Former and projection frozen)" if cfg.get("lora_only") else ""
     name += ", LM loss averaged per example" if cfg.get("example_mean") else ""
     name += ", masked features" if cfg.get("feature_masking") else ""

@@ -30,7 +30,7 @@ from model.salmonn import SALMONN
 from train.stories import write_activation_data
 from train.tasks import background_questions, sound_spelling
 from train.trainer import (Trainer, TrainConfig, ctc_head_for, ctc_targets, encode_clips,
-                           fit_ctc_head, load_annotations)
+                           fit_ctc_head, load_annotations, reference_tokens)
 
 
 def log(msg: str) -> None:
@@ -107,8 +107,8 @@ def add_audio_stream(model: SALMONN, raw: dict[str, torch.Tensor], scale: float 
 
 
 def run_stage(model, name: str, rows: list[dict], feats: dict, cfg: TrainConfig, runs: Path,
-              ctc_head=None) -> Trainer:
-    trainer = Trainer(model, rows, feats, cfg, runs / name, log=log, ctc_head=ctc_head)
+              ctc_head=None, anchors: dict | None = None) -> Trainer:
+    trainer = Trainer(model, rows, feats, cfg, runs / name, log=log, ctc_head=ctc_head, anchors=anchors)
     log(f"stage {name}: {len(trainer.rows)} examples, {cfg.steps} steps x batch {cfg.batch_size}")
     if trainer.resume():
         log(f"  resumed at step {trainer.step}")
@@ -191,6 +191,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sound-spelling", action=argparse.BooleanOptionalAction, default=False,
                     help="the auxiliary CTC loss also on sound clips: their audio tokens spell the events "
                     "(tasks.sound_spelling: 'knock knock knock', 'rising rising', 'rain'), as speech tokens spell words")
+    ap.add_argument("--keep-sounds", type=float, default=0.0,
+                    help="weight of an anchor term in stage 2 that holds the audio tokens of sound and music clips "
+                         "(no speech) near the initial weights' (0 = off, the paper's recipe)")
     ap.add_argument("--stage3-steps", type=int, default=160)
     ap.add_argument("--stage1-lr", type=float, default=1e-3, help="peak LR of stage 1 (cosine to a tenth)")
     ap.add_argument("--stage2-lr", type=float, default=5e-4, help="peak LR of stage 2 (cosine to a tenth)")
@@ -255,13 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     stage1, stage2 = training_rows(args, data)
     log("caching frozen-encoder features")
     feats = encode_clips(model, sorted({r["path"] for r in stage2}), cache_file=runs / "features-train.pt", log=log)
-    card: dict = {"init": args.init, "beats": args.beats, "ctc_head": args.ctc_head,
+    # taken before any stage moves the model, so a resumed run holds the same reference
+    anchors = reference_tokens(model, feats, sound_clip_paths(stage2)) if args.keep_sounds > 0 else None
+    card: dict = {"init": args.init, "beats": args.beats, "ctc_head": args.ctc_head, "keep_sounds": args.keep_sounds,
                   "sound_spelling": args.sound_spelling, "grounded_stories": args.grounded_stories, "stages": {}, "data": _meta(data),
                   "extra_data": {e: _meta(Path(e)) for e in args.extra_data}}
     head = initial_ctc_head(model, args, stage2, feats, card)
     if args.align_steps:
         head = stage0(model, args, data, runs, stage1, feats, head, card)
-    stage1_2(model, args, runs, stage1, stage2, feats, head, card)
+    stage1_2(model, args, runs, stage1, stage2, feats, head, card, anchors)
     assets.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, assets / CHECKPOINTS["instruction"].name, metadata={"stage": "instruction-tuned"})
     log(f"saved {assets / CHECKPOINTS['instruction'].name}")
@@ -352,7 +357,13 @@ def stage0(model: SALMONN, args, data: Path, runs: Path, stage1: list[dict], fea
     return trainer.ctc_head
 
 
-def stage1_2(model: SALMONN, args, runs: Path, stage1: list[dict], stage2: list[dict], feats: dict, head, card: dict):
+def sound_clip_paths(rows: list[dict]) -> list[str]:
+    """The clips of `rows` that hold a sound or music and no speech."""
+    return sorted({r["path"] for r in rows if "sound" in r.get("labels", {}) and "speech" not in r.get("labels", {})})
+
+
+def stage1_2(model: SALMONN, args, runs: Path, stage1: list[dict], stage2: list[dict], feats: dict, head, card: dict,
+             anchors: dict | None = None):
     """Pre-training, then instruction tuning on all tasks."""
     s1 = TrainConfig(steps=args.stage1_steps, batch_size=args.batch_size, init_lr=args.stage1_lr, min_lr=args.stage1_lr / 10,
                      warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed, log_every=10, save_every=50,
@@ -363,7 +374,7 @@ def stage1_2(model: SALMONN, args, runs: Path, stage1: list[dict], stage2: list[
     s2 = TrainConfig(steps=args.stage2_steps, batch_size=args.batch_size, init_lr=args.stage2_lr, min_lr=args.stage2_lr / 10,
                      warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed + 1, log_every=10, save_every=50,
                      ctc_weight=args.ctc_weight, feature_masking=args.feature_masking,
-                     example_mean=args.stage2_example_mean)
+                     example_mean=args.stage2_example_mean, anchor_weight=args.keep_sounds if anchors else 0.0)
     if not (runs / "stage2" / "latest.safetensors").exists() and (runs / "stage1" / "latest.safetensors").exists():
         load_checkpoint(model, runs / "stage1" / "latest.safetensors")
     repeat = {"asr": args.stage2_asr_repeat, "QA": args.stage2_qa_repeat}
@@ -371,7 +382,7 @@ def stage1_2(model: SALMONN, args, runs: Path, stage1: list[dict], stage2: list[
     if extra_qa:
         log(f"  {len(extra_qa)} questions added about background sounds")
     stage2_rows = [r for r in stage2 + extra_qa for _ in range(repeat.get(r["task"], 1))]
-    trainer = run_stage(model, "stage2", stage2_rows, feats, s2, runs, trainer.ctc_head)
+    trainer = run_stage(model, "stage2", stage2_rows, feats, s2, runs, trainer.ctc_head, anchors)
     card["stages"]["2_instruct"] = {"config": asdict(s2), "history": trainer.history, "asr_repeat": args.stage2_asr_repeat,
                                     "qa_repeat": args.stage2_qa_repeat,
                                     "background_qa": len(extra_qa)}

@@ -33,7 +33,7 @@ import torch
 
 from model.defaults import CHECKPOINTS
 from train.evaluate import OPEN_EVAL_SENTENCES, wer
-from train.recipe import build_model, cached_tokens, log
+from train.recipe import build_model, cached_tokens, log, sound_clip_paths
 from train.trainer import Trainer, TrainConfig, ctc_spell, encode_clips, load_annotations, reference_tokens
 
 START = time.perf_counter()     # curve points say when they were measured
@@ -45,12 +45,6 @@ def asr_rows(folders: list[Path], limit: int = 0, seed: int = 0) -> list[dict]:
     if limit and limit < len(rows):
         rows = random.Random(seed).sample(rows, limit)
     return rows
-
-
-def sound_clips(folders: list[Path]) -> list[str]:
-    """The training clips of the folders that hold a sound or music and no speech."""
-    return sorted({r["path"] for f in folders for r in load_annotations(f / "stage2_instruct.json")
-                   if "sound" in r.get("labels", {}) and "speech" not in r.get("labels", {})})
 
 
 def spelling_wer(model, head, tokens: list[torch.Tensor], rows: list[dict], vocab: torch.Tensor | None) -> dict:
@@ -138,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         feats.update(encode_clips(model, paths, cache_file=f / "features.pt", log=log))
     anchors = {}
     if keep:
-        paths = sound_clips(keep)
+        paths = sound_clip_paths([r for f in keep for r in load_annotations(f / "stage2_instruct.json")])
         if not paths:
             raise SystemExit(f"--keep-sounds {' '.join(args.keep_sounds)}: no sound or music clips there")
         for f in keep:
