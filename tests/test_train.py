@@ -189,13 +189,18 @@ def test_masked_features_keep_shape_and_change_with_the_generator():
     assert ((a - mean).abs() < 0.5).all(dim=1).any() or ((a - mean).abs() < 0.5).all(dim=0).any()
 
 
-def test_ctc_only_warmup_trains_the_qformer_without_running_the_llm(tiny_cfg, tiny_data, tmp_path, monkeypatch):
+def spelling_setup(tiny_cfg, tiny_data):
+    """A fresh tiny model, its rows (the first six turned into ASR rows) and their cached features."""
     torch.manual_seed(0)
     model = SALMONN.from_config(tiny_cfg)
     rows = load_annotations(tiny_data)
     for r in rows[:6]:
         r["task"] = "asr"
-    feats = encode_clips(model, [r["path"] for r in rows])
+    return model, rows, encode_clips(model, [r["path"] for r in rows])
+
+
+def test_ctc_only_warmup_trains_the_qformer_without_running_the_llm(tiny_cfg, tiny_data, tmp_path, monkeypatch):
+    model, rows, feats = spelling_setup(tiny_cfg, tiny_data)
     monkeypatch.setattr(model, "loss", lambda *a, **k: pytest.fail("the warm-up must not run the LLM"))
     lora_before = {k: v.clone() for k, v in model.trainable_parameters().items() if "lora_" in k}
     qf_before = model.window_qformer.query_tokens.detach().clone()
@@ -217,12 +222,7 @@ def test_anchor_term_keeps_the_sound_clips_audio_tokens_while_the_spelling_train
     from train.trainer import anchor_distance, reference_tokens
 
     def run(anchor_weight: float) -> tuple[float, list[dict]]:
-        torch.manual_seed(0)
-        model = SALMONN.from_config(tiny_cfg)
-        rows = load_annotations(tiny_data)
-        for r in rows[:6]:
-            r["task"] = "asr"
-        feats = encode_clips(model, [r["path"] for r in rows])
+        model, rows, feats = spelling_setup(tiny_cfg, tiny_data)
         sounds = [r["path"] for r in rows[6:]]          # never spelled: only the anchor reaches them
         reference = reference_tokens(model, feats, sounds)
         cfg = TrainConfig(steps=30, batch_size=4, init_lr=3e-3, min_lr=1e-3, warmup_start_lr=1e-4, warmup_steps=3,

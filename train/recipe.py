@@ -210,6 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--replay", type=float, default=3.0,
                     help="stage 3 mixes in this many stage-2 examples per activation example, so the trained "
                          "tasks are kept while instruction following comes back (0 = activation data only)")
+    ap.add_argument("--replay-extra", action=argparse.BooleanOptionalAction, default=True,
+                    help="replay may draw --extra-data rows too; --no-replay-extra keeps to --data's task mix "
+                         "(extra speech folders would otherwise fill the replay with transcripts)")
     ap.add_argument("--ctc-weight", type=float, default=1.0,
                     help="weight of the auxiliary CTC loss on ASR rows' audio tokens in stages 1 and 2 (0 = the paper's LM loss only)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -270,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     assets.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, assets / CHECKPOINTS["instruction"].name, metadata={"stage": "instruction-tuned"})
     log(f"saved {assets / CHECKPOINTS['instruction'].name}")
-    stage3(model, args, data, runs, stage2, feats, card)
+    main_rows = {r["path"] for r in load_annotations(data / "stage2_instruct.json")}
+    stage3(model, args, data, runs, stage2 if args.replay_extra else [r for r in stage2 if r["path"] in main_rows],
+           feats, card)
     save_checkpoint(model, assets / CHECKPOINTS["activation"].name, metadata={"stage": "activation-tuned"})
     log(f"saved {assets / CHECKPOINTS['activation'].name}")
     card["seconds"] = round(time.perf_counter() - t0, 1)
@@ -409,6 +414,7 @@ def stage3(model: SALMONN, args, data: Path, runs: Path, stage2: list[dict], fea
     if not (runs / "stage3" / "latest.safetensors").exists() and (runs / "stage2" / "latest.safetensors").exists():
         load_checkpoint(model, runs / "stage2" / "latest.safetensors")   # none: --stage2-steps 0, the model is as is
     card["stages"]["3_activation"] = {"config": asdict(s3), "examples": len(act), "replay": len(replay),
+                                      "replay_extra": args.replay_extra,
                                       "history": run_stage(model, "stage3", act + replay, feats, s3, runs).history}
 
 
