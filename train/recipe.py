@@ -273,9 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     assets.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, assets / CHECKPOINTS["instruction"].name, metadata={"stage": "instruction-tuned"})
     log(f"saved {assets / CHECKPOINTS['instruction'].name}")
-    main_rows = {r["path"] for r in load_annotations(data / "stage2_instruct.json")}
-    stage3(model, args, data, runs, stage2 if args.replay_extra else [r for r in stage2 if r["path"] in main_rows],
-           feats, card)
+    main_rows = [r for r in stage2 if Path(r["path"]).is_relative_to(data.resolve())]   # already loaded: no re-read
+    stage3(model, args, data, runs, stage2 if args.replay_extra else main_rows, feats, card)
     save_checkpoint(model, assets / CHECKPOINTS["activation"].name, metadata={"stage": "activation-tuned"})
     log(f"saved {assets / CHECKPOINTS['activation'].name}")
     card["seconds"] = round(time.perf_counter() - t0, 1)
