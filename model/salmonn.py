@@ -337,9 +337,10 @@ class SALMONN(nn.Module):
         return LoraScale(scales)       # float32, each LoRA layer's copy on its own device
 
     # ----------------------------------------------------------------- teacher forcing
-    def target_logprobs(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
+    def answer_logprobs(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
                         scales: float | Sequence[float] | None = None) -> list[torch.Tensor]:
-        """Log-probability of each target token given audio + prompt (teacher forcing), per row."""
+        """The next-token distribution (log-probabilities over the vocabulary, [len(target), V]) at each
+        target position given audio + prompt and the target so far (teacher forcing), per row."""
         embeds, mask, start = self.assemble(audio, texts, targets)
         scale = self._scale_tensor(scales, len(texts))
         base = self.llama_model.get_base_model() if hasattr(self.llama_model, "get_base_model") else self.llama_model
@@ -347,24 +348,20 @@ class SALMONN(nn.Module):
             hidden = base.model(inputs_embeds=embeds, attention_mask=mask,
                                 position_ids=self.positions(mask), use_cache=False).last_hidden_state
         head = base.get_output_embeddings()
-        out = []
-        for i, tgt in enumerate(targets):
-            s = int(start[i])
-            # the token at position p is predicted by the hidden state at p-1
-            h = hidden[i, s - 1: s - 1 + len(tgt)]
-            logp = torch.log_softmax(head(h).float(), dim=-1)
-            ids = torch.tensor(list(tgt), device=logp.device)
-            out.append(logp.gather(1, ids[:, None]).squeeze(1))
-        return out
+        # the token at position p is predicted by the hidden state at p-1
+        return [torch.log_softmax(head(hidden[i, int(s) - 1: int(s) - 1 + len(tgt)]).float(), dim=-1)
+                for i, (s, tgt) in enumerate(zip(start, targets))]
+
+    def target_logprobs(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
+                        scales: float | Sequence[float] | None = None) -> list[torch.Tensor]:
+        """Log-probability of each target token given audio + prompt (teacher forcing), per row."""
+        return token_logprobs(self.answer_logprobs(audio, texts, targets, scales), targets)
 
     def loss(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
              per_example: bool = False) -> torch.Tensor:
         """Mean cross-entropy over all target tokens of the batch (the official training loss), or with
         `per_example` the mean of each row's own mean, so a short answer weighs as much as a long one."""
-        logps = self.target_logprobs(audio, texts, targets)
-        if per_example:
-            return -torch.stack([lp.mean() for lp in logps]).mean()
-        return -torch.cat(logps).mean()
+        return answer_nll(self.target_logprobs(audio, texts, targets), per_example)
 
     def ctc_guide(self, audio: Sequence[torch.Tensor], gen: GenerateConfig,
                   rows_per_clip: int | None = None) -> CTCGuide | None:
@@ -386,3 +383,15 @@ class SALMONN(nn.Module):
         if eos in ids:
             ids = ids[: ids.index(eos)]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def token_logprobs(dists: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Each target token's log-probability, picked from its row's ``answer_logprobs`` distributions."""
+    return [d.gather(1, torch.tensor(list(t), device=d.device)[:, None]).squeeze(1) for d, t in zip(dists, targets)]
+
+
+def answer_nll(logps: Sequence[torch.Tensor], per_example: bool = False) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens (``SALMONN.loss``)."""
+    if per_example:
+        return -torch.stack([lp.mean() for lp in logps]).mean()
+    return -torch.cat(list(logps)).mean()

@@ -83,3 +83,14 @@ def test_stage_row_says_when_sound_clips_were_anchored_and_shows_the_lm_part_alo
     row = model_card.stage_row("instruction tuning", stage)
     assert "audio tokens held near the initial weights' (anchor × 1, relative distance 0.50 → 0.20)" in row["stage"]
     assert row["lm_loss"] == [2.5, 1.0] and row["minutes"] == 30
+
+
+def test_stage_row_says_when_replayed_answers_were_distilled_and_shows_the_lm_part_alone():
+    stage = {"config": {"steps": 240, "batch_size": 4, "init_lr": 2e-4, "min_lr": 2e-4, "lm_weight": 1.0,
+                        "distill_weight": 2.0, "lora_only": True},
+             "examples": 127, "replay": 254,
+             "history": [{"step": 4, "loss": 2.7, "distill": 0.05, "seconds": 20},
+                         {"step": 240, "loss": 1.6, "distill": 0.1, "seconds": 660}]}
+    row = model_card.stage_row("activation tuning", stage)
+    assert "replayed answers held near the instruction-tuned model's (KL × 2, 0.050 → 0.100)" in row["stage"]
+    assert row["lm_loss"] == [2.6, 1.4] and row["minutes"] == 11

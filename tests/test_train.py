@@ -201,7 +201,7 @@ def spelling_setup(tiny_cfg, tiny_data):
 
 def test_ctc_only_warmup_trains_the_qformer_without_running_the_llm(tiny_cfg, tiny_data, tmp_path, monkeypatch):
     model, rows, feats = spelling_setup(tiny_cfg, tiny_data)
-    monkeypatch.setattr(model, "loss", lambda *a, **k: pytest.fail("the warm-up must not run the LLM"))
+    monkeypatch.setattr(model, "answer_logprobs", lambda *a, **k: pytest.fail("the warm-up must not run the LLM"))
     lora_before = {k: v.clone() for k, v in model.trainable_parameters().items() if "lora_" in k}
     qf_before = model.window_qformer.query_tokens.detach().clone()
     cfg = TrainConfig(steps=30, batch_size=4, init_lr=3e-3, min_lr=1e-3, warmup_start_lr=1e-4, warmup_steps=3,
@@ -238,6 +238,52 @@ def test_anchor_term_keeps_the_sound_clips_audio_tokens_while_the_spelling_train
     kept, history = run(10.0)
     assert history[-1]["ctc"] < history[0]["ctc"]          # the spelling still trains
     assert "anchor" in history[-1]
+    assert kept < free / 3, (kept, free)
+
+
+def test_distill_term_holds_the_marked_rows_answers_near_the_reference_while_others_train(tiny_cfg, tiny_data,
+                                                                                       tmp_path):
+    import copy
+
+    from train.trainer import answer_divergence
+
+    prompts = {"audiocaption": ["Please describe the audio."]}
+
+    def run(weight: float) -> tuple[float, float, float, list[dict]]:
+        torch.manual_seed(0)
+        model = SALMONN.from_config(tiny_cfg)
+        rows = load_annotations(tiny_data)
+        feats = encode_clips(model, [r["path"] for r in rows])
+        taught = [dict(r, text="a long story about the sea and the rain") for r in rows[:4]]
+        held = [dict(r, distill=True) for r in rows[4:]]
+        reference = copy.deepcopy(model)
+        cfg = TrainConfig(steps=30, batch_size=4, init_lr=3e-3, min_lr=1e-3, warmup_start_lr=1e-4, warmup_steps=3,
+                          log_every=10, save_every=30, seed=0, distill_weight=weight)
+        trainer = Trainer(model, taught + held, feats, cfg, tmp_path / f"d{weight}", prompts=prompts,
+                          log=lambda m: None, reference=reference if weight else None)
+
+        def measure() -> tuple[float, float]:
+            model.eval()
+            with torch.no_grad():
+                tokens = model.clip_tokens([feats[r["path"]] for r in held])
+                texts = [model.prompt.conversation(prompts["audiocaption"])] * len(held)
+                targets = trainer.targets(held)
+                drift = answer_divergence(model.answer_logprobs(tokens, texts, targets),
+                                          reference.answer_logprobs(tokens, texts, targets))
+                story = model.loss(model.clip_tokens([feats[r["path"]] for r in taught]),
+                                   [model.prompt.conversation(prompts["audiocaption"])] * len(taught),
+                                   trainer.targets(taught))
+            return float(drift), float(story)
+
+        _, story_before = measure()
+        history = trainer.train()
+        drift, story_after = measure()
+        return drift, story_before, story_after, history
+
+    free, before, after_free, _ = run(0.0)
+    kept, _, after_kept, history = run(10.0)
+    assert "distill" in history[-1]
+    assert after_kept < before * 0.9 and after_free < before * 0.9, (before, after_free, after_kept)   # the new answers train
     assert kept < free / 3, (kept, free)
 
 

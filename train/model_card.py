@@ -33,9 +33,11 @@ def stage_row(name: str, stage: dict, sound_spelling: bool = False) -> dict:
     """One stage of a recipe log as a row of the recorded stage table."""
     cfg, hist = stage["config"], stage.get("history") or []
     w = cfg.get("ctc_weight") or 0.0
-    lm_w, aw = cfg.get("lm_weight", 1.0), cfg.get("anchor_weight") or 0.0
-    # the logged loss is lm_w * LM + w * CTC + aw * anchor when those terms are on; the table shows the LM part
-    lm = [(h["loss"] - w * h.get("ctc", 0.0) - aw * h.get("anchor", 0.0)) / lm_w for h in hist] if lm_w else []
+    lm_w, aw, dw = cfg.get("lm_weight", 1.0), cfg.get("anchor_weight") or 0.0, cfg.get("distill_weight") or 0.0
+    # the logged loss is lm_w * LM + w * CTC + aw * anchor + dw * distill when those terms are on; the table
+    # shows the LM part
+    lm = [(h["loss"] - w * h.get("ctc", 0.0) - aw * h.get("anchor", 0.0) - dw * h.get("distill", 0.0)) / lm_w
+          for h in hist] if lm_w else []
     rows = [f"{stage['examples']} examples"] if "examples" in stage else []
     rows += [f"ASR rows × {stage['asr_repeat']}"] if stage.get("asr_repeat", 1) > 1 else []
     rows += [f"QA rows × {stage['qa_repeat']}"] if stage.get("qa_repeat", 1) > 1 else []
@@ -47,6 +49,9 @@ def stage_row(name: str, stage: dict, sound_spelling: bool = False) -> dict:
     if aw and hist and "anchor" in hist[0]:
         name += (f", sound and music clips' audio tokens held near the initial weights' (anchor × {aw:g}, "
                  f"relative distance {hist[0]['anchor']:.2f} → {hist[-1]['anchor']:.2f})")
+    if dw and hist and "distill" in hist[-1]:
+        name += (f", replayed answers held near the instruction-tuned model's (KL × {dw:g}, "
+                 f"{hist[0].get('distill', 0.0):.3f} → {hist[-1]['distill']:.3f})")
     name += ", LoRA only (Q-Former and projection frozen)" if cfg.get("lora_only") else ""
     name += ", LM loss averaged per example" if cfg.get("example_mean") else ""
     name += ", masked features" if cfg.get("feature_masking") else ""

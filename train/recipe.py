@@ -16,6 +16,7 @@ float32, since emulated bfloat16 is far slower. The trained weights stay float32
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import time
@@ -107,8 +108,9 @@ def add_audio_stream(model: SALMONN, raw: dict[str, torch.Tensor], scale: float 
 
 
 def run_stage(model, name: str, rows: list[dict], feats: dict, cfg: TrainConfig, runs: Path,
-              ctc_head=None, anchors: dict | None = None) -> Trainer:
-    trainer = Trainer(model, rows, feats, cfg, runs / name, log=log, ctc_head=ctc_head, anchors=anchors)
+              ctc_head=None, anchors: dict | None = None, reference: SALMONN | None = None) -> Trainer:
+    trainer = Trainer(model, rows, feats, cfg, runs / name, log=log, ctc_head=ctc_head, anchors=anchors,
+                      reference=reference)
     log(f"stage {name}: {len(trainer.rows)} examples, {cfg.steps} steps x batch {cfg.batch_size}")
     if trainer.resume():
         log(f"  resumed at step {trainer.step}")
@@ -213,6 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--replay-extra", action=argparse.BooleanOptionalAction, default=True,
                     help="replay may draw --extra-data rows too; --no-replay-extra keeps to --data's task mix "
                          "(extra speech folders would otherwise fill the replay with transcripts)")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="stage 3 holds the answers to the replayed examples near the instruction-tuned model's: "
+                         "the KL divergence from its next-token distributions, at this weight (0 = off)")
     ap.add_argument("--ctc-weight", type=float, default=1.0,
                     help="weight of the auxiliary CTC loss on ASR rows' audio tokens in stages 1 and 2 (0 = the paper's LM loss only)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -408,13 +413,18 @@ def stage3(model: SALMONN, args, data: Path, runs: Path, stage2: list[dict], fea
     s3 = TrainConfig(steps=args.stage3_steps, batch_size=args.stage3_batch, init_lr=args.stage3_lr, min_lr=args.stage3_lr,
                      warmup_start_lr=args.stage3_lr, warmup_steps=0, max_txt_len=256, seed=args.seed + 2, log_every=4,
                      save_every=args.stage3_steps, lora_only=args.stage3_lora_only,
-                     example_mean=args.stage3_example_mean)
+                     example_mean=args.stage3_example_mean, distill_weight=args.distill)
     replay = random.Random(args.seed + 3).sample(stage2, min(len(stage2), int(round(args.replay * len(act)))))
+    if args.distill > 0:
+        replay = [dict(r, distill=True) for r in replay]
     if not (runs / "stage3" / "latest.safetensors").exists() and (runs / "stage2" / "latest.safetensors").exists():
         load_checkpoint(model, runs / "stage2" / "latest.safetensors")   # none: --stage2-steps 0, the model is as is
+    # the instruction-tuned model as it enters stage 3 (stage 2's weights, also when stage 3 resumes)
+    reference = copy.deepcopy(model) if args.distill > 0 else None
     card["stages"]["3_activation"] = {"config": asdict(s3), "examples": len(act), "replay": len(replay),
                                       "replay_extra": args.replay_extra,
-                                      "history": run_stage(model, "stage3", act + replay, feats, s3, runs).history}
+                                      "history": run_stage(model, "stage3", act + replay, feats, s3, runs,
+                                                           reference=reference).history}
 
 
 if __name__ == "__main__":

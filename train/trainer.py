@@ -18,12 +18,13 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from model.audio import prepare_audio
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.ctc import CTCHead
 from model.llm import AUDIO_PREFIX, PLACEHOLDER
-from model.salmonn import SALMONN
+from model.salmonn import SALMONN, answer_nll, token_logprobs
 
 
 @dataclass
@@ -67,6 +68,11 @@ class TrainConfig:
     # sounds, and a later LLM stage did not bring them back.
     anchor_weight: float = 0.0
     anchor_batch: int = 8
+    # Hold the answers of rows marked "distill" near the Trainer's reference model's: the KL divergence
+    # from its next-token distribution at each answer token (given the same audio tokens and prompt).
+    # For activation tuning: the replayed short answers alone did not keep the instruction-tuned
+    # model's sound answers while the stories grew; its whole distribution holds more than one target.
+    distill_weight: float = 0.0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -273,6 +279,13 @@ def anchor_distance(tokens: list[torch.Tensor], reference: list[torch.Tensor]) -
     return num / den
 
 
+def answer_divergence(dists: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.Tensor:
+    """KL(reference || model) of the next-token distributions (log-probabilities, [T, V] per row),
+    summed over the vocabulary, averaged over each row's answer tokens, then over the rows."""
+    return torch.stack([F.kl_div(d, r, log_target=True, reduction="none").sum(-1).mean()
+                        for d, r in zip(dists, reference)]).mean()
+
+
 def mask_features(speech: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
     """SpecAugment-style masks on cached encoder frames [T, C]: 2 time bands (up to 6 x strength
     frames) and 2 channel bands (up to 48 x strength) set to the clip's mean frame, plus Gaussian noise
@@ -306,7 +319,8 @@ def ctc_targets(tokenizer, rows: list[dict], max_txt_len: int) -> list[list[int]
 class Trainer:
     def __init__(self, model: SALMONN, rows: list[dict], feats: dict, cfg: TrainConfig, out_dir: str | Path,
                  prompts: dict[str, list[str]] | None = None, log: Callable[[str], None] = print,
-                 ctc_head: CTCHead | None = None, anchors: dict[str, torch.Tensor] | None = None):
+                 ctc_head: CTCHead | None = None, anchors: dict[str, torch.Tensor] | None = None,
+                 reference: SALMONN | None = None):
         if cfg.lm_weight <= 0:
             if cfg.ctc_weight <= 0:
                 raise ValueError("lm_weight 0 needs ctc_weight > 0: there would be nothing to train.")
@@ -336,6 +350,8 @@ class Trainer:
         # reference audio tokens per clip path (``reference_tokens``), for the anchor term
         self.anchors = anchors or {}
         self.anchor_paths = sorted(self.anchors)
+        # the model whose answers the "distill" rows are held to (frozen, no dropout)
+        self.reference = reference.eval().requires_grad_(False) if reference is not None else None
 
     def batch(self) -> list[dict]:
         return [self.rows[self.rng.randrange(len(self.rows))] for _ in range(self.cfg.batch_size)]
@@ -361,13 +377,22 @@ class Trainer:
 
     def loss_terms(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """The batch's loss terms by name: "lm" (not in a CTC-only warm-up), "ctc" (when on and a row of
-        the batch spells), "anchor" (when the Trainer has anchor clips)."""
+        the batch spells), "anchor" (when the Trainer has anchor clips), "distill" (when it has a
+        reference model and a row of the batch is marked "distill")."""
         m, cfg = self.model, self.cfg
         tokens = m.clip_tokens([self.features(r) for r in rows])
         terms = {}
         if cfg.lm_weight > 0:
             texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
-            terms["lm"] = m.loss(tokens, texts, self.targets(rows), per_example=cfg.example_mean)
+            targets = self.targets(rows)
+            dists = m.answer_logprobs(tokens, texts, targets)
+            terms["lm"] = answer_nll(token_logprobs(dists, targets), cfg.example_mean)
+            held = [i for i, r in enumerate(rows) if r.get("distill")]
+            if cfg.distill_weight > 0 and self.reference is not None and held:
+                with torch.no_grad():
+                    ref = self.reference.answer_logprobs([tokens[i].detach() for i in held], [texts[i] for i in held],
+                                                         [targets[i] for i in held])
+                terms["distill"] = answer_divergence([dists[i] for i in held], ref)
         picked = [i for i, r in enumerate(rows) if self.spells(r, cfg)]
         if cfg.ctc_weight > 0 and picked:
             terms["ctc"] = ctc_alignment_loss(self.ctc_head, [tokens[i] for i in picked],
@@ -381,7 +406,8 @@ class Trainer:
 
     def objective(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of the loss terms: what the optimiser minimises."""
-        weights = {"lm": self.cfg.lm_weight, "ctc": self.cfg.ctc_weight, "anchor": self.cfg.anchor_weight}
+        weights = {"lm": self.cfg.lm_weight, "ctc": self.cfg.ctc_weight, "anchor": self.cfg.anchor_weight,
+                   "distill": self.cfg.distill_weight}
         return sum(weights[k] * v for k, v in terms.items())
 
     def loss_on(self, rows: list[dict]) -> torch.Tensor:
@@ -409,7 +435,7 @@ class Trainer:
             self.opt.step()
             self.step += 1
             running.append(loss.item())
-            for k in ("ctc", "anchor"):
+            for k in ("ctc", "anchor", "distill"):
                 if k in terms:
                     parts.setdefault(k, []).append(terms[k].item())
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
