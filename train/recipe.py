@@ -325,7 +325,7 @@ def initial_ctc_head(model: SALMONN, args, stage2: list[dict], feats: dict, card
         log(f"CTC head taken over from {args.ctc_head}")
         return ctc_head_for(model, args.ctc_head)
     if model.ctc_head is not None:
-        log(f"CTC head taken over from {args.init}")
+        log(f"CTC head taken over from {args.init_audio or args.init}")
         return model.ctc_head
     if not (args.init and args.ctc_head_fit and args.ctc_weight > 0):
         return None
