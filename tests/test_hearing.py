@@ -75,6 +75,10 @@ def test_activation_stories_that_ignore_the_sound_are_rewritten_or_dropped(monke
     assert calls == [3, 2, 1]
     calls.clear()
     assert len(stories.write_activation_data(Model(), clips, 3, 0, seed=0)) == 3 and calls == [3]
+    # named, but not within the opening words: written again, then dropped
+    calls.clear()
+    rows = stories.write_activation_data(Model(), clips, 3, 0, seed=0, grounded_only=True, tries=3, within=1)
+    assert [r["text"] for r in rows] == ["Rain fell all night."] and calls == [3, 2, 2]
 
 
 def test_engines_refuse_a_missing_engine_clearly(monkeypatch):

@@ -117,7 +117,8 @@ def summary_from_log(log: dict, init: str | None, old: dict, spelling: dict | No
                       "beats": beats_part(log.get("beats")), "llm_dtype": log.get("llm_dtype"), "cores": 2},
             "data": data, "stages": stages, "continued_from": init if init is not None else log.get("init"),
             "command": log.get("command"), "minutes": round(log.get("seconds", 0) / 60), "ctc_head": head,
-            "spelling": spelling or old.get("spelling"), "grounded_stories": log.get("grounded_stories", False)}
+            "spelling": spelling or old.get("spelling"), "grounded_stories": log.get("grounded_stories", False),
+            "grounded_within": log.get("grounded_within", 0)}
 
 
 # ---------------------------------------------------------------- the card
@@ -165,7 +166,9 @@ def data_section(t: dict) -> list[str]:
                 f"festival voices, over backgrounds; the {HELD_OUT} engine is never used for training (it speaks the "
                 "held-out everyday test)." if any("engines" in m for m in t["data"].values()) else "")
              + " Stage 3 uses stories and detailed descriptions the LLM itself wrote from clip labels"
-             + (", kept only when they name the clip's main sound (`train.grounding`)" if t.get("grounded_stories") else "")
+             + (", kept only when they name the clip's main sound (`train.grounding`)"
+                + (f" within their first {t['grounded_within']} words" if t.get("grounded_within") else "")
+                if t.get("grounded_stories") else "")
              + ". Training folders of the last run:", "",
              "| folder | `make_data` options | training clips | hours | speech |", "|---|---|---|---|---|"]
     for folder, m in t["data"].items():

@@ -226,6 +226,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grounded-stories", action=argparse.BooleanOptionalAction, default=True,
                     help="stage 3 keeps only answers that name the clip's main sound (train.grounding), writing "
                          "the others again: stories that ignore the sound teach the model to ignore the audio")
+    ap.add_argument("--grounded-within", type=int, default=0,
+                    help="with --grounded-stories: the answer must name the sound within its first N words (0: anywhere)")
+    ap.add_argument("--activation", default="",
+                    help="stage 3's self-written answers: this file (written there when missing; default "
+                         "DATA/activation.json)")
     ap.add_argument("--llm-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="the frozen LLM's dtype (auto: bfloat16 where the CPU has native bfloat16, else float32)")
     ap.add_argument("--seed", type=int, default=0)
@@ -269,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     # taken before any stage moves the model, so a resumed run holds the same reference
     anchors = reference_tokens(model, feats, sound_clip_paths(stage2)) if args.keep_sounds > 0 else None
     card: dict = {"init": args.init, "beats": args.beats, "ctc_head": args.ctc_head, "keep_sounds": args.keep_sounds,
-                  "sound_spelling": args.sound_spelling, "grounded_stories": args.grounded_stories, "stages": {}, "data": _meta(data),
+                  "sound_spelling": args.sound_spelling, "grounded_stories": args.grounded_stories,
+                  "grounded_within": args.grounded_within, "stages": {}, "data": _meta(data),
                   "extra_data": {e: _meta(Path(e)) for e in args.extra_data}}
     head = initial_ctc_head(model, args, stage2, feats, card)
     if args.align_steps:
@@ -399,7 +405,7 @@ def stage1_2(model: SALMONN, args, runs: Path, stage1: list[dict], stage2: list[
 
 def stage3(model: SALMONN, args, data: Path, runs: Path, stage2: list[dict], feats: dict, card: dict) -> None:
     """Activation tuning on the LLM's own long answers, with stage-2 examples replayed."""
-    act_file = data / "activation.json"
+    act_file = Path(args.activation) if args.activation else data / "activation.json"
     if act_file.is_file():
         act = json.loads(act_file.read_text())["annotation"]
     else:
@@ -408,7 +414,8 @@ def stage3(model: SALMONN, args, data: Path, runs: Path, stage2: list[dict], fea
         for c in clips:
             c["path"] = str((data / c["path"]).resolve())
         act = write_activation_data(model, clips, args.stories, args.details, args.seed,
-                                    grounded_only=args.grounded_stories)
+                                    grounded_only=args.grounded_stories, within=args.grounded_within)
+        act_file.parent.mkdir(parents=True, exist_ok=True)
         act_file.write_text(json.dumps({"annotation": act}, indent=1, ensure_ascii=False))
     s3 = TrainConfig(steps=args.stage3_steps, batch_size=args.stage3_batch, init_lr=args.stage3_lr, min_lr=args.stage3_lr,
                      warmup_start_lr=args.stage3_lr, warmup_steps=0, max_txt_len=256, seed=args.seed + 2, log_every=4,

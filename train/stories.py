@@ -31,18 +31,20 @@ def _ask(clip: dict, story: bool) -> str:
             "Describe this audio in detail in 3 to 4 sentences, as if you were listening to it.")
 
 
-def _names_sound(clip: dict, text: str) -> bool:
+def _names_sound(clip: dict, text: str, within: int = 0) -> bool:
     labels = clip_labels(clip.get("labels") or {})
-    return not labels or grounded(text, labels)
+    return not labels or grounded(" ".join(text.split()[:within]) if within else text, labels)
 
 
 def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_detail: int, seed: int,
-                          grounded_only: bool = False, tries: int = 3) -> list[dict]:
+                          grounded_only: bool = False, tries: int = 3, within: int = 0) -> list[dict]:
     """The LLM itself (LoRA off, text only) writes long answers from each clip's label description.
 
     With `grounded_only`, an answer that never names the clip's main sound (``train.grounding``; clips
     with labels) is written again, up to `tries` times, and dropped if it still does not: a story the
-    model learns to tell about a sound it does not mention teaches it to ignore the audio."""
+    model learns to tell about a sound it does not mention teaches it to ignore the audio. With
+    `within`, it must name the sound in its first `within` words: the tuned model learns the stories'
+    openings best, so an opening that names the sound is what carries into its own stories."""
     rng = random.Random(seed)
     pool = [c for c in clips if c["split"] == "train" and c["type"] != "speech"]
     rng.shuffle(pool)
@@ -55,7 +57,7 @@ def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_det
         texts = [tok.apply_chat_template([{"role": "user", "content": _ask(*chosen[i])}], add_generation_prompt=True,
                                          tokenize=False) for i in todo]
         for i, text in zip(todo, base_llm_write(model, texts, 180, temperature=0.8, top_p=0.9)):
-            if not grounded_only or _names_sound(chosen[i][0], text):
+            if not grounded_only or _names_sound(chosen[i][0], text, within):
                 written[i] = text
         todo = [i for i in todo if i not in written]
         if not todo:
