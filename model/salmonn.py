@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -341,6 +341,15 @@ class SALMONN(nn.Module):
                         scales: float | Sequence[float] | None = None) -> list[torch.Tensor]:
         """The next-token distribution (log-probabilities over the vocabulary, [len(target), V]) at each
         target position given audio + prompt and the target so far (teacher forcing), per row."""
+        return list(self._answer_dists(audio, texts, targets, scales))
+
+    def target_logprobs(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
+                        scales: float | Sequence[float] | None = None) -> list[torch.Tensor]:
+        """Log-probability of each target token given audio + prompt (teacher forcing), per row."""
+        # row by row: one [len(target), V] distribution alive at a time, not the batch's
+        return token_logprobs(self._answer_dists(audio, texts, targets, scales), targets)
+
+    def _answer_dists(self, audio, texts, targets, scales) -> Iterator[torch.Tensor]:
         embeds, mask, start = self.assemble(audio, texts, targets)
         scale = self._scale_tensor(scales, len(texts))
         base = self.llama_model.get_base_model() if hasattr(self.llama_model, "get_base_model") else self.llama_model
@@ -348,14 +357,9 @@ class SALMONN(nn.Module):
             hidden = base.model(inputs_embeds=embeds, attention_mask=mask,
                                 position_ids=self.positions(mask), use_cache=False).last_hidden_state
         head = base.get_output_embeddings()
-        # the token at position p is predicted by the hidden state at p-1
-        return [torch.log_softmax(head(hidden[i, int(s) - 1: int(s) - 1 + len(tgt)]).float(), dim=-1)
-                for i, (s, tgt) in enumerate(zip(start, targets))]
-
-    def target_logprobs(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
-                        scales: float | Sequence[float] | None = None) -> list[torch.Tensor]:
-        """Log-probability of each target token given audio + prompt (teacher forcing), per row."""
-        return token_logprobs(self.answer_logprobs(audio, texts, targets, scales), targets)
+        for i, (s, tgt) in enumerate(zip(start, targets)):
+            # the token at position p is predicted by the hidden state at p-1
+            yield torch.log_softmax(head(hidden[i, int(s) - 1: int(s) - 1 + len(tgt)]).float(), dim=-1)
 
     def loss(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
              per_example: bool = False) -> torch.Tensor:
@@ -385,7 +389,7 @@ class SALMONN(nn.Module):
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def token_logprobs(dists: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+def token_logprobs(dists: Iterable[torch.Tensor], targets: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """Each target token's log-probability, picked from its row's ``answer_logprobs`` distributions."""
     return [d.gather(1, torch.tensor(list(t), device=d.device)[:, None]).squeeze(1) for d, t in zip(dists, targets)]
 
