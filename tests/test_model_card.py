@@ -94,3 +94,6 @@ def test_stage_row_says_when_replayed_answers_were_distilled_and_shows_the_lm_pa
     row = model_card.stage_row("activation tuning", stage)
     assert "replayed answers held near the instruction-tuned model's (KL × 2, 0.050 → 0.100)" in row["stage"]
     assert row["lm_loss"] == [2.6, 1.4] and row["minutes"] == 11
+    # a log that has the LM term itself shows it as logged
+    stage["history"] = [dict(h, lm=v) for h, v in zip(stage["history"], (2.65, 1.45))]
+    assert model_card.stage_row("activation tuning", stage)["lm_loss"] == [2.65, 1.45]

@@ -77,11 +77,13 @@ def test_training_lowers_loss_and_resumes(tiny_cfg, tiny_data, tmp_path):
         after = float(trainer.loss_on(rows))
     assert after < before * 0.85, (before, after)
     assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["lm"] == pytest.approx(history[-1]["loss"])   # the LM term alone is logged too
 
     # resume: a fresh trainer continues from step 30 with the saved weights and optimiser
     resumed_model = SALMONN.from_config(tiny_cfg)
     cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 35})
     t2 = Trainer(resumed_model, rows, feats, cfg2, tmp_path / "run", prompts=prompts, log=lambda m: None)
+    assert Trainer.saved_step(tmp_path / "run") == 30 and Trainer.saved_step(tmp_path / "none") == 0
     assert t2.resume() and t2.step == 30
     for (n, a), (_, b) in zip(model.trainable_parameters().items(), resumed_model.trainable_parameters().items()):
         assert torch.equal(a, b), n
@@ -236,6 +238,10 @@ def test_anchor_term_keeps_the_sound_clips_audio_tokens_while_the_spelling_train
 
     free, _ = run(0.0)
     kept, history = run(10.0)
+    model, rows, feats = spelling_setup(tiny_cfg, tiny_data)
+    with pytest.raises(ValueError, match="anchor clips"):   # a weight with nothing to hold to is refused
+        Trainer(model, rows, feats, TrainConfig(steps=1, ctc_weight=1.0, lm_weight=0.0, anchor_weight=1.0),
+                tmp_path / "n", log=lambda m: None).train()
     assert history[-1]["ctc"] < history[0]["ctc"]          # the spelling still trains
     assert "anchor" in history[-1]
     assert kept < free / 3, (kept, free)
@@ -280,9 +286,14 @@ def test_distill_term_holds_the_marked_rows_answers_near_the_reference_while_oth
         drift, story_after = measure()
         return drift, story_before, story_after, history
 
+    with pytest.raises(ValueError, match="reference model"):
+        model = SALMONN.from_config(tiny_cfg)
+        Trainer(model, load_annotations(tiny_data), {}, TrainConfig(steps=1, distill_weight=1.0), tmp_path / "n",
+                log=lambda m: None).train()
     free, before, after_free, _ = run(0.0)
     kept, _, after_kept, history = run(10.0)
     assert "distill" in history[-1]
+    assert history[-1]["lm"] < history[-1]["loss"]          # the LM term is logged apart from the divergence
     assert after_kept < before * 0.9 and after_free < before * 0.9, (before, after_free, after_kept)   # the new answers train
     assert kept < free / 3, (kept, free)
 

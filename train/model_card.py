@@ -34,9 +34,10 @@ def stage_row(name: str, stage: dict, sound_spelling: bool = False) -> dict:
     cfg, hist = stage["config"], stage.get("history") or []
     w = cfg.get("ctc_weight") or 0.0
     lm_w, aw, dw = cfg.get("lm_weight", 1.0), cfg.get("anchor_weight") or 0.0, cfg.get("distill_weight") or 0.0
-    # the logged loss is lm_w * LM + w * CTC + aw * anchor + dw * distill when those terms are on; the table
-    # shows the LM part
-    lm = [(h["loss"] - w * h.get("ctc", 0.0) - aw * h.get("anchor", 0.0) - dw * h.get("distill", 0.0)) / lm_w
+    # the table shows the LM part: logged as "lm"; a log without it has lm_w * LM + w * CTC + aw * anchor
+    # (+ dw * distill) as its loss
+    lm = [h["lm"] if "lm" in h else
+          (h["loss"] - w * h.get("ctc", 0.0) - aw * h.get("anchor", 0.0) - dw * h.get("distill", 0.0)) / lm_w
           for h in hist] if lm_w else []
     rows = [f"{stage['examples']} examples"] if "examples" in stage else []
     rows += [f"ASR rows × {stage['asr_repeat']}"] if stage.get("asr_repeat", 1) > 1 else []

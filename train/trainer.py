@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from model.audio import prepare_audio
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -415,6 +416,11 @@ class Trainer:
 
     def train(self, on_save: Callable[[int], None] | None = None) -> list[dict]:
         m, cfg = self.model, self.cfg
+        # a weighted term with nothing to hold the model to would silently train without it
+        if cfg.distill_weight > 0 and self.reference is None:
+            raise ValueError("distill_weight > 0 needs a reference model (Trainer(reference=...)).")
+        if cfg.anchor_weight > 0 and not self.anchors:
+            raise ValueError("anchor_weight > 0 needs anchor clips (Trainer(anchors=...)).")
         m.train()
         m.speech_encoder.eval()
         if m.audio_encoder is not None:
@@ -435,7 +441,7 @@ class Trainer:
             self.opt.step()
             self.step += 1
             running.append(loss.item())
-            for k in ("ctc", "anchor", "distill"):
+            for k in ("lm", "ctc", "anchor", "distill"):
                 if k in terms:
                     parts.setdefault(k, []).append(terms[k].item())
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -443,7 +449,7 @@ class Trainer:
                          "seconds": round(time.perf_counter() - start, 1)}
                 entry.update({k: float(np.mean(v)) for k, v in parts.items()})
                 self.history.append(entry)
-                note = "".join(f" ({k} {entry[k]:.3f})" for k in parts)
+                note = "".join(f" ({k} {entry[k]:.3f})" for k in parts if k != "lm")
                 self.log(f"  step {self.step}/{cfg.steps} loss {entry['loss']:.4f}{note} lr {lr:.2e} ({entry['seconds']} s)")
                 running, parts = [], {}
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
@@ -461,6 +467,15 @@ class Trainer:
         torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "history": self.history,
                     "rng": self.rng.getstate()[1], "ctc_head": self.ctc_head.state_dict()}, self.out / "latest_state.pt")
         return weights
+
+    @staticmethod
+    def saved_step(out_dir: str | Path) -> int:
+        """The step of the run saved in out_dir (0 when none), read without loading it."""
+        weights = Path(out_dir) / "latest.safetensors"
+        if not weights.is_file():
+            return 0
+        with safe_open(str(weights), framework="pt") as f:
+            return int((f.metadata() or {}).get("step", 0))
 
     def resume(self) -> bool:
         """Continue from out_dir/latest.* if present; returns whether it did."""
