@@ -29,6 +29,20 @@ def test_pool_keeps_clean_everyday_sentences_only():
     assert sentence_pool(entries) == ["The cat sat on the warm mat all day."]
 
 
+def test_wordnet_usage_examples_become_pool_sentences(tmp_path):
+    from train.sentences import wordnet_entries
+
+    (tmp_path / "data.noun").write_text(
+        '  1 This software and database is provided "AS IS" by Princeton.  \n'
+        '02084071 05 n 01 dog 0 | a domesticated canid; "the dog barked all night"; "Dogs ran"  \n')
+    (tmp_path / "data.verb").write_text('00001740 29 v 01 breathe 0 | draw air; "She breathed deeply before the dive!"\n')
+    (tmp_path / "data.adj").write_text("00001740 00 a 01 able 0 | having the means; no example\n")
+    (tmp_path / "data.adv").write_text("")
+    entries = wordnet_entries(tmp_path)
+    assert entries == ["The dog barked all night.", "Dogs ran.", "She breathed deeply before the dive!"]
+    assert sentence_pool(entries) == ["She breathed deeply before the dive!", "The dog barked all night."]
+
+
 def test_grounding_rule_on_hand_made_answers():
     rain_story = "Mia listened as the rain drummed on the roof and her old phone beeped twice."
     assert grounded(rain_story, ["rain"]) and grounded(rain_story, ["beep"])

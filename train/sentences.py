@@ -8,6 +8,10 @@ them as JSON in the data folder:
 
     python -m train.sentences --out data/sentences.json [--n 3000] [--seed 0]
 
+or, without the LLM, a larger pool from Debian's text packages (fortunes; WordNet's usage examples):
+
+    python -m train.sentences --fortunes --wordnet --out runs_h/pool_wn.json
+
 Which sentences are held out is decided by ``synth.sentence_split`` (a content hash) when
 ``synth.load_sentences`` reads the corpus, as for the templates; the fixed everyday sentences of the
 out-of-domain ASR evaluation (``OPEN_EVAL_SENTENCES``) are never kept.
@@ -63,6 +67,9 @@ FORTUNES = Path("/usr/share/games/fortunes")
 # Fortune files whose lines are mostly jargon, code, names or offensive jokes, not everyday English.
 FORTUNE_SKIP = {"ascii-art", "computers", "debian", "drugs", "ethnic", "goedel", "knghtbrd", "linux", "linuxcookie",
                 "men-women", "perl", "pratchett", "startrek", "translate-me", "zippy"}
+# WordNet's usage examples (the quoted phrases of each gloss): tens of thousands of short everyday
+# sentences over its whole vocabulary.
+WORDNET = Path("/usr/share/wordnet")
 # Capitalised words that are not names: "I" and its contractions.
 _NOT_NAMES = {"I", "I'm", "I'll", "I've", "I'd"}
 _ABBREVIATION = re.compile(r"\b(Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|vs|etc|Inc|Co)\.")
@@ -101,6 +108,21 @@ def fortune_entries(folder: Path = FORTUNES) -> list[str]:
         if path.suffix or not path.is_file() or path.name in FORTUNE_SKIP:
             continue
         entries += path.read_text(encoding="latin-1").split("\n%\n")
+    return entries
+
+
+def wordnet_entries(folder: Path = WORDNET) -> list[str]:
+    """Every usage example in WordNet's glosses, as a sentence: first letter capitalised, a full stop
+    where it has no end mark."""
+    entries = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        for line in (folder / f"data.{pos}").read_text(encoding="latin-1").splitlines():
+            if line.startswith(" ") or "|" not in line:      # the licence header; synsets have a gloss
+                continue
+            for example in re.findall(r'"([^"]+)"', line.split("|", 1)[1]):
+                example = example.strip()
+                if example:
+                    entries.append(example[0].upper() + example[1:] + ("" if example[-1] in ".?!" else "."))
     return entries
 
 
@@ -160,13 +182,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fortunes", action="store_true",
                     help=f"instead: every clean everyday sentence of Debian's fortunes ({FORTUNES}; apt-get install "
                          "fortunes fortunes-min), no LLM; the same JSON format, never shipped")
+    ap.add_argument("--wordnet", action="store_true",
+                    help=f"instead (or with --fortunes): every clean usage example of WordNet's glosses ({WORDNET}; "
+                         "apt-get install wordnet-base), no LLM")
     args = ap.parse_args(argv)
-    if args.fortunes:
-        if not FORTUNES.is_dir():
-            raise SystemExit(f"{FORTUNES} not found: apt-get install -y fortunes fortunes-min")
-        pool = sentence_pool(fortune_entries())
+    if args.fortunes or args.wordnet:
+        sources = [(FORTUNES, fortune_entries, "fortunes fortunes-min")] if args.fortunes else []
+        sources += [(WORDNET, wordnet_entries, "wordnet-base")] if args.wordnet else []
+        entries = []
+        for folder, read, package in sources:
+            if not folder.is_dir():
+                raise SystemExit(f"{folder} not found: apt-get install -y {package}")
+            entries += read(folder)
+        pool = sentence_pool(entries)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"source": str(FORTUNES), "sentences": pool}, indent=0) + "\n")
+        Path(args.out).write_text(json.dumps({"source": ", ".join(str(f) for f, _, _ in sources), "sentences": pool},
+                                             indent=0) + "\n")
         print(f"wrote {len(pool)} sentences -> {args.out}")
         return
     from model.defaults import bundled_config
