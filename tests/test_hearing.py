@@ -95,19 +95,6 @@ def test_activation_stories_that_ignore_the_sound_are_rewritten_or_dropped(monke
     assert [r["text"] for r in rows] == ["Rain fell all night."] and calls == [3, 2, 2]
 
 
-def test_caption_first_stories_open_with_what_is_heard():
-    from train.stories import open_with_caption
-
-    clips = [{"id": "c0", "description": "A dog barks twice."}, {"id": "c1", "description": "Rain falls."}]
-    rows = [{"id": "c0", "task": "audio_story_telling", "text": "Once upon a time, Max ran home."},
-            {"id": "c1", "task": "detailed_description", "text": "Steady rain on a roof."},
-            {"id": "c9", "task": "audio_story_telling", "text": "No caption known."}]
-    out = open_with_caption(rows, clips)
-    assert out[0]["text"] == "A dog barks twice. Once upon a time, Max ran home."
-    assert grounded(out[0]["text"], ["dog"]) and not grounded(rows[0]["text"], ["dog"])
-    assert out[1:] == rows[1:] and rows[0]["text"] == "Once upon a time, Max ran home."   # input untouched
-
-
 def test_engines_refuse_a_missing_engine_clearly(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(engines.EngineMissing, match="apt-get install -y flite"):

@@ -28,7 +28,7 @@ import torch
 from model.checkpoint import load_checkpoint, match_weights, read_state_dict, save_checkpoint, set_trainable
 from model.defaults import CHECKPOINTS, beats_for, bundled_config
 from model.salmonn import SALMONN
-from train.stories import open_with_caption, write_activation_data
+from train.stories import write_activation_data
 from train.tasks import background_questions, sound_spelling
 from train.trainer import (Trainer, TrainConfig, ctc_head_for, ctc_targets, encode_clips,
                            fit_ctc_head, load_annotations, reference_tokens)
@@ -228,9 +228,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the others again: stories that ignore the sound teach the model to ignore the audio")
     ap.add_argument("--grounded-within", type=int, default=0,
                     help="with --grounded-stories: the answer must name the sound within its first N words (0: anywhere)")
-    ap.add_argument("--caption-first", action="store_true",
-                    help="stage 3's stories start with the clip's caption, then the story: the model says what it "
-                         "hears before it invents")
     ap.add_argument("--activation", default="",
                     help="stage 3's self-written answers: this file (written there when missing; default "
                          "DATA/activation.json)")
@@ -278,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     anchors = reference_tokens(model, feats, sound_clip_paths(stage2)) if args.keep_sounds > 0 else None
     card: dict = {"init": args.init, "beats": args.beats, "ctc_head": args.ctc_head, "keep_sounds": args.keep_sounds,
                   "sound_spelling": args.sound_spelling, "grounded_stories": args.grounded_stories,
-                  "grounded_within": args.grounded_within, "caption_first": args.caption_first, "stages": {}, "data": _meta(data),
+                  "grounded_within": args.grounded_within, "stages": {}, "data": _meta(data),
                   "extra_data": {e: _meta(Path(e)) for e in args.extra_data}}
     head = initial_ctc_head(model, args, stage2, feats, card)
     if args.align_steps:
@@ -409,19 +406,17 @@ def stage1_2(model: SALMONN, args, runs: Path, stage1: list[dict], stage2: list[
 def stage3(model: SALMONN, args, data: Path, runs: Path, stage2: list[dict], feats: dict, card: dict) -> None:
     """Activation tuning on the LLM's own long answers, with stage-2 examples replayed."""
     act_file = Path(args.activation) if args.activation else data / "activation.json"
-    clips = [json.loads(line) for line in (data / "clips.jsonl").read_text().splitlines()]
-    for c in clips:
-        c["path"] = str((data / c["path"]).resolve())
     if act_file.is_file():
         act = json.loads(act_file.read_text())["annotation"]
     else:
         log("the LLM writes activation answers (stories, detailed descriptions) from clip labels")
+        clips = [json.loads(line) for line in (data / "clips.jsonl").read_text().splitlines()]
+        for c in clips:
+            c["path"] = str((data / c["path"]).resolve())
         act = write_activation_data(model, clips, args.stories, args.details, args.seed,
                                     grounded_only=args.grounded_stories, within=args.grounded_within)
         act_file.parent.mkdir(parents=True, exist_ok=True)
         act_file.write_text(json.dumps({"annotation": act}, indent=1, ensure_ascii=False))
-    if args.caption_first:
-        act = open_with_caption(act, clips)
     s3 = TrainConfig(steps=args.stage3_steps, batch_size=args.stage3_batch, init_lr=args.stage3_lr, min_lr=args.stage3_lr,
                      warmup_start_lr=args.stage3_lr, warmup_steps=0, max_txt_len=256, seed=args.seed + 2, log_every=4,
                      save_every=args.stage3_steps, lora_only=args.stage3_lora_only,

@@ -69,13 +69,3 @@ def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_det
             rows.append({"path": clip["path"], "text": written[i], "task": "audio_story_telling" if story else
                          "detailed_description", "Q": "", "prompt": full_prompt(prompt), "id": clip["id"]})
     return rows
-
-
-def open_with_caption(rows: list[dict], clips: list[dict]) -> list[dict]:
-    """Stories that first say what is heard: each story row's answer starts with its clip's caption
-    (the label description stage 2 taught as the caption answer), then the story. The tuned model
-    learns the openings best, so this opening makes it name the sound from the audio, through the
-    captioning it already does, before the story takes over. Other rows are kept as they are."""
-    caption = {c["id"]: c["description"] for c in clips}
-    return [dict(r, text=f"{caption[r['id']]} {r['text']}") if r["task"] == "audio_story_telling" and r.get("id") in caption
-            else r for r in rows]
