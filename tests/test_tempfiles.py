@@ -126,8 +126,10 @@ finally:
 
 def run_child(base: Path, mode: str) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "GRADIO_TEMP_DIR": str(base)}
+    # a test run under nohup would hand the child an ignored SIGHUP, which it rightly keeps ignoring
     proc = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO)), mode], env=env,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     folder = Path(proc.stdout.readline().strip())     # (with "exit" it may be gone already)
     assert folder.parent == base and folder.name.startswith(f"{tempfiles.PREFIX}{proc.pid}-")
     return proc, folder
