@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -208,6 +208,12 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     if model.ctc_head is not None:
         state.update({CTC_PREFIX + n: p.detach().float().cpu().contiguous() for n, p in model.ctc_head.named_parameters()})
     return state
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata `save_checkpoint` wrote in a `.safetensors` file's header, tensors unread."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def save_checkpoint(model, path: str | Path, metadata: dict | None = None) -> Path:

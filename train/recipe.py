@@ -424,12 +424,12 @@ def stage3(model: SALMONN, args, data: Path, runs: Path, stage2: list[dict], fea
     replay = random.Random(args.seed + 3).sample(stage2, min(len(stage2), int(round(args.replay * len(act)))))
     if args.distill > 0:
         replay = [dict(r, distill=True) for r in replay]
-    if not (runs / "stage3" / "latest.safetensors").exists() and (runs / "stage2" / "latest.safetensors").exists():
+    done = Trainer.saved_step(runs / "stage3")
+    if not done and (runs / "stage2" / "latest.safetensors").exists():
         load_checkpoint(model, runs / "stage2" / "latest.safetensors")   # none: --stage2-steps 0, the model is as is
     # the instruction-tuned model as it enters stage 3 (stage 2's weights, also when stage 3 resumes);
     # a finished stage 3 needs none
-    finished = Trainer.saved_step(runs / "stage3") >= s3.steps
-    reference = copy.deepcopy(model) if args.distill > 0 and not finished else None
+    reference = copy.deepcopy(model) if args.distill > 0 and done < s3.steps else None
     card["stages"]["3_activation"] = {"config": asdict(s3), "examples": len(act), "replay": len(replay),
                                       "replay_extra": args.replay_extra,
                                       "history": run_stage(model, "stage3", act + replay, feats, s3, runs,

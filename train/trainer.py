@@ -19,10 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from model.audio import prepare_audio
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
 from model.ctc import CTCHead
 from model.llm import AUDIO_PREFIX, PLACEHOLDER
 from model.salmonn import SALMONN, answer_nll, token_logprobs
@@ -472,10 +471,7 @@ class Trainer:
     def saved_step(out_dir: str | Path) -> int:
         """The step of the run saved in out_dir (0 when none), read without loading it."""
         weights = Path(out_dir) / "latest.safetensors"
-        if not weights.is_file():
-            return 0
-        with safe_open(str(weights), framework="pt") as f:
-            return int((f.metadata() or {}).get("step", 0))
+        return int(checkpoint_metadata(weights).get("step", 0)) if weights.is_file() else 0
 
     def resume(self) -> bool:
         """Continue from out_dir/latest.* if present; returns whether it did."""
