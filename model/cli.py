@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--ctc-weight", type=float, default=None,
-                        help="CTC-guided transcription, 0-1 (checkpoints with a CTC head, e.g. SALMONN-tiny's: 0.3)")
+                        help="CTC-guided transcription, 0-1 (checkpoints with a CTC head, e.g. SALMONN-tiny's: 0.5)")
     parser.add_argument("--show-prompt", action="store_true", help="print the exact text sent to the LLM")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -140,6 +140,12 @@ class CTCPrefixScores:
         return new_n, new_b, psi
 
 
+# The LLM's best tokens that CTC scores at each step. 8 (ESPnet's partial scoring) let the LLM veto the
+# heard word whenever it ranked below its 8th guess; 64 took the everyday development set from 58.2 to 50.5 %
+# WER at weight 0.5 (32: 51.9 %, 128: 50.8 %).
+CANDIDATES = 64
+
+
 class CTCGuide(LogitsProcessor):
     """Joint CTC / LLM scores for greedy or beam search over B clips x `rows_per_clip` rows (the beams
     of each clip, or several answers to one clip).
@@ -151,7 +157,7 @@ class CTCGuide(LogitsProcessor):
     row past EOS passes through untouched."""
 
     def __init__(self, frames: "FrameLogProbs | DenseFrames | torch.Tensor", rows_per_clip: int, weight: float,
-                 eos: int, candidates: int = 8):
+                 eos: int, candidates: int = CANDIDATES):
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"CTC weight must be in (0, 1], got {weight}")
         self.scores = CTCPrefixScores(frames)

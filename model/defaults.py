@@ -19,8 +19,14 @@ CHECKPOINTS = {
 # used by checkpoints whose Q-Former reads BEATs frames as well as Whisper's.
 BEATS_TINY = ASSETS / "beats-tiny.safetensors"
 # CTC guidance the transcription preset suggests for checkpoints with a CTC head (model/ctc.py):
-# chosen on a development set apart from the evaluation clips (train/ctc_head.py, MODEL_CARD).
-CTC_WEIGHT = 0.3
+# chosen with `python -m train.ctc_head --dev-data` on two development sets apart from the evaluation
+# clips, template sentences (data2) and everyday ones in the training engines (hearing_data --everyday-dev).
+CTC_WEIGHT = 0.5
+
+
+# SALMONN-tiny's LoRA unless its checkpoint says otherwise (model.checkpoint.checkpoint_lora): the
+# official rank, targets and trained scale (alpha / rank = 4).
+TINY_LORA = LoRAConfig(rank=8, alpha=32.0, dropout=0.1)
 
 
 def chat_templates(tokenizer, system: str | None = None) -> tuple[str, str]:
@@ -88,7 +94,7 @@ def tiny_config(whisper_path: str | Path, llama_path: str | Path, ckpt: str | Pa
         # per window (official key num_speech_query_token): espeak speech carries ~1.1 LLM tokens per
         # window, so one token per window left no room for the CTC alignment loss we train with.
         qformer=QFormerConfig(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024, num_query_tokens=2),
-        lora=LoRAConfig(rank=8, alpha=32.0, dropout=0.1),      # trained scale 4.0, as the official model
+        lora=TINY_LORA,
         generate=GenerateConfig(max_new_tokens=160, num_beams=1, repetition_penalty=1.1),
         prompt_template=first, followup_template=followup,
         add_bos=False,                 # ChatML starts with <|im_start|>, not a BOS token

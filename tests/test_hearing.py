@@ -146,8 +146,28 @@ def test_everyday_eval_set_is_held_out_engine_and_sentences(tmp_path):
     assert [r["text"] for r in again] == [r["text"] for r in rows]
 
 
+@needs_espeak
+def test_everyday_dev_set_never_speaks_the_evaluation_or_uses_the_held_out_engine(tmp_path):
+    """Decoding settings are chosen on this set: other held-out sentences, training engines' voices only."""
+    from train import synth
+
+    pool = tmp_path / "pool.json"
+    sentences = [f"The {w} {n} waits by the station every morning." for w in ("old", "kind", "new", "quiet", "tall", "busy")
+                 for n in ("dog", "man", "bus", "cat", "girl")]
+    pool.write_text(json.dumps({"sentences": sentences}))
+    held = {s for s in sentences if synth.sentence_split(s) == "eval"}
+    evaluation = set(hearing_data.everyday_sentences(str(pool), 2))
+    meta = hearing_data.everyday_dev(tmp_path / "d", str(pool), clips=50, n_pool=2)
+    rows = json.loads((tmp_path / "d" / "eval.json").read_text())["annotation"]
+    texts = [r["text"] for r in rows]
+    assert len(rows) == meta["clips"] == len(held - evaluation) > 0
+    assert set(texts) <= held and not set(texts) & evaluation
+    assert {r["labels"]["speech"]["engine"] for r in rows} <= set(engines.TRAIN_ENGINES)
+    assert all((tmp_path / "d" / r["path"]).is_file() for r in rows)
+
+
 @pytest.mark.xfail(strict=True, reason="SALMONN-tiny does not yet hear everyday speech word for word: the flagship "
-                   "speech.wav comes back as 'The quick round foot, so the glass denser next to the bathroom.' with "
+                   "speech.wav comes back as 'The quarter round, so the grey dog near the bank.' with "
                    "the speech-recognition preset (dictation.wav is right)")
 def test_bundled_speech_examples_are_transcribed_word_for_word():
     from app.presets import EXAMPLES, PRESETS_BY_KEY

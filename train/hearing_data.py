@@ -5,6 +5,7 @@ many voices, and the held-out everyday evaluation set spoken by an engine never 
     python -m train.hearing_data --out runs_h/speech --clips 6000 --engines espeak festival \
         --pool runs_h/pool.json [--template-share 0.2] [--noise-share 0.4] [--speed-perturb 0.1]
     python -m train.hearing_data --everyday-eval --out runs_h/everyday --pool runs_h/pool.json
+    python -m train.hearing_data --everyday-dev 80 --out runs_h/everyday_dev --pool runs_h/pool.json
 
 Training clips: a sentence from the pool's training side (``synth.sentence_split``: a content hash, so a
 sentence is always on one side) or, for ``--template-share`` of them, a template sentence; spoken by one
@@ -16,7 +17,9 @@ is refused here. The folder has the layout ``train.make_data`` writes (ASR rows 
 The everyday evaluation set: the fixed everyday sentences of ``train.evaluate.OPEN_EVAL_SENTENCES``
 plus ``--pool-eval`` sentences of the pool's held-out side, each spoken by flite in turn in its four
 voices, with 0.3 s of quiet around it (the same input whether the model adds its lead-in or not).
-Deterministic: the same pool gives the same clips.
+Deterministic: the same pool gives the same clips. The development set (``--everyday-dev N``): N other
+sentences of the pool's held-out side in the training engines' voices, for choosing decoding settings
+(``model.defaults.CTC_WEIGHT``) without looking at the evaluation.
 """
 from __future__ import annotations
 
@@ -137,21 +140,45 @@ def everyday_sentences(pool: str | None, n_pool: int, seed: int = 0) -> list[str
 
 def everyday_eval(out: Path, pool: str | None = None, n_pool: int = 50, seed: int = 0) -> dict:
     """The held-out engine's everyday set under `out` (eval.json, audio/eval/); returns meta.json's content."""
+    sentences, voices = everyday_sentences(pool, n_pool, seed), engines.voices(engines.HELD_OUT)
+    speakers = [(engines.HELD_OUT, voices[i % len(voices)]) for i in range(len(sentences))]
+    return _spoken_set(out, sentences, speakers, seed,
+                       {"engine": engines.HELD_OUT, "pool": pool, "pool_sentences": len(sentences) - 30})
+
+
+def everyday_dev(out: Path, pool: str, clips: int = 80, n_pool: int = 50, seed: int = 0) -> dict:
+    """A development set for choosing decoding settings apart from the evaluation: `clips` sentences of the
+    pool's held-out side that the everyday evaluation (same `n_pool` and `seed`) never speaks, in the
+    training engines' voices in turn (the held-out engine stays unheard until the evaluation)."""
+    taken = set(everyday_sentences(pool, n_pool, seed))
+    free = [s for s in pool_side(pool, "eval") if s not in taken]
+    if not free:
+        raise ValueError(f"{pool}: no held-out sentences left beside the evaluation's")
+    rng = np.random.default_rng([seed, 11])
+    sentences = [free[i] for i in sorted(rng.choice(len(free), min(clips, len(free)), replace=False))]
+    here = [e for e in engines.TRAIN_ENGINES if shutil.which(engines.PROGRAMS[e])]     # engines in turn, then a voice
+    if not here:
+        engines.require(engines.TRAIN_ENGINES[0])      # says what to install
+    speakers = [(e, str(rng.choice(engines.voices(e)))) for e in (here[i % len(here)] for i in range(len(sentences)))]
+    return _spoken_set(out, sentences, speakers, seed + 1, {"engines": sorted({e for e, _ in speakers}), "pool": pool})
+
+
+def _spoken_set(out: Path, sentences: list[str], speakers: list[tuple[str, str]], seed: int, meta: dict) -> dict:
+    """`sentences` spoken by `speakers` ((engine, voice) each) with 0.3 s of quiet around them, as
+    out/eval.json + audio/eval/ (the same input whether the model adds its lead-in or not)."""
     folder = out / "audio" / "eval"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    voices = engines.voices(engines.HELD_OUT)
     quiet = np.zeros(int(0.3 * synth.SR), dtype=np.float32)
     rows = []
-    for i, text in enumerate(everyday_sentences(pool, n_pool, seed)):
-        x, speech = engines.speak(engines.HELD_OUT, text, np.random.default_rng([seed, i]), voice=voices[i % len(voices)])
-        rel = f"audio/eval/everyday_{i:03d}_{speech['voice']}.wav"
+    for i, (text, (engine, voice)) in enumerate(zip(sentences, speakers)):
+        x, speech = engines.speak(engine, text, np.random.default_rng([seed, i]), voice=voice)
+        rel = f"audio/eval/everyday_{i:03d}_{voice.replace('+', '_')}.wav"
         sf.write(out / rel, np.concatenate([quiet, x, quiet]), synth.SR, subtype="PCM_16")
         rows.append(asr_row(rel, {"type": "speech", "speech": speech, "duration": speech["duration"] + 0.6},
                             rel.split("/")[-1][:-4], PROMPTS["asr"][0]))
     write_json(out / "eval.json", {"annotation": rows})
-    meta = {"engine": engines.HELD_OUT, "clips": len(rows), "pool": pool, "pool_sentences": len(rows) - 30,
-            "by_voice": dict(Counter(r["labels"]["speech"]["voice"] for r in rows))}
+    meta = {**meta, "clips": len(rows), "by_voice": dict(Counter(r["labels"]["speech"]["voice"] for r in rows))}
     write_json(out / "meta.json", meta)
     return meta
 
@@ -161,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True)
     ap.add_argument("--pool", default=None, help="sentence pool JSON (python -m train.sentences --fortunes)")
     ap.add_argument("--everyday-eval", action="store_true", help="build the held-out engine's everyday set instead")
+    ap.add_argument("--everyday-dev", type=int, default=0, metavar="N",
+                    help="build a development set instead: N held-out pool sentences the everyday set never speaks, "
+                         "in the training engines' voices (for choosing decoding settings)")
     ap.add_argument("--pool-eval", type=int, default=50, help="everyday set: held-out pool sentences besides the fixed 30")
     ap.add_argument("--clips", type=int, default=6000)
     ap.add_argument("--engines", nargs="+", default=list(engines.TRAIN_ENGINES), metavar="ENGINE[:WEIGHT]")
@@ -174,7 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--pool {args.pool}: no such file (python -m train.sentences --fortunes --out {args.pool})")
     start = time.time()
     try:
-        if args.everyday_eval:
+        if args.everyday_dev:
+            if not args.pool:
+                ap.error("--everyday-dev needs --pool (its held-out side)")
+            meta = everyday_dev(Path(args.out), args.pool, args.everyday_dev, args.pool_eval, args.seed)
+        elif args.everyday_eval:
             meta = everyday_eval(Path(args.out), args.pool, args.pool_eval, args.seed)
         else:
             meta = generate(Path(args.out), args.clips, args.engines, args.pool, args.seed, args.template_share,
