@@ -11,6 +11,7 @@ and leaves the model without a head.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -21,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .config import LoRAConfig
 from .errors import CheckpointError
 
 # (ours, official) name prefixes of the window Q-Former, checked in order; "{n}" stands for a layer
@@ -216,12 +218,36 @@ def checkpoint_metadata(path: str | Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def checkpoint_lora(path: str | Path, lora: LoRAConfig) -> LoRAConfig:
+    """`lora` with the rank, alpha and target modules a `.safetensors` file says its LoRA was trained with
+    (the "lora" entry `save_checkpoint` writes); as given for any other file. The shapes alone would not
+    do: they say the rank but not alpha, hence not the trained scale."""
+    if Path(path).suffix != ".safetensors":
+        return lora
+    try:
+        saved = json.loads(checkpoint_metadata(path).get("lora", "null"))
+    except (OSError, SafetensorError, ValueError):
+        return lora           # a damaged file is reported by the loader, naming what is wrong
+    if not isinstance(saved, dict):
+        return lora
+    try:
+        return dataclasses.replace(lora, rank=int(saved["rank"]), alpha=float(saved["alpha"]),
+                                   target_modules=tuple(str(t) for t in saved["target_modules"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its LoRA description {saved!r} is unreadable ({err}).") from err
+
+
 def save_checkpoint(model, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write the trainable weights in the official layout: `.pth` as {'model': ...}, or `.safetensors`."""
+    """Write the trainable weights in the official layout: `.pth` as {'model': ...}, or `.safetensors`
+    (with the LoRA's rank, alpha and targets, which `checkpoint_lora` reads back)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = trainable_state_dict(model)
     if path.suffix == ".safetensors":
+        lora = model.cfg.lora
+        if lora.enabled:
+            metadata = {"lora": {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
+                        **(metadata or {})}
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
         save_file(state, str(path), metadata=meta)
     else:

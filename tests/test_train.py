@@ -410,6 +410,64 @@ def test_init_from_weights_with_fewer_queries_repeats_them(tiny_cfg, tmp_path):
             assert torch.equal(p1[name], p2[name]), name
 
 
+def _lora_model(tiny_cfg, rank: int, alpha: float, targets: tuple[str, ...], seed: int = 0) -> SALMONN:
+    import dataclasses
+
+    from tests.conftest import randomize_lora
+
+    torch.manual_seed(seed)
+    model = SALMONN.from_config(tiny_cfg.replace(lora=dataclasses.replace(tiny_cfg.lora, rank=rank, alpha=alpha,
+                                                                          target_modules=targets)))
+    randomize_lora(model, seed)
+    return model
+
+
+def test_a_checkpoint_loads_with_the_lora_it_was_trained_with(tiny_cfg, tmp_path):
+    """Rank, alpha and targets travel in the file: a model built from a config that says otherwise
+    takes the checkpoint's LoRA, and a file without that entry keeps the config's."""
+    from model.checkpoint import save_checkpoint, trainable_state_dict
+    from safetensors.torch import save_file
+
+    trained = _lora_model(tiny_cfg, 4, 8.0, ("q_proj", "k_proj", "v_proj", "gate_proj"))
+    path = save_checkpoint(trained, tmp_path / "wide.safetensors", metadata={"stage": "test"})
+    loaded = SALMONN.from_config(tiny_cfg.replace(ckpt=str(path)))
+    assert (loaded.cfg.lora.rank, loaded.cfg.lora.alpha, loaded.cfg.lora.target_modules) == \
+        (4, 8.0, ("q_proj", "k_proj", "v_proj", "gate_proj"))
+    want, got = trainable_state_dict(trained), trainable_state_dict(loaded)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    plain = tmp_path / "plain.safetensors"            # as files saved before the LoRA entry existed
+    save_file(trainable_state_dict(_lora_model(tiny_cfg, tiny_cfg.lora.rank, tiny_cfg.lora.alpha,
+                                               tiny_cfg.lora.target_modules)), str(plain))
+    assert SALMONN.from_config(tiny_cfg.replace(ckpt=str(plain))).cfg.lora == tiny_cfg.lora
+
+
+def test_a_wider_lora_starts_as_the_narrower_one_it_grows_from(tiny_cfg, tmp_path):
+    """--lora-rank / --lora-targets beyond --init's: the same answers at step 0, at each one's trained scale."""
+    from model.checkpoint import save_checkpoint
+    from train.recipe import init_weights
+
+    narrow = _lora_model(tiny_cfg, 4, 8.0, ("q_proj", "v_proj"))                 # trained scale 2
+    path = save_checkpoint(narrow, tmp_path / "narrow.safetensors")
+    wide = _lora_model(tiny_cfg, 8, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"), seed=1)   # scale 4
+    assert "rank 4 -> 8" in init_weights(wide, str(path))
+    audio = [narrow.encode_audio(0.1 * np.random.default_rng(2).standard_normal(16000).astype(np.float32)).embeds]
+    texts, targets = [narrow.prompt.conversation(["Describe the audio."])], [[5, 9, 12, 7]]
+    with torch.no_grad():
+        want = narrow.answer_logprobs(audio, texts, targets, 2.0)[0]
+        got = wide.answer_logprobs(audio, texts, targets, 4.0)[0]
+        assert (want - got).abs().max() < 1e-4
+        assert (want - narrow.answer_logprobs(audio, texts, targets, 0.0)[0]).abs().max() > 1e-2   # the LoRA matters
+    with pytest.raises(SystemExit, match="may only grow"):
+        init_weights(_lora_model(tiny_cfg, 2, 4.0, ("q_proj", "v_proj")), str(path))
+
+
+def test_recipe_refuses_lora_targets_the_llm_does_not_have(tmp_path):
+    from train.recipe import main
+
+    with pytest.raises(SystemExit, match="qproj not among"):
+        main(["--data", str(tmp_path), "--lora-targets", "q_proj,qproj", "--runs", str(tmp_path / "r")])
+
+
 def test_init_can_take_the_audio_side_from_a_spelling_stage(tiny_cfg, tmp_path):
     """--init-audio: the LoRA from one checkpoint, the Q-Former, projection and CTC head from another."""
     from model.checkpoint import save_checkpoint

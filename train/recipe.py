@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -25,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import load_checkpoint, match_weights, read_state_dict, save_checkpoint, set_trainable
-from model.defaults import CHECKPOINTS, beats_for, bundled_config
+from model.checkpoint import (checkpoint_lora, load_checkpoint, match_weights, read_state_dict, save_checkpoint,
+                              set_trainable, to_official)
+from model.config import LoRAConfig
+from model.defaults import CHECKPOINTS, TINY_LORA, beats_for, bundled_config
 from model.salmonn import SALMONN
 from train.stories import write_activation_data
 from train.tasks import background_questions, sound_spelling
@@ -49,8 +52,9 @@ def frozen_llm_dtype(name: str = "auto") -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
-def build_model(llm_dtype: torch.dtype, beats_path: str = "", ckpt: str = "") -> SALMONN:
-    model = SALMONN.from_config(bundled_config(ckpt, beats_path=beats_path))
+def build_model(llm_dtype: torch.dtype, beats_path: str = "", ckpt: str = "", lora: LoRAConfig | None = None) -> SALMONN:
+    changes = {"lora": lora} if lora else {}
+    model = SALMONN.from_config(bundled_config(ckpt, beats_path=beats_path, **changes))
     # The frozen LLM may run in bf16; what we train stays fp32 for the optimiser.
     for name, p in model.llama_model.named_parameters():
         if "lora_" not in name:
@@ -82,9 +86,40 @@ def init_weights(model: SALMONN, path: str, audio_init: float = 0.0, audio_from:
         raw = add_audio_stream(model, raw, audio_init)
         how = f"at {audio_init:g} x the speech columns' scale" if audio_init else "starting at zero"
         note = f"{note} (BEATs stream added, {how})"
+    grown = grow_lora(model, raw, checkpoint_lora(path, model.cfg.lora))
+    if grown:
+        note = f"{note} (LoRA widened: {grown})"
     weights, _ = match_weights(model, raw, path)
     set_trainable(model, weights)
     return note
+
+
+def grow_lora(model: SALMONN, raw: dict[str, torch.Tensor], old: LoRAConfig) -> str:
+    """Fit a narrower LoRA (`old`: lower rank, fewer target modules) into the model's wider one, in place
+    in `raw`, so the model computes what the old weights did: their A and B fill the first rows and
+    columns (B rescaled from the old scale alpha/rank to the new one); the new A rows keep peft's random
+    start and the new B columns are zero. Returns what changed ("" if nothing did)."""
+    new = model.cfg.lora
+    if (old.rank, tuple(old.target_modules)) == (new.rank, tuple(new.target_modules)):
+        return ""
+    if old.rank > new.rank or not set(old.target_modules) <= set(new.target_modules):
+        raise SystemExit(f"--init's LoRA (rank {old.rank} on {', '.join(old.target_modules)}) does not fit in the "
+                         f"LoRA to train (rank {new.rank} on {', '.join(new.target_modules)}): it may only grow")
+    ratio = old.scaling / new.scaling
+    for name, param in model.trainable_parameters().items():
+        if "lora_" not in name:
+            continue
+        key = to_official(name)
+        start = param.detach().float().cpu().clone()
+        if ".lora_B." in name:
+            start.zero_()
+        if key in raw:
+            if ".lora_A." in name:
+                start[: old.rank] = raw[key]
+            else:
+                start[:, : old.rank] = raw[key] * ratio
+        raw[key] = start
+    return f"rank {old.rank} -> {new.rank}, {'/'.join(old.target_modules)} -> {'/'.join(new.target_modules)}"
 
 
 def add_audio_stream(model: SALMONN, raw: dict[str, torch.Tensor], scale: float = 0.0) -> dict[str, torch.Tensor]:
@@ -242,6 +277,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "cross-attention start random at this fraction of the speech columns' scale (0: zeros)")
     ap.add_argument("--init", default="", help="start stage 1 from these trainable weights (e.g. a shipped "
                     "checkpoint, to continue training it) instead of from scratch; --stage1-steps 0 skips to stage 2")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="the LoRA's rank (default: --init's, else SALMONN-tiny's 8); alpha follows at the same trained "
+                         "scale. A wider LoRA than --init's starts as it (grow_lora)")
+    ap.add_argument("--lora-targets", default="",
+                    help="comma-separated LLM modules the LoRA adapts, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                         "down_proj (default: --init's, else q_proj,v_proj as the official model)")
     ap.add_argument("--init-audio", default="",
                     help="with --init: take everything but the LoRA (Q-Former, projection, CTC head) from these "
                          "weights, e.g. the best.safetensors of a spelling stage (python -m train.spell)")
@@ -265,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         log("generating synthetic data")
         generate(data, seed=args.seed)
     args.beats = beats_for(args.init, args.beats)      # weights trained with our BEATs continue with it
-    model = build_model(frozen_llm_dtype(args.llm_dtype), args.beats)
+    model = build_model(frozen_llm_dtype(args.llm_dtype), args.beats, lora=lora_to_train(args))
     if args.init:
         log(f"initialised from {init_weights(model, args.init, args.beats_init, args.init_audio)}")
     stage1, stage2 = training_rows(args, data)
@@ -273,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     feats = encode_clips(model, sorted({r["path"] for r in stage2}), cache_file=runs / "features-train.pt", log=log)
     # taken before any stage moves the model, so a resumed run holds the same reference
     anchors = reference_tokens(model, feats, sound_clip_paths(stage2)) if args.keep_sounds > 0 else None
-    card: dict = {"init": args.init, "beats": args.beats, "ctc_head": args.ctc_head, "keep_sounds": args.keep_sounds,
+    card: dict = {"init": args.init, "lora": asdict(model.cfg.lora), "beats": args.beats, "ctc_head": args.ctc_head, "keep_sounds": args.keep_sounds,
                   "sound_spelling": args.sound_spelling, "grounded_stories": args.grounded_stories,
                   "grounded_within": args.grounded_within, "stages": {}, "data": _meta(data),
                   "extra_data": {e: _meta(Path(e)) for e in args.extra_data}}
@@ -294,6 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# the linear layers of a LLaMA-family decoder block that a LoRA may adapt
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_to_train(args) -> LoRAConfig:
+    """--init's LoRA (SALMONN-tiny's without --init), with --lora-rank / --lora-targets applied at its trained scale."""
+    base = checkpoint_lora(args.init, TINY_LORA) if args.init else TINY_LORA
+    rank = args.lora_rank or base.rank
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) or base.target_modules
+    return dataclasses.replace(base, rank=rank, alpha=base.scaling * rank, target_modules=targets)
+
+
 def check_inputs(args) -> None:
     """Fail before minutes of model loading and encoding."""
     for extra in map(Path, args.extra_data):
@@ -304,6 +357,11 @@ def check_inputs(args) -> None:
         raise SystemExit(f"--init-audio {args.init_audio}: needs --init and an existing weights file")
     if args.ctc_head and not Path(args.ctc_head).is_file():
         raise SystemExit(f"--ctc-head {args.ctc_head}: no such trainer state file")
+    if args.lora_rank < 0:
+        raise SystemExit(f"--lora-rank {args.lora_rank}: must be 1 or more")
+    unknown = {t.strip() for t in args.lora_targets.split(",") if t.strip()} - set(LLAMA_LINEAR)
+    if unknown:
+        raise SystemExit(f"--lora-targets: {', '.join(sorted(unknown))} not among the LLM's layers ({', '.join(LLAMA_LINEAR)})")
 
 
 def _meta(folder: Path) -> dict:
