@@ -459,6 +459,15 @@ def test_a_wider_lora_starts_as_the_narrower_one_it_grows_from(tiny_cfg, tmp_pat
         assert (want - narrow.answer_logprobs(audio, texts, targets, 0.0)[0]).abs().max() > 1e-2   # the LoRA matters
     with pytest.raises(SystemExit, match="may only grow"):
         init_weights(_lora_model(tiny_cfg, 2, 4.0, ("q_proj", "v_proj")), str(path))
+    from model.checkpoint import trainable_state_dict
+    from safetensors.torch import save_file
+
+    unrecorded = tmp_path / "unrecorded.safetensors"    # no LoRA entry: rank and targets from its tensors
+    save_file(trainable_state_dict(narrow), str(unrecorded))
+    again = _lora_model(tiny_cfg, 8, 16.0, ("q_proj", "k_proj", "v_proj"), seed=3)           # the same scale 2
+    assert "rank 4 -> 8, q_proj/v_proj -> q_proj/k_proj/v_proj" in init_weights(again, str(unrecorded))
+    with torch.no_grad():
+        assert (want - again.answer_logprobs(audio, texts, targets, 2.0)[0]).abs().max() < 1e-4
 
 
 def test_recipe_refuses_lora_targets_the_llm_does_not_have(tmp_path):

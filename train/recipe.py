@@ -86,12 +86,23 @@ def init_weights(model: SALMONN, path: str, audio_init: float = 0.0, audio_from:
         raw = add_audio_stream(model, raw, audio_init)
         how = f"at {audio_init:g} x the speech columns' scale" if audio_init else "starting at zero"
         note = f"{note} (BEATs stream added, {how})"
-    grown = grow_lora(model, raw, checkpoint_lora(path, model.cfg.lora))
+    grown = grow_lora(model, raw, lora_of(raw, path, model.cfg.lora))
     if grown:
         note = f"{note} (LoRA widened: {grown})"
     weights, _ = match_weights(model, raw, path)
     set_trainable(model, weights)
     return note
+
+
+def lora_of(raw: dict[str, torch.Tensor], path: str, like: LoRAConfig) -> LoRAConfig:
+    """The LoRA of weights `raw` read from `path`: as its file records it, else rank and targets from the
+    tensors at `like`'s trained scale (files written before checkpoints recorded their LoRA)."""
+    ranks = {t.shape[0] for k, t in raw.items() if ".lora_A." in k}
+    targets = tuple(t for t in LLAMA_LINEAR if any(f".{t}.lora_A." in k for k in raw))
+    if len(ranks) != 1 or not targets:
+        return checkpoint_lora(path, like)
+    rank = ranks.pop()
+    return checkpoint_lora(path, dataclasses.replace(like, rank=rank, alpha=like.scaling * rank, target_modules=targets))
 
 
 def grow_lora(model: SALMONN, raw: dict[str, torch.Tensor], old: LoRAConfig) -> str:
