@@ -220,3 +220,32 @@ def test_ctc_head_tool_adds_the_head_to_files_that_share_a_qformer_only(tiny_cfg
     annotation(tmp_path / "data", ["Hello there.", "Good night."])
     annotation(tmp_path / "data2", ["Good night.", "See you soon.", "Hello again."])
     assert [r["text"] for r in dev_rows(tmp_path / "data2", tmp_path / "data")] == ["See you soon.", "Hello again."]
+
+
+def test_the_ctc_weight_is_chosen_on_the_development_sets_and_recorded_for_the_card(tmp_path):
+    """The lowest mean WER over the sets wins (never 0, unguided); the record keeps the rest of the summary."""
+    import json
+
+    from train.ctc_head import choose_weight, record_development
+
+    sets = [{"folder": "data2", "clips": 137, "wer": {"0": 0.05, "0.3": 0.11, "0.5": 0.10, "0.7": 0.12}},
+            {"folder": "everyday_dev", "clips": 80, "wer": {"0": 0.90, "0.3": 0.58, "0.5": 0.51, "0.7": 0.49}}]
+    assert choose_weight(sets) == 0.5
+    assert choose_weight(sets[1:]) == 0.7
+    assert choose_weight([{"wer": {"0": 0.2}}]) is None
+    summary = tmp_path / "training.json"
+    summary.write_text(json.dumps({"parts": {"cores": 2}, "ctc_head": {"parameters": 577}}))
+    record_development(summary, {"sets": sets, "chosen": 0.5})
+    got = json.loads(summary.read_text())
+    assert got["parts"] == {"cores": 2} and got["ctc_head"] == {"parameters": 577, "development": {"sets": sets, "chosen": 0.5}}
+
+
+def test_the_preset_suggests_the_recorded_choice():
+    """The weight the app suggests is the one the development sets chose for the shipped weights."""
+    import json
+
+    from model.defaults import ASSETS, CTC_WEIGHT
+    from model.ctc import CANDIDATES
+
+    dev = json.loads((ASSETS / "eval" / "training.json").read_text())["ctc_head"]["development"]
+    assert (dev["chosen"], dev["top_tokens"]) == (CTC_WEIGHT, CANDIDATES)

@@ -8,9 +8,14 @@ before that do not. The head (a blank direction and a scale) is fitted alone to 
 training ASR clips (``trainer.fit_ctc_head``: Q-Former, projection and LLM untouched) and written
 into every given file, which must share one Q-Former and projection (stage 3 trains LoRA only).
 
-``--dev-data`` then measures CTC-guided transcription (4 beams, trained LoRA scale) on the held-out
-ASR clips of another ``make_data`` folder whose sentences are not in the evaluation set, so the
-weight the app suggests is not chosen on the numbers it reports.
+``--dev-data`` then measures CTC-guided transcription (4 beams, trained LoRA scale, ``ctc.CANDIDATES``
+LLM candidates) on the held-out ASR clips of other folders whose sentences are not in the evaluation set
+(another ``make_data`` seed's template sentences; ``hearing_data --everyday-dev``'s everyday ones), so
+the weight the app suggests is not chosen on the numbers it reports: the weight with the lowest mean
+WER over the sets. ``--record`` writes the measurement into the training summary the model card reads:
+
+    python -m train.ctc_head --keep-head --ckpt assets/salmonn-tiny-activation.safetensors \
+        --dev-data data2 everyday_dev --record assets/eval/training.json
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.checkpoint import CTC_PREFIX, read_state_dict
-from model.ctc import CTCHead
+from model.ctc import CANDIDATES, CTCHead
 
 
 def shared_audio_path(paths: list[Path]) -> None:
@@ -70,6 +75,19 @@ def dev_rows(dev_data: Path, eval_data: Path) -> list[dict]:
     return [r for r in load_annotations(dev_data / "eval.json") if r["task"] == "asr" and r["text"] not in tested]
 
 
+def choose_weight(sets: list[dict]) -> float | None:
+    """The guided CTC weight (not 0) with the lowest mean WER over the development sets."""
+    guided = [k for k in sets[0]["wer"] if float(k)]
+    return float(min(guided, key=lambda k: sum(d["wer"][k] for d in sets) / len(sets))) if guided else None
+
+
+def record_development(path: Path, development: dict) -> None:
+    """Put the development measurement into the training summary's CTC head record (`model_card` reads it)."""
+    summary = json.loads(path.read_text())
+    summary.setdefault("ctc_head", {})["development"] = development
+    path.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+
+
 def guided_wer(model, rows: list[dict], weights: list[float], beams: int = 4) -> dict[str, float]:
     """WER at the trained LoRA scale with each CTC weight (0 = plain beam search)."""
     from model.audio import prepare_audio
@@ -90,8 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-head", action="store_true", help="do not fit: use the head the first file carries")
-    ap.add_argument("--dev-data", help="make_data folder (another seed) whose held-out ASR clips choose the weight")
-    ap.add_argument("--weights", default="0,0.3,0.5,0.7", help="CTC weights to measure on the development set")
+    ap.add_argument("--dev-data", nargs="+", default=[],
+                    help="folders (make_data with another seed, hearing_data --everyday-dev) whose held-out ASR clips "
+                         "choose the weight")
+    ap.add_argument("--weights", default="0,0.3,0.5,0.7", help="CTC weights to measure on the development sets")
+    ap.add_argument("--record", default="", metavar="TRAINING_JSON",
+                    help="write the development measurement and the chosen weight into this training summary "
+                         "(assets/eval/training.json, which python -m train.model_card reads)")
     args = ap.parse_args(argv)
     from model.defaults import bundled_config
     from model.salmonn import SALMONN
@@ -122,12 +145,26 @@ def main(argv: list[str] | None = None) -> dict:
     elif model.ctc_head is None:
         raise SystemExit(f"--keep-head: {paths[-1]} carries no CTC head")
     if args.dev_data:
-        rows = dev_rows(Path(args.dev_data), data)
         weights = [float(w) for w in args.weights.split(",")]
-        result["dev"] = {"clips": len(rows), "checkpoint": str(paths[-1]), "wer": guided_wer(model, rows, weights)}
-        print(f"| CTC weight | dev WER ({len(rows)} clips, 4 beams, {paths[-1].name}) |\n|---|---|")
-        for w, v in result["dev"]["wer"].items():
-            print(f"| {w} | {v:.1%} |")
+        sets = []
+        for folder in args.dev_data:
+            rows = dev_rows(Path(folder), data)
+            if not rows:
+                raise SystemExit(f"--dev-data {folder}: no held-out ASR clips outside the evaluation set")
+            sets.append({"folder": Path(folder).name, "clips": len(rows),
+                         "wer": {k: round(v, 4) for k, v in guided_wer(model, rows, weights).items()}})
+        chosen = choose_weight(sets)
+        result["development"] = {"checkpoint": paths[-1].stem.rsplit("-", 1)[-1], "beams": 4, "top_tokens": CANDIDATES,
+                                 "sets": sets, "chosen": chosen}
+        heads = " | ".join(f"{d['folder']} ({d['clips']} clips)" for d in sets)
+        print(f"| CTC weight | {heads} |\n|---|{'---|' * len(sets)}")
+        for w in sets[0]["wer"]:
+            cells = " | ".join(f"{d['wer'][w]:.1%}" for d in sets)
+            print(f"| {w} | {cells} |")
+        print(f"lowest mean WER: {chosen} (4 beams, {paths[-1].name})")
+        if args.record:
+            record_development(Path(args.record), result["development"])
+            print(f"recorded in {args.record}")
     return result
 
 

