@@ -92,6 +92,11 @@ def spelling_record(curve_file: str, command: str | None) -> dict:
             "minutes": round(points[-1]["seconds"] / 60)}
 
 
+def lora_record(lora) -> dict:
+    """What the card says of a LoRA (a model.config.LoRAConfig): rank, alpha and the adapted layers."""
+    return {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}
+
+
 def summary_from_log(log: dict, init: str | None, old: dict, spelling: dict | None = None) -> dict:
     """The recorded training summary of a recipe run (`runs/training_log.json`), read with the weights it
     wrote; the CTC head's development-set record is kept from `old` (train.ctc_head measures it), and so is
@@ -107,17 +112,16 @@ def summary_from_log(log: dict, init: str | None, old: dict, spelling: dict | No
     data = {"data": log.get("data", {})} | log.get("extra_data", {})
     for m in data.values():
         m["more_voices"] = voices if m.get("more_voices") else 0
-    head = {"parameters": sum(math.prod(s) for k, s in shapes.items() if k.startswith("ctc_head."))} | \
-        {k: v for k, v in (old.get("ctc_head") or {}).items() if k != "parameters"}
-    saved = checkpoint_lora(CHECKPOINTS["activation"], TINY_LORA)
-    lora = {"rank": saved.rank, "alpha": saved.alpha, "target_modules": list(saved.target_modules)}
-    head.pop("fit", None)          # a head fitted alone says so in its file; one trained with the Q-Former does not
+    # a head fitted alone says so in its file ("fit"); one trained with the Q-Former does not
+    kept = {k: v for k, v in (old.get("ctc_head") or {}).items() if k not in ("parameters", "fit")}
+    head = {"parameters": sum(math.prod(s) for k, s in shapes.items() if k.startswith("ctc_head."))} | kept
     if "ctc_head" in meta:
         head["fit"] = {**(old.get("ctc_head") or {}).get("fit", {}), **json.loads(meta["ctc_head"])}
     stages = [stage_row(STAGE_NAMES.get(k, k), v, log.get("sound_spelling", False))
               for k, v in log["stages"].items() if v["config"]["steps"]]
     return {"about": old.get("about", ""),
-            "parts": {"queries_per_window": shapes["speech_query_tokens"][1], "lora": lora,
+            "parts": {"queries_per_window": shapes["speech_query_tokens"][1],
+                      "lora": lora_record(checkpoint_lora(CHECKPOINTS["activation"], TINY_LORA)),
                       "trained_parameters": sum(math.prod(s) for s in shapes.values()),
                       "beats": beats_part(log.get("beats")), "llm_dtype": log.get("llm_dtype"), "cores": 2},
             "data": data, "stages": stages, "continued_from": init if init is not None else log.get("init"),
@@ -143,7 +147,7 @@ def scales_where(per_scale: dict, key: str, value: float) -> str:
 def parts_section(t: dict) -> list[str]:
     p, head = t["parts"], t.get("ctc_head") or {}
     q = p["queries_per_window"]
-    lora = p.get("lora") or {"rank": TINY_LORA.rank, "alpha": TINY_LORA.alpha, "target_modules": TINY_LORA.target_modules}
+    lora = p.get("lora") or lora_record(TINY_LORA)
     b = p.get("beats")
     audio = ("No BEATs (no BEATs weights exist offline): speech encoder only." if not b else
              f"Beside Whisper, in the audio slot, our own BEATs (`{b['file']}`, frozen): the official BEATs architecture "
