@@ -218,6 +218,11 @@ def checkpoint_metadata(path: str | Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def lora_record(lora: LoRAConfig) -> dict:
+    """A LoRA's rank, alpha and adapted layers, as a checkpoint records them and the model card shows them."""
+    return {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}
+
+
 def checkpoint_lora(path: str | Path, lora: LoRAConfig) -> LoRAConfig:
     """`lora` with the rank, alpha and target modules a `.safetensors` file says its LoRA was trained with
     (the "lora" entry `save_checkpoint` writes); as given for any other file. The shapes alone would not
@@ -244,10 +249,8 @@ def save_checkpoint(model, path: str | Path, metadata: dict | None = None) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     state = trainable_state_dict(model)
     if path.suffix == ".safetensors":
-        lora = model.cfg.lora
-        if lora.enabled:
-            metadata = {"lora": {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
-                        **(metadata or {})}
+        if model.cfg.lora.enabled:
+            metadata = {"lora": lora_record(model.cfg.lora), **(metadata or {})}
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
         save_file(state, str(path), metadata=meta)
     else:

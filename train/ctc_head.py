@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             sets.append({"folder": Path(folder).name, "clips": len(rows),
                          "wer": {k: round(v, 4) for k, v in guided_wer(model, rows, weights).items()}})
         chosen = choose_weight(sets)
-        result["development"] = {"checkpoint": paths[-1].stem.rsplit("-", 1)[-1], "beams": 4, "top_tokens": CANDIDATES,
+        result["development"] = {"checkpoint": paths[-1].as_posix(), "beams": 4, "top_tokens": CANDIDATES,
                                  "sets": sets, "chosen": chosen}
         heads = " | ".join(f"{d['folder']} ({d['clips']} clips)" for d in sets)
         print(f"| CTC weight | {heads} |\n|---|{'---|' * len(sets)}")

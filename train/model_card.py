@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from model.checkpoint import checkpoint_lora
+from model.checkpoint import checkpoint_lora, lora_record
 from model.defaults import ASSETS, CHECKPOINTS, TINY_LORA
 from train.engines import HELD_OUT
 
@@ -90,11 +90,6 @@ def spelling_record(curve_file: str, command: str | None) -> dict:
     return {"command": command, "steps": points[-1]["step"], "best_step": best["step"],
             "held_out_wer": [round(points[0]["held_out"]["wer"], 3), round(best["held_out"]["wer"], 3)],
             "minutes": round(points[-1]["seconds"] / 60)}
-
-
-def lora_record(lora) -> dict:
-    """What the card says of a LoRA (a model.config.LoRAConfig): rank, alpha and the adapted layers."""
-    return {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}
 
 
 def summary_from_log(log: dict, init: str | None, old: dict, spelling: dict | None = None) -> dict:
@@ -276,8 +271,8 @@ def ctc_section(t: dict, results: dict) -> list[str]:
              f"{dev['top_tokens']} best tokens and end-of-answer, in greedy and beam search.", "",
              "The weight w is the one with the lowest mean WER on development sets apart from the evaluation clips "
              "(held-out clips whose sentences the evaluation never speaks, in voices of the training engines; "
-             f"{dev['beams']} beams, {dev['checkpoint']}-tuned checkpoint, `python -m train.ctc_head --keep-head --ckpt "
-             f"{CHECKPOINTS[dev['checkpoint']].relative_to(ASSETS.parent)} --dev-data {' '.join(x['folder'] for x in sets)} "
+             f"{dev['beams']} beams, `python -m train.ctc_head --keep-head --ckpt "
+             f"{dev['checkpoint']} --dev-data {' '.join(x['folder'] for x in sets)} "
              f"--weights {','.join(sets[0]['wer'])} --record assets/eval/training.json`):", "",
              "| w | " + " | ".join(f"`{x['folder']}` ({x['clips']} clips)" for x in sets) + " |",
              "|---|" + "---|" * len(sets)]

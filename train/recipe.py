@@ -97,12 +97,15 @@ def init_weights(model: SALMONN, path: str, audio_init: float = 0.0, audio_from:
 def lora_of(raw: dict[str, torch.Tensor], path: str, like: LoRAConfig) -> LoRAConfig:
     """The LoRA of weights `raw` read from `path`: as its file records it, else rank and targets from the
     tensors at `like`'s trained scale (files written before checkpoints recorded their LoRA)."""
+    recorded = checkpoint_lora(path, like)
+    if recorded is not like:            # checkpoint_lora hands `like` back itself when the file records none
+        return recorded
     ranks = {t.shape[0] for k, t in raw.items() if ".lora_A." in k}
     targets = tuple(t for t in LLAMA_LINEAR if any(f".{t}.lora_A." in k for k in raw))
     if len(ranks) != 1 or not targets:
-        return checkpoint_lora(path, like)
+        return like
     rank = ranks.pop()
-    return checkpoint_lora(path, dataclasses.replace(like, rank=rank, alpha=like.scaling * rank, target_modules=targets))
+    return dataclasses.replace(like, rank=rank, alpha=like.scaling * rank, target_modules=targets)
 
 
 def grow_lora(model: SALMONN, raw: dict[str, torch.Tensor], old: LoRAConfig) -> str:
