@@ -242,12 +242,15 @@ def checkpoint_lora(path: str | Path, lora: LoRAConfig) -> LoRAConfig:
         raise CheckpointError(f"{path}: its LoRA description {saved!r} is unreadable ({err}).") from err
 
 
-def save_checkpoint(model, path: str | Path, metadata: dict | None = None) -> Path:
+def save_checkpoint(model, path: str | Path, metadata: dict | None = None,
+                    lora_dtype: torch.dtype = torch.float32) -> Path:
     """Write the trainable weights in the official layout: `.pth` as {'model': ...}, or `.safetensors`
-    (with the LoRA's rank, alpha and targets, which `checkpoint_lora` reads back)."""
+    (with the LoRA's rank, alpha and targets, which `checkpoint_lora` reads back). `lora_dtype` stores the
+    LoRA matrices narrower (bfloat16 halves a wide LoRA's share of the file); loading casts them back to
+    the model's dtype."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = trainable_state_dict(model)
+    state = {k: v.to(lora_dtype) if ".lora_" in k else v for k, v in trainable_state_dict(model).items()}
     if path.suffix == ".safetensors":
         if model.cfg.lora.enabled:
             metadata = {"lora": lora_record(model.cfg.lora), **(metadata or {})}

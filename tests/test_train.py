@@ -441,6 +441,27 @@ def test_a_checkpoint_loads_with_the_lora_it_was_trained_with(tiny_cfg, tmp_path
     assert SALMONN.from_config(tiny_cfg.replace(ckpt=str(plain))).cfg.lora == tiny_cfg.lora
 
 
+def test_a_lora_stored_in_bfloat16_loads_as_its_rounded_weights(tiny_cfg, tmp_path):
+    """--lora-dtype bfloat16: the file holds the LoRA in bfloat16 and the rest as trained; loading gives
+    the model the rounded LoRA in its own dtype and the other weights exactly."""
+    from safetensors import safe_open
+
+    from model.checkpoint import save_checkpoint, trainable_state_dict
+
+    trained = _lora_model(tiny_cfg, 4, 16.0, ("q_proj", "v_proj"))
+    path = save_checkpoint(trained, tmp_path / "half.safetensors", lora_dtype=torch.bfloat16)
+    with safe_open(str(path), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {d for k, d in dtypes.items() if ".lora_" in k} == {"BF16"}
+    assert {d for k, d in dtypes.items() if ".lora_" not in k} == {"F32"}
+    loaded = SALMONN.from_config(tiny_cfg.replace(ckpt=str(path)))
+    want, got = trainable_state_dict(trained), trainable_state_dict(loaded)
+    for k in want:
+        expected = want[k].to(torch.bfloat16).float() if ".lora_" in k else want[k]
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], expected), k
+    assert any(not torch.equal(got[k], want[k]) for k in want if ".lora_" in k)   # the rounding is real
+
+
 def test_a_wider_lora_starts_as_the_narrower_one_it_grows_from(tiny_cfg, tmp_path):
     """--lora-rank / --lora-targets beyond --init's: the same answers at step 0, at each one's trained scale."""
     from model.checkpoint import save_checkpoint

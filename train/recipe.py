@@ -297,6 +297,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lora-targets", default="",
                     help="comma-separated LLM modules the LoRA adapts, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
                          "down_proj (default: --init's, else q_proj,v_proj as the official model)")
+    ap.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="how the written checkpoints store the LoRA matrices; bfloat16 halves their size "
+                         "(training and the loaded model compute in their own dtype either way)")
     ap.add_argument("--init-audio", default="",
                     help="with --init: take everything but the LoRA (Q-Former, projection, CTC head) from these "
                          "weights, e.g. the best.safetensors of a spelling stage (python -m train.spell)")
@@ -337,11 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         head = stage0(model, args, data, runs, stage1, feats, head, card)
     stage1_2(model, args, runs, stage1, stage2, feats, head, card, anchors)
     assets.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, assets / CHECKPOINTS["instruction"].name, metadata={"stage": "instruction-tuned"})
+    save_checkpoint(model, assets / CHECKPOINTS["instruction"].name, metadata={"stage": "instruction-tuned"},
+                    lora_dtype=getattr(torch, args.lora_dtype))
     log(f"saved {assets / CHECKPOINTS['instruction'].name}")
     main_rows = [r for r in stage2 if Path(r["path"]).is_relative_to(data.resolve())]   # already loaded: no re-read
     stage3(model, args, data, runs, stage2 if args.replay_extra else main_rows, feats, card)
-    save_checkpoint(model, assets / CHECKPOINTS["activation"].name, metadata={"stage": "activation-tuned"})
+    save_checkpoint(model, assets / CHECKPOINTS["activation"].name, metadata={"stage": "activation-tuned"},
+                    lora_dtype=getattr(torch, args.lora_dtype))
     log(f"saved {assets / CHECKPOINTS['activation'].name}")
     card["seconds"] = round(time.perf_counter() - t0, 1)
     (runs / "training_log.json").write_text(json.dumps(card, indent=1))
