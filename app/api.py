@@ -3,7 +3,8 @@ parts, streaming), `POST /v1/audio/transcriptions` and `GET /v1/models`.
 
 Greedy and sampled answers decode in each model's shared batch (`Pipeline.stream_shared`), beside
 the studio's own chat, each at its own LoRA scale; beam search runs on its own. SALMONN's own knobs
-come as extra body fields (`lora_scale`, `num_beams`, `top_k`, `repetition_penalty`, `ctc_weight`).
+come as extra body fields (`lora_scale`, `num_beams`, `top_k`, `repetition_penalty`, `ctc_weight`, and
+vLLM's `bad_words`: words never to emit).
 Every check on a request is the pipeline's (the same messages the studio shows), answered as OpenAI's
 error JSON with its status: 400 bad audio or settings, 401 a missing or wrong key, 404 an unknown
 model, 413 over the size cap, 429 (with Retry-After) when too many requests are in flight.

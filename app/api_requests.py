@@ -131,7 +131,7 @@ def _settings(body: dict) -> tuple[dict, object]:
         overrides["do_sample"] = not greedy
         if not greedy:
             overrides["temperature"] = temperature
-    for name in ("top_p", "top_k", "seed", "num_beams", "repetition_penalty", "ctc_weight"):
+    for name in ("top_p", "top_k", "seed", "num_beams", "repetition_penalty", "ctc_weight", "bad_words"):
         if body.get(name) is not None:
             overrides[name] = body[name]
     if body.get("min_tokens") is not None:        # vLLM's name: no EOS before this many tokens

@@ -47,7 +47,7 @@ class Chat:
     """The chat's handlers (mixed into the studio)."""
 
     def respond(self, question, history, path, model_name, scale, beams, sample, temperature, top_p, top_k, rep,
-                max_new, seed, ctc=0.0, origin="file", request: gr.Request = None):
+                max_new, seed, ctc=0.0, clean=True, origin="file", request: gr.Request = None):
         """Stream one answer. Yields (chatbot, history, prompt box, prompt sent, details)."""
         history = list(history or [])
         question = str(question or "").strip()
@@ -57,7 +57,7 @@ class Chat:
             if not path:
                 raise AudioError("Upload or record some audio first (or click one of the examples).")
             req = pipe.check_request(path, question, [(t["q"], t["a"]) for t in history], scale,
-                                     self.gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc),
+                                     self.gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc, clean),
                                      origin)
         except Exception as err:  # noqa: BLE001
             text = warn(err)
@@ -123,8 +123,10 @@ class Chat:
             final, sent = outcome["text"], req.text
         else:
             footer = answer_footer(answer, req.gen)
+            gen = dict(req.gen.__dict__)
+            gen["blocked_words"] = len(gen.pop("bad_words"))      # a count: the list itself is not for display
             details = {"lora_scale": answer.lora_scale, "num_tokens": answer.num_tokens, "stopped": answer.stopped,
-                       "timings": answer.timings, "generate": req.gen.__dict__}
+                       "timings": answer.timings, "generate": gen}
             final, sent = answer.text, answer.prompt
         if enc is not None:
             footer += audio_notes(enc)
@@ -134,7 +136,7 @@ class Chat:
         return messages(history), history, gr.skip(), sent, details
 
     def regenerate(self, history, path, model_name, scale, beams, sample, temperature, top_p, top_k, rep, max_new,
-                   seed, ctc=0.0, origin="file", request: gr.Request = None):
+                   seed, ctc=0.0, clean=True, origin="file", request: gr.Request = None):
         """Ask the last question again (with the current settings), replacing its answer."""
         history = list(history or [])
         if not history:
@@ -143,7 +145,7 @@ class Chat:
             return
         last = history.pop()
         yield from self.respond(last["q"], history, path, model_name, scale, beams, sample, temperature, top_p, top_k,
-                                rep, max_new, seed, ctc, origin, request)
+                                rep, max_new, seed, ctc, clean, origin, request)
 
     @staticmethod
     def clear_chat():

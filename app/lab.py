@@ -134,7 +134,7 @@ class Lab:
     and the perplexity sweep, each streamed as it goes, waiting in line, and stopped on demand."""
 
     def run_lab(self, path, prompt, scales_text, beams, sample, temperature, top_p, top_k, rep, max_new, seed,
-                ctc=0.0, request: gr.Request = None):
+                ctc=0.0, clean=True, request: gr.Request = None):
         """Yields (answers, raw results, status)."""
         if not path:
             gr.Warning("Upload or record some audio on the Chat tab first (or click an example there).")
@@ -142,7 +142,7 @@ class Lab:
             return
         try:       # every check before the request waits for the model
             scales = parse_scales(scales_text, self.pipeline.scale_limit)
-            gen = self.gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc)
+            gen = self.gen_from(beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc, clean)
             for p in self.pipes.values():
                 p.check_generate(gen)
                 p.prompt_text(prompt)

@@ -30,6 +30,13 @@ SCALE_NOTES = {
        "On an instruction-tuned model try about half the trained scale.",
 }
 
+# What "Block offensive words" keeps out of answers (decoding's bad_words: the model writes its next-best
+# word instead). Small models mishear speech as profanity that was never said; only strong words here, so
+# no everyday word is blocked.
+OFFENSIVE_WORDS = ("fuck", "fucks", "fucked", "fucking", "fucker", "motherfucker", "shit", "shits", "shitty",
+                   "bullshit", "cunt", "cunts", "asshole", "assholes", "bitch", "bitches", "whore", "whores",
+                   "slut", "sluts", "wanker", "twat", "nigger", "niggers", "faggot", "faggots")
+
 
 @dataclass(frozen=True)
 class Preset:

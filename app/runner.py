@@ -16,12 +16,13 @@ from model.errors import Busy
 
 
 def generate_config(base: GenerateConfig, *, num_beams, do_sample, temperature, top_p, top_k,
-                    repetition_penalty, max_new_tokens, seed=None, ctc_weight=0.0) -> GenerateConfig:
+                    repetition_penalty, max_new_tokens, seed=None, ctc_weight=0.0, bad_words=()) -> GenerateConfig:
     """UI control values -> a GenerateConfig, as sent: nothing is clamped or rounded here, so
     `Pipeline.check_generate` refuses a bad value with its message. A missing value keeps the
     default; seed -1 (or empty) means random."""
     given = dict(num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                 repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, ctc_weight=ctc_weight)
+                 repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, ctc_weight=ctc_weight,
+                 bad_words=bad_words)
     values = {name: value for name, value in given.items() if value is not None}
     values["seed"] = None if seed in (None, "", -1) else seed
     return dataclasses.replace(base, **values)

@@ -15,6 +15,7 @@ import gradio as gr
 from model.errors import SalmonnError
 from model.pipeline import Pipeline
 
+from . import presets
 from .runner import ModelGate, StopRegistry, generate_config
 
 log = logging.getLogger("salmonn.app")
@@ -59,11 +60,11 @@ class Studio:
     def pipe_of(self, name) -> Pipeline:
         return self.pipes.get(name) or self.pipeline
 
-    def gen_from(self, beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc=0.0):
-        """The decoding controls' values as settings (checked by the pipeline)."""
+    def gen_from(self, beams, sample, temperature, top_p, top_k, rep, max_new, seed, ctc=0.0, clean=True):
+        """The decoding controls' values as settings (checked by the pipeline); `clean`: block offensive words."""
         return generate_config(self.gen0, num_beams=beams, do_sample=sample, temperature=temperature, top_p=top_p,
                                top_k=top_k, repetition_penalty=rep, max_new_tokens=max_new, seed=seed,
-                               ctc_weight=ctc)
+                               ctc_weight=ctc, bad_words=presets.OFFENSIVE_WORDS if clean is not False else ())
 
     def take_turn(self, stop, ticket) -> Iterator[str]:
         """While a model job waits in line: how many are ahead, as a status line."""

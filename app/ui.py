@@ -225,7 +225,10 @@ def _decoding_controls(s: StudioApp, c: SimpleNamespace) -> None:
                       info="weighs each word by how well the audio tokens spell it (the checkpoint's CTC head): "
                            "fewer misheard words in a transcript; any other answer would be forced toward the "
                            "transcript. 0 = off" + ("" if s.guidable else ". This checkpoint has no CTC head."))
-    c.dec = [c.beams, c.sample, c.temperature, c.top_p, c.top_k, c.rep, c.max_new, c.seed, c.ctc]
+    c.clean = gr.Checkbox(value=True, label="Block offensive words",
+                          info="the model writes another word where it would write a swear word or slur "
+                               "(small models mishear speech as words that were never said)")
+    c.dec = [c.beams, c.sample, c.temperature, c.top_p, c.top_k, c.rep, c.max_new, c.seed, c.ctc, c.clean]
 
 
 def _view_panel(s: StudioApp, c: SimpleNamespace) -> None:

@@ -72,6 +72,9 @@ class GenerateConfig:
     seed: int | None = None
     # ours: joint CTC / LLM decoding for transcription (0 = off); needs a checkpoint with a CTC head
     ctc_weight: float = 0.0
+    # words never emitted (as vLLM's `bad_words`): each as written, lower-case, capitalised and upper-case,
+    # with and without a leading space
+    bad_words: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ GENERATE_LIMITS: dict[str, Limit] = {
     "ctc_weight": Limit("CTC weight", 0.0, 1.0),
     "seed": Limit("Seed", 0, 2**63 - 1, integer=True),
 }
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 256, 50     # the bad_words list: each word is a few token sequences per step
 
 
 @dataclass

@@ -6,7 +6,7 @@ point, `generate()` (in the spirit of openai/whisper's decoding.py).
 - `beam_search`: transformers' beam search (optionally beam-sampling), streamable through
   `AgreedPrefix` (the prefix every beam that can still win agrees on).
 - `logits_processors`, `token_bias`, `Picker`: how a next token is chosen (repetition penalty,
-  temperature / top-k / top-p, banned ids, EOS held back until min_length, CTC guidance as an extra
+  temperature / top-k / top-p, banned ids and bad words, EOS held back until min_length, CTC guidance as an extra
   processor).
 - `generate`: one batched decoding task (rows x prompts x per-row LoRA scales), reporting `Progress`
   as it goes. The pipeline, the evaluation and the benchmarks call it; the shared batch (batching.py)
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (LogitsProcessor, LogitsProcessorList, NoBadWordsLogitsProcessor, StoppingCriteria,
+                          StoppingCriteriaList)
 
 from .config import GenerateConfig
 from .fastdecode import DynamicRunner, single_device
@@ -116,6 +117,18 @@ def banned_ids(tokenizer, vocab: int) -> list[int]:
     """Token ids never to emit: the added [PAD] (when it is inside the vocabulary and not EOS)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     return [pad] if pad is not None and pad != eos and pad < vocab else []
+
+def bad_words_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
+    """The token sequences of `words` in the forms they appear in text: as given, lower-case,
+    capitalised and upper-case, each with and without a leading space."""
+    seqs = set()
+    for word in words:
+        for form in {word, word.lower(), word.capitalize(), word.upper()}:
+            for text in (form, " " + form):
+                ids = tokenizer(text, add_special_tokens=False).input_ids
+                if ids:
+                    seqs.add(tuple(ids))
+    return [list(s) for s in sorted(seqs)]
 
 def token_bias(model, vocab: int, gen: GenerateConfig):
     """Additive logit biases on the device, built once per answer: -inf on banned ids (always) and
@@ -244,6 +257,8 @@ def beam_search(model, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerateCo
     banned = banned_ids(model.tokenizer, vocab)
     if banned:
         kwargs["suppress_tokens"] = banned
+    if gen.bad_words:
+        kwargs["bad_words_ids"] = bad_words_ids(model.tokenizer, gen.bad_words)
     if stop is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_EventStop(stop)])
     procs = LogitsProcessorList([guide] if guide is not None else [])
@@ -271,6 +286,9 @@ class Picker:
     def __init__(self, model, gen: GenerateConfig, guide=None, rows: int = 1, rng: torch.Generator | None = None):
         self.model, self.gen, self.rng = model, gen, rng
         self.procs = logits_processors(gen)
+        if gen.bad_words:
+            self.procs.append(NoBadWordsLogitsProcessor(bad_words_ids(model.tokenizer, gen.bad_words),
+                                                        eos_token_id=model.tokenizer.eos_token_id))
         if guide is not None:
             self.procs.append(guide)
         self.eos = model.tokenizer.eos_token_id

@@ -23,7 +23,7 @@ from .answers import (_PLACEHOLDER_TEXT, Answer, BatchEvent, Encoding, Request, 
                       clean_prompt)
 from .audio import MAX_FILE_BYTES, AudioSource, PreparedAudio, prepare_audio
 from .batching import BatchDecoder
-from .config import GENERATE_LIMITS, GenerateConfig, Limit, SALMONNConfig
+from .config import GENERATE_LIMITS, MAX_BAD_WORD_CHARS, MAX_BAD_WORDS, GenerateConfig, Limit, SALMONNConfig
 from .decoding import generate
 from .errors import ConfigError, SettingsError
 from .fastdecode import device_guard
@@ -229,7 +229,12 @@ class Pipeline(SharedAnswers, ManyAnswers):
                   if not (name == "seed" and gen.seed is None)}
         if not isinstance(gen.do_sample, (bool, np.bool_)):
             raise SettingsError(f"Sampling must be true or false (got {gen.do_sample!r}).")
-        gen = dataclasses.replace(gen, do_sample=bool(gen.do_sample), **values)
+        words = gen.bad_words
+        if isinstance(words, str) or not isinstance(words, (list, tuple)) or len(words) > MAX_BAD_WORDS or not all(
+                isinstance(w, str) and w.strip() and len(w) <= MAX_BAD_WORD_CHARS for w in words):
+            raise SettingsError(f"Bad words must be a list of at most {MAX_BAD_WORDS} words, each 1 to "
+                                f"{MAX_BAD_WORD_CHARS} characters (got {words!r:.200}).")
+        gen = dataclasses.replace(gen, do_sample=bool(gen.do_sample), bad_words=tuple(w.strip() for w in words), **values)
         if gen.ctc_weight and not self.has_ctc_head:
             raise SettingsError("CTC weight: this checkpoint has no CTC head (SALMONN-tiny's carry one), so "
                                 "transcripts cannot be CTC-guided; set it to 0.")

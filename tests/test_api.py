@@ -21,7 +21,7 @@ from app.api import Api  # noqa: E402
 from app.ui import build_app  # noqa: E402
 from model import decoding  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
-from tests.conftest import randomize_lora  # noqa: E402
+from tests.conftest import LETTERS, bannable, randomize_lora  # noqa: E402
 from tests.corpus import CASES, HAS_FFMPEG, serve, tone, wait_for, write  # noqa: E402
 from model.random_tiny import tiny_config  # noqa: E402
 
@@ -92,6 +92,16 @@ def test_lora_scale_per_request_is_reported_and_changes_the_answer(client):
         assert resp.model_extra["lora_scale"] == scale
         answers[scale] = resp.choices[0].message.content
     assert answers[0.0] != answers[4.0]
+
+
+def test_bad_words_are_kept_out_of_the_answer_and_checked(client, pipe):
+    plain = ask(client, EXAMPLE).choices[0].message.content
+    banned = bannable(pipe.model.tokenizer, plain)
+    assert banned, plain
+    clean = ask(client, EXAMPLE, extra_body={"bad_words": banned}).choices[0].message.content
+    assert clean != plain and not set(re.findall(LETTERS, clean)) & set(banned)
+    with pytest.raises(openai.BadRequestError, match="Bad words"):
+        ask(client, EXAMPLE, extra_body={"bad_words": "fox"})
 
 
 def test_multi_turn_about_one_audio(client):

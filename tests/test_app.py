@@ -149,6 +149,17 @@ def test_decoding_controls_change_the_answer(client):
     assert "5 tokens" in text_of(chat[1])
 
 
+def test_offensive_words_are_blocked_unless_the_box_is_cleared(client, monkeypatch):
+    """The box (on by default) sends the word list as the answer's bad_words; the details show how many
+    (keeping them out of answers is decoding's, tested there and through the API)."""
+    client.predict(handle_file(EXAMPLE), "tiny-test", "all", "average", api_name="/load_audio")
+    monkeypatch.setattr(presets, "OFFENSIVE_WORDS", ("alpha", "beta", "gamma"))
+    _, (*_, details) = ask(client, "Describe the audio.", scale=2.0, max_new=4)
+    assert details["generate"]["blocked_words"] == 3 and "bad_words" not in details["generate"]
+    _, (*_, details) = ask(client, "Describe the audio.", scale=2.0, max_new=4, clean=False)
+    assert details["generate"]["blocked_words"] == 0
+
+
 def test_stop_cancels_generation(client):
     client.predict(handle_file(EXAMPLE), "tiny-test", "all", "average", api_name="/load_audio")
     job = client.submit(question="Tell me a very long story.", path=handle_file(EXAMPLE), model_name="tiny-test",

@@ -3,6 +3,8 @@ scales equal separate runs, beam search and sampling are wired, the streamed bea
 the final answer keeps, and Stop ends an answer early."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -126,3 +128,37 @@ def test_stop_event_ends_generation_early(tiny_pipeline):
     stop.set()
     answer = tiny_pipeline.answer(tone(1.0), "Describe.", generate=GenerateConfig(max_new_tokens=50, num_beams=1), stop=stop)
     assert answer.stopped and answer.num_tokens <= 1
+
+
+def test_bad_words_are_never_emitted_greedy_or_beam(tiny_pipeline):
+    """`bad_words` (as vLLM's): none of a word's token sequences appears in the answer, which takes other
+    tokens instead, in greedy decoding (the Picker) and in beam search (transformers' bad_words_ids)."""
+    m = tiny_pipeline.model
+    tok = m.tokenizer
+    embeds, mask, _ = m.assemble([m.encode_audio(tone(1.5, freq=700)).embeds], [tiny_pipeline.prompt_text("Write a story.")])
+
+    def answer(gen):
+        *_, last = decoding.generate(m, embeds, mask, gen)
+        return last.tokens[0]
+
+    for beams in (1, 3):
+        gen = GenerateConfig(max_new_tokens=16, num_beams=beams)
+        before = answer(gen)
+        words = [w for w in dict.fromkeys(tok.decode([t]).strip() for t in before)
+                 if w.isalpha() and any(seq == [t] for seq in decoding.bad_words_ids(tok, [w]) for t in before)][:2]
+        assert words, tok.decode(before)
+        after = answer(dataclasses.replace(gen, bad_words=tuple(words)))
+        banned = decoding.bad_words_ids(tok, words)
+        assert after != before
+        assert not any(after[i:i + len(seq)] == seq for seq in banned for i in range(len(after))), (words, after)
+
+
+def test_bad_words_are_checked(tiny_pipeline):
+    import pytest
+
+    from model.errors import SettingsError
+
+    for bad in ("fox", ["fox", 3], ["fox", " "], ["x" * 51], ["w"] * 257):
+        with pytest.raises(SettingsError, match="Bad words"):
+            tiny_pipeline.check_generate(GenerateConfig(bad_words=bad))
+    assert tiny_pipeline.check_generate(GenerateConfig(bad_words=[" fox "])).bad_words == ("fox",)

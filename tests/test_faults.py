@@ -124,7 +124,7 @@ def test_a_client_that_goes_away_mid_stream_frees_the_model(app, pipe, corpus, m
               if d.get("api_name") == "ask")
     session = uuid.uuid4().hex[:12]
     data = ["Tell a very long story.", None, {"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "tiny-test",
-            1.0, 1, False, 1.0, 0.9, 0, 1.0, 1024, -1, 0.0, "upload"]
+            1.0, 1, False, 1.0, 0.9, 0, 1.0, 1024, -1, 0.0, True, "upload"]
     joined = httpx.post(f"{base}/queue/join", json={"data": data, "fn_index": fn, "session_hash": session}, timeout=10)
     assert joined.status_code == 200, joined.text
     updates = 0

@@ -188,7 +188,7 @@ def test_a_lab_run_whose_tab_closes_frees_the_model(app, pipe, clip, monkeypatch
               if d.get("api_name") == "scale_lab")
     session = uuid.uuid4().hex[:12]
     data = [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "Write a story.", "0, 1, 2, 3, 4", 1, False, 1.0,
-            0.9, 0, 1.0, 1024, -1, 0.0]
+            0.9, 0, 1.0, 1024, -1, 0.0, True]
     joined = httpx.post(f"{base}/queue/join", json={"data": data, "fn_index": fn, "session_hash": session}, timeout=10)
     assert joined.status_code == 200, joined.text
     updates = 0
