@@ -60,7 +60,7 @@ class Pipeline(SharedAnswers, ManyAnswers):
     def variant(self, ckpt: str | Path) -> "Pipeline":
         """A pipeline with other trained weights (Q-Former, projection, LoRA: e.g. the instruction-tuned
         checkpoint beside the activation-tuned one) over the same loaded encoders and LLM. The two take
-        turns on one model under one lock, each swapping its own weights in (11 MB for SALMONN-tiny,
+        turns on one model under one lock, each swapping its own weights in (29 MB for SALMONN-tiny,
         tens of MB for 13B) instead of holding a second LLM in memory. Each keeps its own caches."""
         from .checkpoint import checkpoint_weights
 

