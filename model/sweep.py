@@ -134,7 +134,8 @@ def run_info(pipe, gen: GenerateConfig, data: str | Path) -> dict:
     ckpt = pipe.cfg.ckpt
     return {"model": {"name": pipe.cfg.name, "checkpoint": Path(ckpt).name if ckpt else "",
                       "trained_scale": pipe.trained_scale},
-            "generate": dataclasses.asdict(gen), "data": str(data)}
+            "generate": json.loads(json.dumps(dataclasses.asdict(gen))),   # as the file holds it (tuples as lists)
+            "data": str(data)}
 
 
 # ----------------------------------------------------------------------------------- running
