@@ -91,14 +91,13 @@ def build_configs(args) -> list[tuple[str, object]]:
 def load_pipelines(configs, say=lambda message: None) -> list[tuple[str, object]]:
     """A pipeline per config; a config that differs from the first only by its checkpoint becomes a
     variant of the first (its trained weights only, sharing the loaded encoders and LLM)."""
-    from model.checkpoint import checkpoint_lora
+    from model.checkpoint import loaded_config
     from model.pipeline import Pipeline
 
     pipes: list[tuple[str, Pipeline]] = []
     for label, cfg in configs:
         first = pipes[0][1] if pipes else None
-        # compared as loaded: a checkpoint that records its LoRA loads with that LoRA, not the config's
-        if first is not None and cfg.ckpt and cfg.replace(ckpt=first.cfg.ckpt, lora=checkpoint_lora(cfg.ckpt, cfg.lora)) == first.cfg:
+        if first is not None and cfg.ckpt and loaded_config(cfg).replace(ckpt=first.cfg.ckpt) == first.cfg:
             say(f"loading {label} (its trained weights only, sharing the loaded model)")
             pipes.append((label, first.variant(cfg.ckpt)))
         else:

@@ -242,6 +242,12 @@ def checkpoint_lora(path: str | Path, lora: LoRAConfig) -> LoRAConfig:
         raise CheckpointError(f"{path}: its LoRA description {saved!r} is unreadable ({err}).") from err
 
 
+def loaded_config(cfg):
+    """`cfg` (a SALMONNConfig) as `SALMONN.from_config` builds the model: with the LoRA its checkpoint
+    records, when it records one."""
+    return cfg.replace(lora=checkpoint_lora(cfg.ckpt, cfg.lora)) if cfg.ckpt else cfg
+
+
 def save_checkpoint(model, path: str | Path, metadata: dict | None = None,
                     lora_dtype: torch.dtype = torch.float32) -> Path:
     """Write the trainable weights in the official layout: `.pth` as {'model': ...}, or `.safetensors`

@@ -14,6 +14,7 @@ point, `generate()` (in the spirit of openai/whisper's decoding.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import sys
@@ -121,6 +122,11 @@ def banned_ids(tokenizer, vocab: int) -> list[int]:
 def bad_words_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
     """The token sequences of `words` in the forms they appear in text: as given, lower-case,
     capitalised and upper-case, each with and without a leading space."""
+    return [list(s) for s in _bad_word_sequences(tokenizer, tuple(words))]
+
+@functools.lru_cache(maxsize=32)
+def _bad_word_sequences(tokenizer, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    # cached: tokenizing a word list costs milliseconds, and every answer of the studio sends the same list
     seqs = set()
     for word in words:
         for form in {word, word.lower(), word.capitalize(), word.upper()}:
@@ -128,7 +134,7 @@ def bad_words_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
                 ids = tokenizer(text, add_special_tokens=False).input_ids
                 if ids:
                     seqs.add(tuple(ids))
-    return [list(s) for s in sorted(seqs)]
+    return tuple(sorted(seqs))
 
 def token_bias(model, vocab: int, gen: GenerateConfig):
     """Additive logit biases on the device, built once per answer: -inf on banned ids (always) and

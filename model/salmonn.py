@@ -122,10 +122,9 @@ class SALMONN(nn.Module):
         # straight onto the GPU (no host copy of a 13B model first), unless a device map or bitsandbytes places it
         direct = str(device) if device.type == "cuda" and not bnb else None
         llm, tokenizer = (llm_loader or load_llm)(cfg.llama_path, dtype, cfg.device_map or direct, bnb)
-        if cfg.ckpt:
-            from .checkpoint import checkpoint_lora
+        from .checkpoint import loaded_config
 
-            cfg = cfg.replace(lora=checkpoint_lora(cfg.ckpt, cfg.lora))    # the LoRA it was trained with
+        cfg = loaded_config(cfg)              # the LoRA its checkpoint was trained with
         model = cls(cfg, speech, audio, llm, tokenizer)
         if cfg.ckpt:
             from .checkpoint import load_checkpoint
