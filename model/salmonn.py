@@ -341,10 +341,15 @@ class SALMONN(nn.Module):
 
     # ----------------------------------------------------------------- teacher forcing
     def answer_logprobs(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
-                        scales: float | Sequence[float] | None = None) -> list[torch.Tensor]:
+                        scales: float | Sequence[float] | None = None,
+                        fed: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
         """The next-token distribution (log-probabilities over the vocabulary, [len(target), V]) at each
-        target position given audio + prompt and the target so far (teacher forcing), per row."""
-        return list(self._answer_dists(audio, texts, targets, scales))
+        target position given audio + prompt and the target so far (teacher forcing), per row. `fed`:
+        the answer tokens fed in place of the targets (same lengths), e.g. a transcript with some words
+        swapped so that training leans on the audio rather than on the sentence so far."""
+        if fed is not None and [len(f) for f in fed] != [len(t) for t in targets]:
+            raise ValueError("fed answer tokens must have the targets' lengths")
+        return list(self._answer_dists(audio, texts, targets, scales, fed))
 
     def target_logprobs(self, audio: Sequence[torch.Tensor], texts: Sequence[str], targets: Sequence[Sequence[int]],
                         scales: float | Sequence[float] | None = None) -> list[torch.Tensor]:
@@ -352,8 +357,8 @@ class SALMONN(nn.Module):
         # row by row: one [len(target), V] distribution alive at a time, not the batch's
         return token_logprobs(self._answer_dists(audio, texts, targets, scales), targets)
 
-    def _answer_dists(self, audio, texts, targets, scales) -> Iterator[torch.Tensor]:
-        embeds, mask, start = self.assemble(audio, texts, targets)
+    def _answer_dists(self, audio, texts, targets, scales, fed=None) -> Iterator[torch.Tensor]:
+        embeds, mask, start = self.assemble(audio, texts, targets if fed is None else fed)
         scale = self._scale_tensor(scales, len(texts))
         base = self.llama_model.get_base_model() if hasattr(self.llama_model, "get_base_model") else self.llama_model
         with lora_scale(self.llama_model, scale):

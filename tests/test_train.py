@@ -518,3 +518,60 @@ def test_init_can_take_the_audio_side_from_a_spelling_stage(tiny_cfg, tmp_path):
         want = lora[name] if "lora_" in name else audio[name]
         assert torch.equal(p, want), name
     assert any("lora_" in n for n in got) and any("lora_" not in n for n in got)
+
+
+def test_transcript_noise_feeds_swapped_words_to_transcripts_only_and_keeps_their_targets(tiny_cfg, tiny_data,
+                                                                                           tmp_path):
+    torch.manual_seed(0)
+    model = SALMONN.from_config(tiny_cfg)
+    rows = load_annotations(tiny_data)
+    said = ["the train to boston leaves at nine", "please call my sister at six",
+            "a cup of tea in the garden", "the museum opens early on sundays"]
+    rows = [dict(r, task="asr", text=t) for r, t in zip(rows[:4], said)] + rows[4:]
+    feats = encode_clips(model, [r["path"] for r in rows])
+    prompts = {"asr": ["Recognize the speech."], "audiocaption": ["Describe the audio."]}
+
+    def trainer(noise: float) -> Trainer:
+        cfg = TrainConfig(steps=1, batch_size=4, seed=3, transcript_noise=noise)
+        return Trainer(model, rows, feats, cfg, tmp_path / str(noise), prompts, log=lambda m: None)
+
+    noisy, plain = trainer(0.5), trainer(0.0)
+    targets = noisy.targets(rows)
+    model.train()
+    assert plain.fed(rows, targets) is None
+    fed = noisy.fed(rows, targets)
+    swapped = 0
+    for r, f, t in zip(rows, fed, targets):
+        assert len(f) == len(t) and f[-1] == t[-1]           # the end of the answer is never swapped
+        if r["task"] != "asr":
+            assert f == t
+            continue
+        changed = [a for a, b in zip(f, t) if a != b]
+        swapped += len(changed)
+        assert set(changed) <= set(noisy.noise_vocab)         # swapped for words of the transcripts
+    n_words = sum(len(t) - 1 for t in targets[:4])
+    assert 0.2 * n_words < swapped < 0.8 * n_words, (swapped, n_words)
+    assert noisy.targets(rows) == targets                    # what it learns to say is unchanged
+
+    # the swapped words are what the LLM reads; the same tokens fed back read exactly as the targets
+    model.eval()
+    with torch.no_grad():
+        tokens = model.clip_tokens([feats[r["path"]] for r in rows[:4]])
+        texts = [model.prompt.conversation(prompts["asr"])] * 4
+        same = model.answer_logprobs(tokens, texts, targets[:4])
+        assert all(torch.equal(a, b) for a, b in zip(same, model.answer_logprobs(tokens, texts, targets[:4],
+                                                                                  fed=targets[:4])))
+        other = model.answer_logprobs(tokens, texts, targets[:4], fed=fed[:4])
+        assert any(not torch.allclose(a, b) for a, b in zip(same, other))
+        with pytest.raises(ValueError, match="lengths"):
+            model.answer_logprobs(tokens, texts, targets[:4], fed=[t[:-1] for t in targets[:4]])
+    assert noisy.fed(rows, targets) is None                  # evaluation reads the true transcript
+    # a run with the noise draws the same batches as one without
+    assert [r["text"] for r in noisy.batch()] == [r["text"] for r in plain.batch()]
+
+
+def test_recipe_refuses_a_transcript_noise_outside_zero_to_one(tmp_path):
+    from train.recipe import main
+
+    with pytest.raises(SystemExit, match="transcript-noise"):
+        main(["--data", str(tmp_path), "--stage2-transcript-noise", "1.5", "--runs", str(tmp_path / "r")])

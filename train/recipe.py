@@ -236,6 +236,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "grounding of all tasks, and is a fifth of the rows")
     ap.add_argument("--stage2-qa-repeat", type=int, default=1,
                     help="stage 2 sees each sound/music question (QA) row this many times")
+    ap.add_argument("--stage2-transcript-noise", type=float, default=0.0,
+                    help="stage 2 swaps this share of each transcript's teacher-forced tokens for random transcript "
+                         "tokens (the targets stay), so the LLM leans on the audio rather than the sentence so far")
     ap.add_argument("--stage2-background-qa", action=argparse.BooleanOptionalAction, default=False,
                     help="add one question about the sound or music to every training clip that has one in the "
                     "background but no question about it (tasks.background_questions)")
@@ -378,6 +381,8 @@ def check_inputs(args) -> None:
         raise SystemExit(f"--ctc-head {args.ctc_head}: no such trainer state file")
     if args.lora_rank < 0:
         raise SystemExit(f"--lora-rank {args.lora_rank}: must be 1 or more")
+    if not 0 <= args.stage2_transcript_noise < 1:
+        raise SystemExit(f"--stage2-transcript-noise {args.stage2_transcript_noise}: must be at least 0 and below 1")
     unknown = {t.strip() for t in args.lora_targets.split(",") if t.strip()} - set(LLAMA_LINEAR)
     if unknown:
         raise SystemExit(f"--lora-targets: {', '.join(sorted(unknown))} not among the LLM's layers ({', '.join(LLAMA_LINEAR)})")
@@ -466,7 +471,8 @@ def stage1_2(model: SALMONN, args, runs: Path, stage1: list[dict], stage2: list[
     s2 = TrainConfig(steps=args.stage2_steps, batch_size=args.batch_size, init_lr=args.stage2_lr, min_lr=args.stage2_lr / 10,
                      warmup_start_lr=1e-5, warmup_steps=20, max_txt_len=96, seed=args.seed + 1, log_every=10, save_every=50,
                      ctc_weight=args.ctc_weight, feature_masking=args.feature_masking,
-                     example_mean=args.stage2_example_mean, anchor_weight=args.keep_sounds if anchors else 0.0)
+                     example_mean=args.stage2_example_mean, anchor_weight=args.keep_sounds if anchors else 0.0,
+                     transcript_noise=args.stage2_transcript_noise)
     if not (runs / "stage2" / "latest.safetensors").exists() and (runs / "stage1" / "latest.safetensors").exists():
         load_checkpoint(model, runs / "stage1" / "latest.safetensors")
     repeat = {"asr": args.stage2_asr_repeat, "QA": args.stage2_qa_repeat}

@@ -73,6 +73,10 @@ class TrainConfig:
     # For activation tuning: the replayed short answers alone did not keep the instruction-tuned
     # model's sound answers while the stories grew; its whole distribution holds more than one target.
     distill_weight: float = 0.0
+    # Swap this share of a transcript's teacher-forced tokens (ctc_tasks rows) for random transcript
+    # tokens; the targets stay. Greedy transcription follows the LLM's own sentence where the audio is
+    # unclear: a sentence so far that cannot be trusted makes the audio tokens the better witness.
+    transcript_noise: float = 0.0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -352,6 +356,10 @@ class Trainer:
         self.anchor_paths = sorted(self.anchors)
         # the model whose answers the "distill" rows are held to (frozen, no dropout)
         self.reference = reference.eval().requires_grad_(False) if reference is not None else None
+        # its own random stream, so runs without it draw exactly as before
+        self.noise_rng = random.Random(cfg.seed + 7)
+        transcripts = [r for r in rows if r["task"] in cfg.ctc_tasks] if cfg.transcript_noise > 0 else []
+        self.noise_vocab = sorted({i for ids in self.targets(transcripts) for i in ids[:-1]})
 
     def batch(self) -> list[dict]:
         return [self.rows[self.rng.randrange(len(self.rows))] for _ in range(self.cfg.batch_size)]
@@ -385,7 +393,7 @@ class Trainer:
         if cfg.lm_weight > 0:
             texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
             targets = self.targets(rows)
-            dists = m.answer_logprobs(tokens, texts, targets)
+            dists = m.answer_logprobs(tokens, texts, targets, fed=self.fed(rows, targets))
             terms["lm"] = answer_nll(token_logprobs(dists, targets), cfg.example_mean)
             held = [i for i, r in enumerate(rows) if r.get("distill")]
             if cfg.distill_weight > 0 and self.reference is not None and held:
@@ -403,6 +411,16 @@ class Trainer:
             terms["anchor"] = anchor_distance(m.clip_tokens([self.feats[p] for p in paths]),
                                               [self.anchors[p] for p in paths])
         return terms
+
+    def fed(self, rows: list[dict], targets: list[list[int]]) -> list[list[int]] | None:
+        """The answer tokens fed in teacher forcing: the targets, with transcript_noise of each
+        transcript's tokens (not its end-of-sequence) swapped for random transcript tokens."""
+        p = self.cfg.transcript_noise
+        if p <= 0 or not self.model.training:
+            return None
+        pick = self.noise_rng
+        return [[pick.choice(self.noise_vocab) if j < len(t) - 1 and r["task"] in self.cfg.ctc_tasks
+                 and pick.random() < p else tok for j, tok in enumerate(t)] for r, t in zip(rows, targets)]
 
     def objective(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of the loss terms: what the optimiser minimises."""
