@@ -568,6 +568,10 @@ def test_transcript_noise_feeds_swapped_words_to_transcripts_only_and_keeps_thei
     assert noisy.fed(rows, targets) is None                  # evaluation reads the true transcript
     # a run with the noise draws the same batches as one without
     assert [r["text"] for r in noisy.batch()] == [r["text"] for r in plain.batch()]
+    # a resumed run goes on with the swaps an uninterrupted one would draw
+    noisy.save()
+    again = trainer(0.5)
+    assert again.resume() and again.noise_rng.getstate() == noisy.noise_rng.getstate()
 
 
 def test_recipe_refuses_a_transcript_noise_outside_zero_to_one(tmp_path):

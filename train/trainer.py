@@ -482,7 +482,8 @@ class Trainer:
         weights = save_checkpoint(self.model, self.out / "latest.safetensors",
                                   metadata={"step": str(self.step), "train_config": asdict(self.cfg)})
         torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "history": self.history,
-                    "rng": self.rng.getstate()[1], "ctc_head": self.ctc_head.state_dict()}, self.out / "latest_state.pt")
+                    "rng": self.rng.getstate()[1], "noise_rng": self.noise_rng.getstate()[1],
+                    "ctc_head": self.ctc_head.state_dict()}, self.out / "latest_state.pt")
         return weights
 
     @staticmethod
@@ -506,4 +507,6 @@ class Trainer:
             self.ctc_head.load_state_dict(saved["ctc_head"])
         self.history = list(saved["history"])
         self.rng.setstate((3, tuple(saved["rng"]), None))
+        if "noise_rng" in saved:      # states saved before transcript noise existed lack it
+            self.noise_rng.setstate((3, tuple(saved["noise_rng"]), None))
         return True
