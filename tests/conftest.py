@@ -23,20 +23,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-LETTERS = r"[A-Za-z]{2,}"      # a word of an answer, as a bad_words entry can name it
-
-
-def bannable(tokenizer, text: str, n: int = 2) -> list[str]:
-    """Up to n words of `text` that bad_words can keep out: ones written as their own tokens there (a random
-    model's text glues letters to other tokens, which no token-level ban can tell apart)."""
-    import re
-
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    runs = {tuple(ids[i:j]) for i in range(len(ids)) for j in range(i + 1, min(len(ids), i + 4) + 1)}
-    found = [w for w in dict.fromkeys(re.findall(LETTERS, text))
-             if any(tuple(tokenizer(f, add_special_tokens=False).input_ids) in runs for f in (w, " " + w))]
-    return found[:n]
-
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny-models")

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -21,11 +20,23 @@ from app.api import Api  # noqa: E402
 from app.ui import build_app  # noqa: E402
 from model import decoding  # noqa: E402
 from model.pipeline import Pipeline  # noqa: E402
-from tests.conftest import LETTERS, bannable, randomize_lora  # noqa: E402
+from tests.conftest import randomize_lora  # noqa: E402
 from tests.corpus import CASES, HAS_FFMPEG, serve, tone, wait_for, write  # noqa: E402
 from model.random_tiny import tiny_config  # noqa: E402
 
 EXAMPLE = presets.EXAMPLES_DIR / "speech.wav"
+
+LETTERS = r"[A-Za-z]{2,}"      # a word of an answer, as a bad_words entry can name it
+
+
+def bannable(tokenizer, text: str, n: int = 2) -> list[str]:
+    """Up to n words of `text` that bad_words can keep out: ones written as their own tokens there (a random
+    model's text glues letters to other tokens, which no token-level ban can tell apart)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    runs = {tuple(ids[i:j]) for i in range(len(ids)) for j in range(i + 1, min(len(ids), i + 4) + 1)}
+    found = [w for w in dict.fromkeys(re.findall(LETTERS, text))
+             if any(tuple(tokenizer(f, add_special_tokens=False).input_ids) in runs for f in (w, " " + w))]
+    return found[:n]
 
 
 @pytest.fixture(scope="module")
