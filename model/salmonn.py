@@ -402,8 +402,14 @@ def token_logprobs(dists: Iterable[torch.Tensor], targets: Sequence[Sequence[int
     return [d.gather(1, torch.tensor(list(t), device=d.device)[:, None]).squeeze(1) for d, t in zip(dists, targets)]
 
 
-def answer_nll(logps: Sequence[torch.Tensor], per_example: bool = False) -> torch.Tensor:
-    """Mean negative log-likelihood of the target tokens (``SALMONN.loss``)."""
+def answer_nll(logps: Sequence[torch.Tensor], per_example: bool = False,
+               weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens (``SALMONN.loss``); with `weights` (one per
+    target token), the weighted mean."""
+    if weights is None:
+        if per_example:
+            return -torch.stack([lp.mean() for lp in logps]).mean()
+        return -torch.cat(list(logps)).mean()
     if per_example:
-        return -torch.stack([lp.mean() for lp in logps]).mean()
-    return -torch.cat(list(logps)).mean()
+        return -torch.stack([(lp * w).sum() / w.sum() for lp, w in zip(logps, weights)]).mean()
+    return -(torch.cat(list(logps)) * torch.cat(list(weights))).sum() / torch.cat(list(weights)).sum()

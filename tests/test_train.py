@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from model.salmonn import SALMONN
+from model.salmonn import SALMONN, answer_nll, token_logprobs
 from train.trainer import Trainer, TrainConfig, encode_clips, load_annotations, lr_at, param_groups, prompt_for
 
 
@@ -375,6 +375,42 @@ def test_example_mean_gives_a_short_answer_the_weight_of_a_long_one(tiny_cfg, ti
     assert lm(True, rows) == pytest.approx((long + short) / 2, rel=1e-4)
     # the official token mean weighs each row by its length
     assert lm(False, rows) == pytest.approx((n_long * long + n_short * short) / (n_long + n_short), rel=1e-4)
+
+
+def test_sound_word_weight_puts_the_loss_on_the_words_that_name_the_clips_sound(tiny_cfg, tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = SALMONN.from_config(tiny_cfg).eval()
+    rows = load_annotations(tiny_data)[:2]
+    rows[0].update(text="We sat by the window while the rain fell on the roof.", sound_labels=["rain"])
+    rows[1].update(text="A man walked home and the dogs barked at him.", sound_labels=[])
+    feats = encode_clips(model, [r["path"] for r in rows])
+    prompts = {t: ["Tell a story."] for t in {r["task"] for r in rows}}
+
+    def trainer(weight, example_mean=False):
+        return Trainer(model, rows, feats, TrainConfig(sound_word_weight=weight, example_mean=example_mean), tmp_path,
+                       prompts, log=lambda m: None)
+
+    tok, targets = model.tokenizer, trainer(1).targets(rows)
+    weights = trainer(10).word_weights(rows, targets)
+    marked = tok.decode([i for i, w in zip(targets[0], weights[0]) if w == 10]).strip()
+    assert marked == "rain"                         # the sound's word (all its tokens), nothing else
+    assert torch.all(weights[1] == 1)               # a row without sound labels keeps the plain loss
+    assert trainer(1).word_weights(rows, targets) is None
+    with torch.no_grad():
+        model.eval()
+        lps = [lp.detach() for lp in token_logprobs(model.answer_logprobs(
+            model.clip_tokens([feats[r["path"]] for r in rows]),
+            [model.prompt.conversation(prompts[r["task"]]) for r in rows], targets), targets)]
+        for example_mean in (True, False):
+            plain = float(trainer(1, example_mean).loss_terms(rows)["lm"])
+            assert plain == pytest.approx(float(answer_nll(lps, example_mean)), rel=1e-4)
+            weighted = float(trainer(10, example_mean).loss_terms(rows)["lm"])
+            assert weighted == pytest.approx(float(answer_nll(lps, example_mean, weights)), rel=1e-4)
+        # the token mean leans toward the sound word's loss: (plain sum + 9 x its sum) / (tokens + 9 x its tokens)
+        rain = -lps[0][weights[0] == 10]
+        n = sum(len(lp) for lp in lps)
+        assert weighted == pytest.approx((plain * n + 9 * float(rain.sum())) / (n + 9 * len(rain)), rel=1e-4)
+        assert weighted != pytest.approx(plain, rel=1e-3)
 
 
 def test_recipe_refuses_a_missing_extra_data_folder_before_loading_models(tmp_path):

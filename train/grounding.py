@@ -12,6 +12,9 @@ background: either counts, since a story about what was said is grounded too.
 """
 from __future__ import annotations
 
+import re
+from itertools import accumulate
+
 from model.metrics import words
 
 KEYWORDS: dict[str, set[str]] = {
@@ -46,6 +49,19 @@ def grounded(story: str, labels: list[str]) -> bool:
     said = {w.removesuffix("'s") for w in words(story)}
     said |= {w[:-1] for w in said if w.endswith("s")}
     return any(said & KEYWORDS[lab] for lab in labels)
+
+
+def naming_pieces(pieces: list[str], labels: list[str]) -> list[bool]:
+    """For the pieces (e.g. decoded tokens) that make up a text, whether each is part of a word that
+    names one of `labels` (``grounded``): a sound word split over several tokens marks all of them."""
+    ends = list(accumulate(len(p) for p in pieces))
+    marked = [False] * len(pieces)
+    for m in re.finditer(r"[\w'-]+", "".join(pieces)):
+        if grounded(m.group(), labels):
+            for j, end in enumerate(ends):
+                if end - len(pieces[j]) < m.end() and end > m.start():
+                    marked[j] = True
+    return marked
 
 
 def clip_labels(labels: dict) -> list[str]:

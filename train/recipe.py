@@ -31,6 +31,7 @@ from model.checkpoint import (checkpoint_lora, load_checkpoint, match_weights, r
 from model.config import LoRAConfig
 from model.defaults import CHECKPOINTS, TINY_LORA, beats_for, bundled_config
 from model.salmonn import SALMONN
+from train.grounding import clip_labels
 from train.stories import write_activation_data
 from train.tasks import background_questions, sound_spelling
 from train.trainer import (Trainer, TrainConfig, ctc_head_for, ctc_targets, encode_clips,
@@ -280,6 +281,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the others again: stories that ignore the sound teach the model to ignore the audio")
     ap.add_argument("--grounded-within", type=int, default=0,
                     help="with --grounded-stories: the answer must name the sound within its first N words (0: anywhere)")
+    ap.add_argument("--sound-word-weight", type=float, default=1.0,
+                    help="stage 3 weighs the story tokens that name the clip's sound (train.grounding's keywords) "
+                         "this many times the others in the LM loss (1 = off)")
     ap.add_argument("--activation", default="",
                     help="stage 3's self-written answers: this file (written there when missing; default "
                          "DATA/activation.json)")
@@ -503,7 +507,10 @@ def stage3(model: SALMONN, args, data: Path, runs: Path, stage2: list[dict], fea
     s3 = TrainConfig(steps=args.stage3_steps, batch_size=args.stage3_batch, init_lr=args.stage3_lr, min_lr=args.stage3_lr,
                      warmup_start_lr=args.stage3_lr, warmup_steps=0, max_txt_len=256, seed=args.seed + 2, log_every=4,
                      save_every=args.stage3_steps, lora_only=args.stage3_lora_only,
-                     example_mean=args.stage3_example_mean, distill_weight=args.distill)
+                     example_mean=args.stage3_example_mean, distill_weight=args.distill,
+                     sound_word_weight=args.sound_word_weight)
+    if args.sound_word_weight != 1:
+        act = with_sound_labels(act, data)
     replay = random.Random(args.seed + 3).sample(stage2, min(len(stage2), int(round(args.replay * len(act)))))
     if args.distill > 0:
         replay = [dict(r, distill=True) for r in replay]
@@ -517,6 +524,15 @@ def stage3(model: SALMONN, args, data: Path, runs: Path, stage2: list[dict], fea
                                       "replay_extra": args.replay_extra,
                                       "history": run_stage(model, "stage3", act + replay, feats, s3, runs,
                                                            reference=reference).history}
+
+
+def with_sound_labels(act: list[dict], data: Path) -> list[dict]:
+    """Stage-3 rows with their clip's sound labels (``train.grounding``, speech left out: its keywords
+    are every story's) under "sound_labels", for the weighted sound words."""
+    labels = {str((data / c["path"]).resolve()): c.get("labels") or {}
+              for c in map(json.loads, (data / "clips.jsonl").read_text().splitlines())}
+    return [dict(r, sound_labels=[lab for lab in clip_labels(labels.get(r["path"], {})) if lab != "speech"])
+            for r in act]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from model.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoi
 from model.ctc import CTCHead
 from model.llm import AUDIO_PREFIX, PLACEHOLDER
 from model.salmonn import SALMONN, answer_nll, token_logprobs
+from train.grounding import naming_pieces
 
 
 @dataclass
@@ -77,6 +78,11 @@ class TrainConfig:
     # tokens; the targets stay. Greedy transcription follows the LLM's own sentence where the audio is
     # unclear: a sentence so far that cannot be trusted makes the audio tokens the better witness.
     transcript_noise: float = 0.0
+    # Weight of the answer tokens that name the clip's sound (a keyword of a row's "sound_labels" in
+    # train.grounding, e.g. "rain", "drizzle") in the LM loss, against 1 for every other token. In a long story the few words that
+    # depend on the audio are lost among a hundred that do not, and the tuned model learned the
+    # stories' style but not to name what it heard (1 = off).
+    sound_word_weight: float = 1.0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -394,7 +400,7 @@ class Trainer:
             texts = [m.prompt.conversation([prompt_for(r, self.prompts, self.rng)]) for r in rows]
             targets = self.targets(rows)
             dists = m.answer_logprobs(tokens, texts, targets, fed=self.fed(rows, targets))
-            terms["lm"] = answer_nll(token_logprobs(dists, targets), cfg.example_mean)
+            terms["lm"] = answer_nll(token_logprobs(dists, targets), cfg.example_mean, self.word_weights(rows, targets))
             held = [i for i, r in enumerate(rows) if r.get("distill")]
             if cfg.distill_weight > 0 and self.reference is not None and held:
                 with torch.no_grad():
@@ -411,6 +417,19 @@ class Trainer:
             terms["anchor"] = anchor_distance(m.clip_tokens([self.feats[p] for p in paths]),
                                               [self.anchors[p] for p in paths])
         return terms
+
+    def word_weights(self, rows: list[dict], targets: list[list[int]]) -> list[torch.Tensor] | None:
+        """Per-token LM loss weights: sound_word_weight for the tokens of a word that names its row's
+        sound (``train.grounding``'s keywords for the row's "sound_labels"), 1 elsewhere; None when off or
+        no row of the batch has sound labels."""
+        w = self.cfg.sound_word_weight
+        if w == 1 or not any(r.get("sound_labels") for r in rows):
+            return None
+        tok, out = self.model.tokenizer, []
+        for r, t in zip(rows, targets):
+            named = naming_pieces([tok.decode([i]) for i in t], r["sound_labels"]) if r.get("sound_labels") else []
+            out.append(torch.tensor([w if n else 1.0 for n in named] if named else [1.0] * len(t)))
+        return out
 
     def fed(self, rows: list[dict], targets: list[list[int]]) -> list[list[int]] | None:
         """The answer tokens fed in teacher forcing: the targets, with transcript_noise of each
