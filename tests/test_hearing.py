@@ -6,11 +6,9 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from train import engines, hearing_data
 from train.grounding import clip_labels, grounded, grounded_rate, naming_pieces
-from train.stories import names_only_its_sound
 from train.sentences import pool_sentence, sentence_pool
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
@@ -63,58 +61,6 @@ def test_grounding_rule_on_hand_made_answers():
     pieces = ["Mia", " heard", " the", " rain", "dro", "ps", " on", " the", " roof", "."]
     assert naming_pieces(pieces, ["rain"]) == [False, False, False, True, True, True, False, False, False, False]
     assert not any(naming_pieces(pieces, ["dog"]))
-
-
-def test_own_stories_keep_only_the_ones_that_name_the_clips_sound_and_no_other():
-    rain = {"labels": {"sound": {"kind": "rain"}}}
-    assert names_only_its_sound(rain, "The rain fell all night and she said goodbye.")  # people may talk
-    assert not names_only_its_sound(rain, "The rain fell while music played and a dog barked.")
-    assert not names_only_its_sound(rain, "A quiet night in the city.")
-    assert not names_only_its_sound({"labels": {}}, "The rain fell.")                  # nothing to name
-    siren = {"labels": {"sound": {"kind": "siren"}}}
-    assert names_only_its_sound(siren, "The siren's wail and the alarm woke the town.")  # shared keywords
-
-
-def test_own_stories_are_sampled_from_the_audio_and_asked_again_until_they_name_the_sound(monkeypatch):
-    """The tuned model's own stories (sampled at the given LoRA scale from each clip's audio tokens) are
-    kept when they are stories naming the clip's sound and no other; the others are asked again."""
-    from types import SimpleNamespace
-
-    from train import stories
-
-    long = (" It went on for a while, and everyone in the old house stayed awake until dawn. In the morning they"
-            " talked about the long night over coffee and bread. Then they went back to work as on any other day.")
-    said = {0: ["The rain fell on the roof all night." + long] * 2,                    # kept at once
-            1: ["The city slept." + long, "The dog barked at the gate." + long],     # kept on the second try
-            2: ["A knock, then music, then a dog barked." + long] * 2,               # names other sounds too
-            3: ["Rain."] * 2}                                                          # not a story
-    calls = []
-
-    class Model:
-        cfg = SimpleNamespace(generate=SimpleNamespace(repetition_penalty=1.1))
-        prompt = SimpleNamespace(conversation=lambda qs: qs[0])
-
-        def eval(self):
-            return self
-
-        def assemble(self, tokens, texts):
-            return tokens, None, None
-
-        def decode_text(self, ids):
-            return ids
-
-    def generate(model, embeds, mask, gen, scale):
-        calls.append(([int(t) for t in embeds], gen.do_sample, scale))
-        yield SimpleNamespace(tokens=[said[int(t)][len([c for c in calls if int(t) in c[0]]) - 1] for t in embeds])
-
-    monkeypatch.setattr(stories.decoding, "generate", generate)
-    kinds = ["rain", "dog_bark", "knock", "rain"]
-    clips = [{"path": f"/c{i}.wav", "id": f"c{i}", "description": f"clip {i}", "labels": {"sound": {"kind": k}}}
-             for i, k in enumerate(kinds)]
-    rows = stories.own_stories(Model(), clips, [torch.tensor(i) for i in range(4)], 4.0, seed=0, tries=2)
-    assert [r["id"] for r in rows] == ["c0", "c1"]
-    assert rows[1]["text"].startswith("The dog barked") and rows[0]["task"] == "audio_story_telling"
-    assert calls == [([0, 1, 2, 3], True, 4.0), ([1, 2, 3], True, 4.0)]
 
 
 def test_activation_stories_that_ignore_the_sound_are_rewritten_or_dropped(monkeypatch):

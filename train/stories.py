@@ -7,11 +7,8 @@ import random
 
 import torch
 
-from model import decoding
-from model.config import GenerateConfig
-from model.metrics import is_story
 from model.salmonn import SALMONN
-from train.grounding import KEYWORDS, clip_labels, grounded
+from train.grounding import clip_labels, grounded
 from train.tasks import full_prompt
 from train.trainer import base_llm_write
 
@@ -72,49 +69,3 @@ def write_activation_data(model: SALMONN, clips: list[dict], n_story: int, n_det
             rows.append({"path": clip["path"], "text": written[i], "task": "audio_story_telling" if story else
                          "detailed_description", "Q": "", "prompt": full_prompt(prompt), "id": clip["id"]})
     return rows
-
-
-def names_only_its_sound(clip: dict, text: str) -> bool:
-    """Whether `text` names the clip's main sound and no other sound (``train.grounding``'s keywords; speech
-    words do not count against it, since stories' people talk, nor do labels sharing a keyword with the
-    clip's). Without the second half, self-written stories that list every sound would pass for any clip."""
-    labels = clip_labels(clip.get("labels") or {})
-    if not labels or not grounded(text, labels):
-        return False
-    own = set().union(*(KEYWORDS[lab] for lab in labels))
-    others = [lab for lab in KEYWORDS if lab not in labels and lab != "speech" and not KEYWORDS[lab] & own]
-    return not grounded(text, others) if others else True
-
-
-@torch.no_grad()
-def own_stories(model: SALMONN, clips: list[dict], tokens: list[torch.Tensor], scale: float, seed: int,
-                tries: int = 2, max_new_tokens: int = 180, temperature: float = 0.8, top_p: float = 0.9,
-                batch: int = 16) -> list[dict]:
-    """Stories the tuned model itself tells from each clip's audio tokens (`tokens[i]` for `clips[i]`,
-    LoRA at `scale`, sampled), kept when they are stories that name the clip's main sound and no other
-    (`names_only_its_sound`); a clip whose story does not is asked again (up to `tries` times), then left
-    out. Tuning on the kept ones rewards the stories that came from hearing: the model sees no labels
-    here, so a story that names the right sound read it from the audio."""
-    rng = random.Random(seed)
-    prompts = [rng.choice(STORY_PROMPTS) for _ in clips]
-    written: dict[int, str] = {}
-    todo = list(range(len(clips)))
-    model.eval()
-    for attempt in range(tries):
-        gen = GenerateConfig(max_new_tokens=max_new_tokens, num_beams=1, do_sample=True, temperature=temperature,
-                             top_p=top_p, repetition_penalty=model.cfg.generate.repetition_penalty,
-                             seed=seed * 1000 + attempt)
-        for start in range(0, len(todo), batch):
-            part = todo[start:start + batch]
-            texts = [model.prompt.conversation([full_prompt(prompts[i])]) for i in part]
-            embeds, mask, _ = model.assemble([tokens[i] for i in part], texts)
-            *_, last = decoding.generate(model, embeds, mask, gen, scale)
-            for i, ids in zip(part, last.tokens):
-                text = model.decode_text(ids)
-                if is_story(text, [clips[i]["description"]]) and names_only_its_sound(clips[i], text):
-                    written[i] = text
-        todo = [i for i in todo if i not in written]
-        if not todo:
-            break
-    return [{"path": clips[i]["path"], "text": written[i], "task": "audio_story_telling", "Q": "",
-             "prompt": full_prompt(prompts[i]), "id": clips[i]["id"]} for i in sorted(written)]
