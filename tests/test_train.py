@@ -413,6 +413,21 @@ def test_sound_word_weight_puts_the_loss_on_the_words_that_name_the_clips_sound(
         assert weighted != pytest.approx(plain, rel=1e-3)
 
 
+def test_stage3_rows_get_their_clips_sound_labels_for_the_weighted_words(tmp_path):
+    from train.recipe import with_sound_labels
+
+    clips = [{"path": "audio/a.wav", "labels": {"sound": {"kind": "dog_bark", "count": 2}}},
+             {"path": "audio/b.wav", "labels": {"speech": {"text": "hi"}, "sound": {"kind": "rain"}}},
+             {"path": "audio/c.wav", "labels": {"speech": {"text": "hello"}}}]
+    (tmp_path / "clips.jsonl").write_text("\n".join(json.dumps(c) for c in clips))
+    rows = [{"path": str((tmp_path / c["path"]).resolve()), "text": "story"} for c in clips]
+    rows.append({"path": "/elsewhere/d.wav", "text": "story"})
+    labelled = with_sound_labels(rows, tmp_path)
+    # speech's keywords are every story's, so only the sound is weighted; an unknown clip has none
+    assert [r["sound_labels"] for r in labelled] == [["dog"], ["rain"], [], []]
+    assert "sound_labels" not in rows[0]              # the rows given are left as they were
+
+
 def test_recipe_refuses_a_missing_extra_data_folder_before_loading_models(tmp_path):
     from train.recipe import main
 

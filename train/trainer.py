@@ -79,9 +79,9 @@ class TrainConfig:
     # unclear: a sentence so far that cannot be trusted makes the audio tokens the better witness.
     transcript_noise: float = 0.0
     # Weight of the answer tokens that name the clip's sound (a keyword of a row's "sound_labels" in
-    # train.grounding, e.g. "rain", "drizzle") in the LM loss, against 1 for every other token. In a long story the few words that
-    # depend on the audio are lost among a hundred that do not, and the tuned model learned the
-    # stories' style but not to name what it heard (1 = off).
+    # train.grounding, e.g. "rain", "drizzle") in the LM loss, against 1 for every other token. In a
+    # long story the few words that depend on the audio are lost among a hundred that do not, and the
+    # tuned model learned the stories' style but not to name what it heard (1 = off).
     sound_word_weight: float = 1.0
 
 
