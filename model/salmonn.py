@@ -406,10 +406,10 @@ def answer_nll(logps: Sequence[torch.Tensor], per_example: bool = False,
                weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Mean negative log-likelihood of the target tokens (``SALMONN.loss``); with `weights` (one per
     target token), the weighted mean."""
-    if weights is None:
-        if per_example:
-            return -torch.stack([lp.mean() for lp in logps]).mean()
-        return -torch.cat(list(logps)).mean()
     if per_example:
-        return -torch.stack([(lp * w).sum() / w.sum() for lp, w in zip(logps, weights)]).mean()
-    return -(torch.cat(list(logps)) * torch.cat(list(weights))).sum() / torch.cat(list(weights)).sum()
+        means = [lp.mean() if weights is None else (lp * w).sum() / w.sum() for lp, w in zip(logps, weights or logps)]
+        return -torch.stack(means).mean()
+    if weights is None:
+        return -torch.cat(list(logps)).mean()
+    w = torch.cat(list(weights))
+    return -(torch.cat(list(logps)) * w).sum() / w.sum()

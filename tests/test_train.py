@@ -630,3 +630,11 @@ def test_recipe_refuses_a_transcript_noise_outside_zero_to_one(tmp_path):
 
     with pytest.raises(SystemExit, match="transcript-noise"):
         main(["--data", str(tmp_path), "--stage2-transcript-noise", "1.5", "--runs", str(tmp_path / "r")])
+
+
+def test_recipe_refuses_a_sound_word_weight_that_is_not_positive(tmp_path):
+    from train.recipe import main
+
+    for bad in ("0", "-2", "nan"):
+        with pytest.raises(SystemExit, match="sound-word-weight"):
+            main(["--data", str(tmp_path), "--sound-word-weight", bad, "--runs", str(tmp_path / "r")])

@@ -387,6 +387,8 @@ def check_inputs(args) -> None:
         raise SystemExit(f"--lora-rank {args.lora_rank}: must be 1 or more")
     if not 0 <= args.stage2_transcript_noise < 1:
         raise SystemExit(f"--stage2-transcript-noise {args.stage2_transcript_noise}: must be at least 0 and below 1")
+    if not args.sound_word_weight > 0:
+        raise SystemExit(f"--sound-word-weight {args.sound_word_weight}: must be above 0 (1 = off)")
     unknown = {t.strip() for t in args.lora_targets.split(",") if t.strip()} - set(LLAMA_LINEAR)
     if unknown:
         raise SystemExit(f"--lora-targets: {', '.join(sorted(unknown))} not among the LLM's layers ({', '.join(LLAMA_LINEAR)})")

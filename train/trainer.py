@@ -425,11 +425,10 @@ class Trainer:
         w = self.cfg.sound_word_weight
         if w == 1 or not any(r.get("sound_labels") for r in rows):
             return None
-        tok, out = self.model.tokenizer, []
-        for r, t in zip(rows, targets):
-            named = naming_pieces([tok.decode([i]) for i in t], r["sound_labels"]) if r.get("sound_labels") else []
-            out.append(torch.tensor([w if n else 1.0 for n in named] if named else [1.0] * len(t)))
-        return out
+        tok = self.model.tokenizer
+        return [torch.tensor([w if named else 1.0 for named in
+                              naming_pieces(tok.batch_decode([[i] for i in t]), r.get("sound_labels") or [])])
+                for r, t in zip(rows, targets)]
 
     def fed(self, rows: list[dict], targets: list[list[int]]) -> list[list[int]] | None:
         """The answer tokens fed in teacher forcing: the targets, with transcript_noise of each
