@@ -407,7 +407,8 @@ def answer_nll(logps: Sequence[torch.Tensor], per_example: bool = False,
     """Mean negative log-likelihood of the target tokens (``SALMONN.loss``); with `weights` (one per
     target token), the weighted mean."""
     if per_example:
-        means = [lp.mean() if weights is None else (lp * w).sum() / w.sum() for lp, w in zip(logps, weights or logps)]
+        means = ([lp.mean() for lp in logps] if weights is None else
+                 [(lp * w).sum() / w.sum() for lp, w in zip(logps, weights)])
         return -torch.stack(means).mean()
     if weights is None:
         return -torch.cat(list(logps)).mean()
